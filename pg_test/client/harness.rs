@@ -1,0 +1,320 @@
+//! A real PostgreSQL server per test scenario, started from the pg_config that
+//! `cargo pgrx init` recorded for the version under test, listening on loopback only.
+//!
+//! Servers run as the `postgres` OS user when the tests run as root (Postgres refuses root),
+//! and are stopped when their `Cluster` is dropped or, for shared ones, when the test
+//! process exits.
+
+use postgres::{Client, NoTls};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::{Mutex, Once};
+
+/// The Postgres major version this test binary was built for.
+pub fn pg_major() -> u32 {
+    if cfg!(feature = "pg13") {
+        13
+    } else if cfg!(feature = "pg14") {
+        14
+    } else if cfg!(feature = "pg16") {
+        16
+    } else if cfg!(feature = "pg17") {
+        17
+    } else if cfg!(feature = "pg18") {
+        18
+    } else {
+        15
+    }
+}
+
+fn pg_config_path() -> PathBuf {
+    let pgrx = pgrx_pg_config::Pgrx::from_config()
+        .expect("read ~/.pgrx/config.toml (run cargo pgrx init)");
+    let cfg = pgrx
+        .get(&format!("pg{}", pg_major()))
+        .expect("pg_config for this version");
+    cfg.path().expect("pg_config path")
+}
+
+fn bindir() -> PathBuf {
+    let out = Command::new(pg_config_path())
+        .arg("--bindir")
+        .output()
+        .expect("run pg_config");
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc_geteuid() == 0 }
+}
+
+extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+/// Runs a server binary as the server's OS user.
+fn as_server_user(program: &Path) -> Command {
+    if is_root() {
+        let mut c = Command::new("sudo");
+        c.args(["-n", "-u", "postgres", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+fn check(what: &str, out: std::io::Result<Output>) -> Output {
+    let out = out.unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Installs the extension into this version's Postgres once per test process, with the
+/// features `cargo pgrx test` is using, so the server loads exactly this build.
+pub fn install_extension() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let features =
+            std::env::var("PGRX_FEATURES").unwrap_or_else(|_| format!("pg{} pg_test", pg_major()));
+        let mut cmd = Command::new("cargo");
+        cmd.args(["pgrx", "install", "--test", "--no-default-features"])
+            .arg("--pg-config")
+            .arg(pg_config_path())
+            .args(["--features", &features])
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        check("cargo pgrx install", cmd.output());
+    });
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Data directories of running servers, stopped at process exit.
+static RUNNING: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+extern "C" fn stop_all_at_exit() {
+    if let Ok(dirs) = RUNNING.lock() {
+        for dir in dirs.iter() {
+            stop_datadir(dir);
+        }
+    }
+}
+
+fn stop_datadir(dir: &Path) {
+    let _ = as_server_user(&bindir().join("pg_ctl"))
+        .args(["stop", "-m", "immediate", "-w", "-D"])
+        .arg(dir)
+        .output();
+}
+
+/// A running test server.
+pub struct Cluster {
+    pub port: u16,
+    pub dir: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// initdb + start with the given extra `postgresql.conf` lines; creates roles `app`
+    /// (the application's ordinary role) and `owner` (the migrations role) and database `app`.
+    pub fn start(conf: &[&str]) -> Cluster {
+        install_extension();
+        static ATEXIT: Once = Once::new();
+        ATEXIT.call_once(|| {
+            extern "C" {
+                fn atexit(cb: extern "C" fn()) -> i32;
+            }
+            // SAFETY: registering a plain extern "C" function.
+            unsafe { atexit(stop_all_at_exit) };
+        });
+        let tmp = tempfile::Builder::new()
+            .prefix("pg_tenancy-client-")
+            .tempdir()
+            .unwrap();
+        let dir = tmp.path().join("data");
+        if is_root() {
+            check(
+                "chown",
+                Command::new("chown")
+                    .arg("postgres")
+                    .arg(tmp.path())
+                    .output(),
+            );
+        }
+        let bin = bindir();
+        check(
+            "initdb",
+            as_server_user(&bin.join("initdb"))
+                .args([
+                    "-A",
+                    "trust",
+                    "-U",
+                    "postgres",
+                    "--no-sync",
+                    "-E",
+                    "UTF8",
+                    "-D",
+                ])
+                .arg(&dir)
+                .output(),
+        );
+        let port = free_port();
+        let mut lines = vec![
+            format!("port = {port}"),
+            "listen_addresses = '127.0.0.1'".into(),
+            format!("unix_socket_directories = '{}'", tmp.path().display()),
+            "fsync = off".into(),
+            "max_connections = 60".into(),
+            "logging_collector = off".into(),
+            "log_min_messages = warning".into(),
+        ];
+        lines.extend(conf.iter().map(|s| s.to_string()));
+        let conf_path = dir.join("postgresql.conf");
+        let body = format!("{}\n", lines.join("\n"));
+        let appended = Command::new(if is_root() { "sudo" } else { "sh" })
+            .args(if is_root() {
+                vec!["-n", "-u", "postgres", "--", "sh"]
+            } else {
+                vec![]
+            })
+            .arg("-c")
+            .arg(format!(
+                "cat >> '{}' <<'CONF'\n{body}CONF",
+                conf_path.display()
+            ))
+            .output();
+        check("write postgresql.conf", appended);
+        let log = tmp.path().join("server.log");
+        check(
+            "pg_ctl start",
+            as_server_user(&bin.join("pg_ctl"))
+                .args(["start", "-w", "-t", "60", "-D"])
+                .arg(&dir)
+                .arg("-l")
+                .arg(&log)
+                .output(),
+        );
+        RUNNING.lock().unwrap().push(dir.clone());
+        let cluster = Cluster {
+            port,
+            dir,
+            _tmp: tmp,
+        };
+        let mut su = cluster.connect("postgres", "postgres");
+        for stmt in [
+            "CREATE ROLE owner LOGIN NOSUPERUSER NOBYPASSRLS",
+            "CREATE ROLE app LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEROLE NOCREATEDB",
+            // CREATE DATABASE refuses to run in the implicit transaction of a batch.
+            "CREATE DATABASE app OWNER owner",
+        ] {
+            su.batch_execute(stmt).unwrap();
+        }
+        cluster
+    }
+
+    /// A connection as `user` to `db`.
+    pub fn connect(&self, user: &str, db: &str) -> Client {
+        self.try_connect(user, db, None)
+            .unwrap_or_else(|e| panic!("connect as {user}: {e}"))
+    }
+
+    /// A connection attempt, with optional startup `options` (what `PGOPTIONS` sends).
+    pub fn try_connect(
+        &self,
+        user: &str,
+        db: &str,
+        options: Option<&str>,
+    ) -> Result<Client, postgres::Error> {
+        let mut cfg = postgres::Config::new();
+        cfg.host("127.0.0.1").port(self.port).user(user).dbname(db);
+        if let Some(o) = options {
+            cfg.options(o);
+        }
+        cfg.connect(NoTls)
+    }
+
+    /// The server log so far.
+    pub fn log(&self) -> String {
+        let path = self._tmp.path().join("server.log");
+        if is_root() {
+            let out = Command::new("cat").arg(&path).output().unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        } else {
+            std::fs::read_to_string(path).unwrap_or_default()
+        }
+    }
+}
+
+/// A private directory (mode 0700) owned by the server's OS user, for key files.
+pub fn server_private_dir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::Builder::new()
+        .prefix("pg_tenancy-secrets-")
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    if is_root() {
+        check(
+            "chown",
+            Command::new("chown")
+                .arg("postgres")
+                .arg(dir.path())
+                .output(),
+        );
+    }
+    dir
+}
+
+/// Sets a server file's mode and, as root, hands it to the `postgres` OS user.
+pub fn set_server_file_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    if is_root() {
+        check(
+            "chown",
+            Command::new("chown").arg("postgres").arg(path).output(),
+        );
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        stop_datadir(&self.dir);
+        RUNNING.lock().unwrap().retain(|d| d != &self.dir);
+    }
+}
+
+/// SQLSTATE of a failed statement, or panics with what happened instead.
+pub fn sqlstate<T: std::fmt::Debug>(r: Result<T, postgres::Error>) -> String {
+    match r {
+        Ok(v) => panic!("expected an error, got {v:?}"),
+        Err(e) => e
+            .code()
+            .map(|c| c.code().to_string())
+            .unwrap_or_else(|| format!("no SQLSTATE: {e}")),
+    }
+}
+
+/// Message (and hint) of a failed statement.
+pub fn db_error<T: std::fmt::Debug>(r: Result<T, postgres::Error>) -> postgres::error::DbError {
+    match r {
+        Ok(v) => panic!("expected an error, got {v:?}"),
+        Err(e) => e
+            .as_db_error()
+            .cloned()
+            .unwrap_or_else(|| panic!("not a server error: {e}")),
+    }
+}

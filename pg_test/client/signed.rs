@@ -1,0 +1,126 @@
+//! Signed mode: with `tenancy.context_key_file` set, `set_org` demands an HMAC token that
+//! only the application tier (holding the key) can mint.
+
+use crate::context::{A, B};
+use crate::harness::{db_error, sqlstate, Cluster};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+const KEY_HEX: &str = "8f2a1c9d4e7b3a6f0c5d8e1b2a4f7c9e3d6b0a8f1e4c7d2b5a9e0f3c6d1b4a7e";
+
+/// What a Node or Python service does, per docs/context.md.
+fn mint(key_hex: &str, org: &str, actor: &str, expiry: u64) -> String {
+    let key = hex::decode(key_hex).unwrap();
+    let mut mac = Hmac::<Sha256>::new_from_slice(&key).unwrap();
+    mac.update(format!("pg_tenancy.context.v1\n{org}\n{actor}\n{expiry}").as_bytes());
+    format!(
+        "v1.{expiry}.{}",
+        URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
+    )
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[test]
+fn test_signed_mode_requires_a_valid_token() {
+    let secrets = crate::harness::server_private_dir();
+    let key = secrets.path().join("context.key");
+    std::fs::write(&key, format!("{KEY_HEX}\n")).unwrap();
+    crate::harness::set_server_file_mode(&key, 0o600);
+    let cluster = Cluster::start(&[
+        "shared_preload_libraries = 'pg_tenancy'",
+        &format!("tenancy.context_key_file = '{}'", key.display()),
+    ]);
+    let mut su = cluster.connect("postgres", "app");
+    su.batch_execute("CREATE EXTENSION pg_tenancy").unwrap();
+    let mut c = cluster.connect("app", "app");
+    let later = now() + 300;
+
+    // No token, a token for another tenant or actor, a tampered or expired one: refused.
+    let cases = [
+        (
+            format!("'{A}', 'u1'"),
+            "28000",
+            "a signed context token is required",
+        ),
+        (
+            format!("'{A}', 'u1', '{}'", mint(KEY_HEX, B, "u1", later)),
+            "28000",
+            "context token does not match the tenant and actor",
+        ),
+        (
+            format!("'{A}', 'u1', '{}'", mint(KEY_HEX, A, "u2", later)),
+            "28000",
+            "context token does not match the tenant and actor",
+        ),
+        (
+            format!(
+                "'{A}', 'u1', '{}'",
+                mint(&KEY_HEX.replace('8', "9"), A, "u1", later)
+            ),
+            "28000",
+            "context token does not match the tenant and actor",
+        ),
+        (
+            format!("'{A}', 'u1', '{}'", mint(KEY_HEX, A, "u1", now() - 1)),
+            "28000",
+            "context token has expired",
+        ),
+        (
+            format!("'{A}', 'u1', 'v1.{later}.forged'"),
+            "28000",
+            "malformed context token",
+        ),
+    ];
+    for (args, code, message) in &cases {
+        c.batch_execute("BEGIN").unwrap();
+        let err = db_error(c.batch_execute(&format!("SELECT tenancy.set_org({args})")));
+        assert_eq!(
+            (err.code().code(), err.message()),
+            (*code, *message),
+            "{args}"
+        );
+        c.batch_execute("ROLLBACK").unwrap();
+    }
+    // The right token works and marks the context as signed.
+    let token = mint(KEY_HEX, A, "u1", later);
+    c.batch_execute(&format!(
+        "BEGIN; SELECT tenancy.set_org('{A}', 'u1', '{token}')"
+    ))
+    .unwrap();
+    let row = c.query_one("SELECT tenancy.current_org_id()::text, tenancy.current_actor(), tenancy.context_is_signed()", &[]).unwrap();
+    assert_eq!(row.get::<_, Option<String>>(0).as_deref(), Some(A));
+    assert_eq!(row.get::<_, Option<String>>(1).as_deref(), Some("u1"));
+    assert!(row.get::<_, bool>(2));
+    c.batch_execute("COMMIT").unwrap();
+
+    // A key file others can read is refused after reload, with a clear error; the key never
+    // appears in the message or the server log.
+    // Every new backend reads the file afresh, so no reload is needed to see the change.
+    crate::harness::set_server_file_mode(&key, 0o644);
+    let mut c2 = cluster.connect("app", "app");
+    c2.batch_execute("BEGIN").unwrap();
+    let err =
+        db_error(c2.batch_execute(&format!("SELECT tenancy.set_org('{A}', 'u1', '{token}')")));
+    assert_eq!(err.code().code(), "F0000");
+    assert!(
+        err.detail().unwrap().contains("group or other"),
+        "{:?}",
+        err.detail()
+    );
+    assert!(!format!("{err:?}").contains(KEY_HEX));
+    c2.batch_execute("ROLLBACK").unwrap();
+    assert!(
+        !cluster.log().contains(KEY_HEX),
+        "the key is not in the server log"
+    );
+    assert_eq!(sqlstate(c2.query_one("SELECT 1/0", &[])), "22012"); // connection still healthy
+}

@@ -1,0 +1,184 @@
+//! One error type for the extension, mapped to SQLSTATE, DETAIL and HINT in one place.
+//!
+//! Messages name what went wrong in words a DBA understands. They never carry key material,
+//! tokens, plaintext or ciphertext: only ids, paths and lengths where those help.
+
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::prelude::*;
+
+/// Everything pg_tenancy reports to a client.
+#[derive(Debug, thiserror::Error)]
+pub enum TenancyError {
+    #[error("pg_tenancy must be loaded through shared_preload_libraries")]
+    NotPreloaded,
+    #[error("tenancy.set_org() must be called inside a transaction block")]
+    OutsideTransaction,
+    #[error("tenant id must not be NULL")]
+    NullTenant,
+    #[error("tenant id must not be empty")]
+    EmptyTenant,
+    #[error("invalid tenant id")]
+    MalformedTenant { reason: String },
+    #[error("invalid actor id")]
+    MalformedActor { reason: String },
+    #[error("a different tenant context is already set in this transaction")]
+    TenantAlreadySet,
+    #[error("the actor of this transaction is already set")]
+    ActorAlreadySet,
+    #[error("no tenant context is set")]
+    NoTenant,
+    #[error("{setting} can only be set by tenancy.set_org()")]
+    ForgedSetting { setting: &'static str },
+    #[error("a signed context token is required")]
+    TokenRequired,
+    #[error("malformed context token")]
+    TokenMalformed { reason: &'static str },
+    #[error("context token has expired")]
+    TokenExpired,
+    #[error("context token does not match the tenant and actor")]
+    TokenInvalid,
+    #[error("context key file is not usable")]
+    KeyFile { path: String, reason: String },
+    #[error("WITH HOLD cursors cannot be used in a tenant transaction")]
+    HoldableCursor,
+}
+
+impl TenancyError {
+    /// The SQLSTATE for each error. Class 42 (access rule violation) and 28 (invalid
+    /// authorization) are the ones applications already treat as "not allowed".
+    pub fn sqlstate(&self) -> PgSqlErrorCode {
+        use PgSqlErrorCode::*;
+        match self {
+            Self::NotPreloaded => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            Self::OutsideTransaction => ERRCODE_NO_ACTIVE_SQL_TRANSACTION,
+            Self::NullTenant => ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            Self::EmptyTenant | Self::MalformedTenant { .. } | Self::MalformedActor { .. } => {
+                ERRCODE_INVALID_PARAMETER_VALUE
+            }
+            Self::TenantAlreadySet | Self::ActorAlreadySet => ERRCODE_INSUFFICIENT_PRIVILEGE,
+            Self::NoTenant => ERRCODE_INSUFFICIENT_PRIVILEGE,
+            Self::ForgedSetting { .. } => ERRCODE_INSUFFICIENT_PRIVILEGE,
+            Self::TokenRequired
+            | Self::TokenMalformed { .. }
+            | Self::TokenExpired
+            | Self::TokenInvalid => ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION,
+            Self::KeyFile { .. } => ERRCODE_CONFIG_FILE_ERROR,
+            Self::HoldableCursor => ERRCODE_FEATURE_NOT_SUPPORTED,
+        }
+    }
+
+    /// Internals a DBA may need; never secrets.
+    pub fn detail(&self) -> Option<String> {
+        match self {
+            Self::MalformedTenant { reason } | Self::MalformedActor { reason } => {
+                Some(reason.clone())
+            }
+            Self::TokenMalformed { reason } => Some((*reason).to_string()),
+            Self::KeyFile { path, reason } => Some(format!("file \"{path}\": {reason}")),
+            Self::HoldableCursor => Some(
+                "A WITH HOLD cursor keeps rows read under one tenant after its transaction ends."
+                    .into(),
+            ),
+            _ => None,
+        }
+    }
+
+    /// What the reader can do about it.
+    pub fn hint(&self) -> Option<&'static str> {
+        match self {
+            Self::NotPreloaded => Some(
+                "Add pg_tenancy to shared_preload_libraries in postgresql.conf and restart the server.",
+            ),
+            Self::OutsideTransaction => Some(
+                "Run BEGIN first: the tenant context lasts exactly one transaction.",
+            ),
+            Self::NullTenant | Self::EmptyTenant | Self::NoTenant => Some(
+                "Call tenancy.set_org('<tenant id>') at the start of the transaction.",
+            ),
+            Self::MalformedTenant { .. } => Some(
+                "Tenant ids are UUIDs unless tenancy.tenant_id_format is 'text'.",
+            ),
+            Self::MalformedActor { .. } => {
+                Some("Actor ids are 1 to 128 printable characters without quotes or spaces.")
+            }
+            Self::TenantAlreadySet | Self::ActorAlreadySet => Some(
+                "Commit or roll back, then enter the other tenant in a new transaction.",
+            ),
+            Self::ForgedSetting { .. } => Some(
+                "Call tenancy.set_org('<tenant id>') inside the transaction instead of SET.",
+            ),
+            Self::TokenRequired | Self::TokenMalformed { .. } | Self::TokenInvalid => Some(
+                "Signed mode is on (tenancy.context_key_file): pass the token minted by the application tier.",
+            ),
+            Self::TokenExpired => Some("Mint a fresh token for this transaction."),
+            Self::KeyFile { .. } => Some(
+                "The file must hold the key in hex, belong to the server's OS user and have mode 0600 or 0400; then reload the configuration.",
+            ),
+            Self::HoldableCursor => Some("Declare the cursor WITHOUT HOLD and fetch it before COMMIT."),
+        }
+    }
+
+    /// Raises this error as a Postgres ERROR (the current transaction aborts).
+    pub fn report(self) -> ! {
+        let mut report = ErrorReport::new(self.sqlstate(), self.to_string(), "pg_tenancy");
+        if let Some(detail) = self.detail() {
+            report = report.set_detail(detail);
+        }
+        if let Some(hint) = self.hint() {
+            report = report.set_hint(hint);
+        }
+        report.report(PgLogLevel::ERROR);
+        // ERROR never returns: Postgres longjmps (pgrx unwinds) out of the call.
+        unreachable!("ereport(ERROR) returned")
+    }
+}
+
+/// `Result` for fallible pg_tenancy code; raise with [`Raise::or_raise`].
+pub type Result<T> = std::result::Result<T, TenancyError>;
+
+/// Turns a `Result` into the value or a Postgres ERROR.
+pub trait Raise<T> {
+    fn or_raise(self) -> T;
+}
+
+impl<T> Raise<T> for Result<T> {
+    fn or_raise(self) -> T {
+        self.unwrap_or_else(|e| e.report())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_every_error_has_hint_and_no_secret_fields() {
+        let all = [
+            TenancyError::NotPreloaded,
+            TenancyError::OutsideTransaction,
+            TenancyError::NullTenant,
+            TenancyError::EmptyTenant,
+            TenancyError::MalformedTenant { reason: "r".into() },
+            TenancyError::MalformedActor { reason: "r".into() },
+            TenancyError::TenantAlreadySet,
+            TenancyError::ActorAlreadySet,
+            TenancyError::NoTenant,
+            TenancyError::ForgedSetting {
+                setting: "app.current_org_id",
+            },
+            TenancyError::TokenRequired,
+            TenancyError::TokenMalformed { reason: "r" },
+            TenancyError::TokenExpired,
+            TenancyError::TokenInvalid,
+            TenancyError::KeyFile {
+                path: "/p".into(),
+                reason: "r".into(),
+            },
+            TenancyError::HoldableCursor,
+        ];
+        for e in all {
+            assert!(e.hint().is_some(), "{e:?} has no hint");
+            assert!(!e.to_string().is_empty());
+        }
+    }
+}

@@ -1,0 +1,81 @@
+//! Every setting pg_tenancy defines, in one place: one private static per setting, one
+//! `init()` called from `_PG_init`, and one accessor per setting.
+//!
+//! Security settings hold paths, never key bytes, and are readable by superusers only.
+
+use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
+use pgrx::prelude::*;
+use std::ffi::{CStr, CString};
+
+/// How `tenancy.set_org()` validates tenant ids.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PostgresGucEnum)]
+pub enum TenantIdFormat {
+    /// Tenant ids are UUIDs, stored in canonical lower-case hyphenated form.
+    #[name = c"uuid"]
+    Uuid,
+    /// Tenant ids are opaque text (Better Auth's `organization.id`, for example).
+    #[name = c"text"]
+    Text,
+}
+
+/// `tenancy.tenant_id_format`: `uuid` (default) or `text`. Superuser-settable so a DBA can
+/// choose per database (`ALTER DATABASE ... SET`) while the application cannot.
+static TENANT_ID_FORMAT: GucSetting<TenantIdFormat> =
+    GucSetting::<TenantIdFormat>::new(TenantIdFormat::Uuid);
+
+/// `tenancy.context_key_file`: path of the HMAC key that turns on signed mode for
+/// `set_org`. Empty (the default) means signed mode is off. Server-only, superuser-only.
+static CONTEXT_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+
+/// Registers every setting. Runs in `_PG_init`, before any backend can use one.
+pub fn init() {
+    GucRegistry::define_enum_guc(
+        c"tenancy.tenant_id_format",
+        c"How tenancy.set_org() validates tenant ids: uuid or text.",
+        c"uuid accepts only UUIDs and stores them in canonical form; text accepts 1 to 128 printable characters without quotes, backslashes or spaces.",
+        &TENANT_ID_FORMAT,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    // SAFETY: the assign hook is a `#[pg_guard]`ed function with the signature Postgres expects.
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            c"tenancy.context_key_file",
+            c"Path of the HMAC-SHA256 key for signed tenant contexts; empty turns signed mode off.",
+            c"A path, never key bytes. The file must belong to the server's OS user and not be readable by group or others. Read again on reload.",
+            &CONTEXT_KEY_FILE,
+            GucContext::Sighup,
+            GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL,
+            None,
+            Some(crate::token::context_key_file_assigned),
+            None,
+        );
+    }
+    crate::context::define_mirror_guc();
+    reserve_prefix(c"tenancy");
+}
+
+/// Refuses unknown `tenancy.*` settings (typos, placeholders) from PG 15 on; older servers
+/// can only warn about them.
+fn reserve_prefix(prefix: &CStr) {
+    // SAFETY: plain calls into the GUC machinery with a NUL-terminated static string.
+    unsafe {
+        #[cfg(any(feature = "pg13", feature = "pg14"))]
+        pg_sys::EmitWarningsOnPlaceholders(prefix.as_ptr());
+        #[cfg(not(any(feature = "pg13", feature = "pg14")))]
+        pg_sys::MarkGUCPrefixReserved(prefix.as_ptr());
+    }
+}
+
+/// The current `tenancy.tenant_id_format`.
+pub fn tenant_id_format() -> TenantIdFormat {
+    TENANT_ID_FORMAT.get()
+}
+
+/// The configured context key path, or `None` when signed mode is off.
+pub fn context_key_file() -> Option<String> {
+    CONTEXT_KEY_FILE
+        .get()
+        .map(|s| s.to_string_lossy().into_owned())
+        .filter(|s| !s.trim().is_empty())
+}

@@ -1,0 +1,41 @@
+//! pg_tenancy: multi-tenancy enforced inside PostgreSQL.
+//!
+//! The front door: module magic, the module list and `_PG_init`. Each concern lives in the
+//! module named for it: settings in [`gucs`], errors in [`error`], the tenant context in
+//! [`context`], the signed-context tokens in [`token`], server-side key files in [`keyfile`].
+
+use pgrx::prelude::*;
+
+pub mod context;
+pub mod error;
+pub mod gucs;
+pub mod keyfile;
+pub mod preload;
+pub mod token;
+
+::pgrx::pg_module_magic!(name, version);
+
+// The schema `tenancy` is created by CREATE EXTENSION from the control file; this names it
+// for pgrx so every function below lands there.
+extension_sql_file!("../sql/bootstrap.sql", name = "bootstrap", bootstrap);
+extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
+
+/// Called once when the library is loaded: by the postmaster when `pg_tenancy` is in
+/// `shared_preload_libraries` (the supported way), or lazily by a backend otherwise.
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    preload::init();
+    gucs::init();
+    context::init();
+}
+
+/// Required by `cargo pgrx test`: cluster settings for the in-database test cluster.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    #[must_use]
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec!["shared_preload_libraries = 'pg_tenancy'"]
+    }
+}
