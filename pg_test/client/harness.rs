@@ -318,3 +318,18 @@ pub fn db_error<T: std::fmt::Debug>(r: Result<T, postgres::Error>) -> postgres::
             .unwrap_or_else(|| panic!("not a server error: {e}")),
     }
 }
+
+/// Postgres's `pg_regress` for the version under test (installed with PGXS).
+pub fn pg_regress_path() -> PathBuf {
+    let out = Command::new(pg_config_path())
+        .arg("--pgxs")
+        .output()
+        .expect("run pg_config");
+    let pgxs = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+    // <pkglibdir>/pgxs/src/makefiles/pgxs.mk -> <pkglibdir>/pgxs/src/test/regress/pg_regress
+    pgxs.parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("test/regress/pg_regress")
+}

@@ -4,4 +4,5 @@
 mod context;
 mod harness;
 mod lifecycle;
+mod regress;
 mod signed;

@@ -1,0 +1,2 @@
+-- Run once after the regression database is (re)created.
+CREATE EXTENSION pg_tenancy;
