@@ -127,11 +127,11 @@ unsafe extern "C-unwind" fn subxact_callback(
     CONTEXT.with(|c| {
         let mut slot = c.borrow_mut();
         match event {
-            pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB => {
-                if slot.as_ref().is_some_and(|ctx| ctx.level >= level) {
-                    // The mirror is rolled back by the GUC machinery at the same point.
-                    *slot = None;
-                }
+            // The mirror is rolled back by the GUC machinery at the same point.
+            pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB
+                if slot.as_ref().is_some_and(|ctx| ctx.level >= level) =>
+            {
+                *slot = None;
             }
             pg_sys::SubXactEvent::SUBXACT_EVENT_COMMIT_SUB => {
                 if let Some(ctx) = slot.as_mut().filter(|ctx| ctx.level >= level) {
@@ -159,7 +159,7 @@ unsafe fn check_utility(pstmt: *mut pg_sys::PlannedStmt) {
     }
 }
 
-#[cfg(any(feature = "pg13"))]
+#[cfg(feature = "pg13")]
 #[pg_guard]
 unsafe extern "C-unwind" fn process_utility(
     pstmt: *mut pg_sys::PlannedStmt,
@@ -185,7 +185,7 @@ unsafe extern "C-unwind" fn process_utility(
     }
 }
 
-#[cfg(not(any(feature = "pg13")))]
+#[cfg(not(feature = "pg13"))]
 #[pg_guard]
 #[allow(clippy::too_many_arguments)] // the hook's signature is Postgres's
 unsafe extern "C-unwind" fn process_utility(

@@ -166,6 +166,7 @@ impl Cluster {
                     "--no-sync",
                     "-E",
                     "UTF8",
+                    "--locale=C",
                     "-D",
                 ])
                 .arg(&dir)

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# README command 2: every test on PostgreSQL 13, 15, 17 and 18 (or the majors given).
+#
+# Per version: `cargo pgrx test pgNN` runs the unit tests, the in-database #[pg_test]s and the
+# client tests of pg_test/ (real servers, the application role, the golden pg_regress files).
+# As root, Postgres itself runs as the `postgres` OS user (--runas).
+# Usage: scripts/test.sh [MAJOR ...]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+VERSIONS=("$@")
+[ ${#VERSIONS[@]} -gt 0 ] || VERSIONS=(13 15 17 18)
+
+if [ "$(id -u)" -eq 0 ]; then
+  bash scripts/provision.sh "${VERSIONS[@]}" || { echo "provisioning failed" >&2; exit 1; }
+  PGDATA_BASE="${PG_TENANCY_TEST_PGDATA:-/tmp/pg_tenancy-pgdata}"
+  mkdir -p "$PGDATA_BASE" && chown postgres "$PGDATA_BASE"
+  RUNAS=(--runas postgres --pgdata "$PGDATA_BASE")
+else
+  echo "not root: using the cargo-pgrx and PostgreSQL versions already set up (scripts/provision.sh needs root)"
+  RUNAS=()
+fi
+
+declare -A RESULT
+total_pass=0 total_fail=0 failed_versions=()
+for v in "${VERSIONS[@]}"; do
+  printf '\n==> [test] PostgreSQL %s\n' "$v"
+  log=$(mktemp)
+  start=$(date +%s)
+  cargo pgrx test "pg$v" "${RUNAS[@]}" 2>&1 | tee "$log"
+  rc=${PIPESTATUS[0]}
+  secs=$(( $(date +%s) - start ))
+  pass=$(grep -E '^test result:' "$log" | sed -E 's/.* ([0-9]+) passed.*/\1/' | awk '{s+=$1} END {print s+0}')
+  fail=$(grep -E '^test result:' "$log" | sed -E 's/.* ([0-9]+) failed.*/\1/' | awk '{s+=$1} END {print s+0}')
+  pass=${pass:-0} fail=${fail:-0}
+  rm -f "$log"
+  if [ "$rc" -ne 0 ] || [ "$pass" -eq 0 ]; then
+    failed_versions+=("$v")
+    # A build or harness failure counts as a failure even when no test line was printed.
+    [ "$fail" -gt 0 ] || fail=1
+    RESULT[$v]="FAILED  $pass passed, $fail failed (${secs}s, exit $rc)"
+  else
+    RESULT[$v]="ok      $pass passed, $fail failed (${secs}s)"
+  fi
+  total_pass=$((total_pass + pass)) total_fail=$((total_fail + fail))
+done
+
+printf '\n==> [test] summary\n'
+for v in "${VERSIONS[@]}"; do
+  printf 'PostgreSQL %-3s %s\n' "$v" "${RESULT[$v]}"
+done
+echo "total: $total_pass passed, $total_fail failed"
+[ ${#failed_versions[@]} -eq 0 ]
