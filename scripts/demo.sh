@@ -41,7 +41,7 @@ SU=(psql -X -q -v ON_ERROR_STOP=1 "host=127.0.0.1 port=$PORT user=postgres dbnam
 "${SU[@]}" -c "CREATE ROLE clinic_owner LOGIN" -c "CREATE ROLE app LOGIN" -c "CREATE DATABASE clinic OWNER clinic_owner"
 psql -X -q -v ON_ERROR_STOP=1 "host=127.0.0.1 port=$PORT user=postgres dbname=clinic" -c "CREATE EXTENSION pg_tenancy"
 # Until issue 3/8 generates policies, the demo table is protected by hand with the same shape.
-psql -X -q -v ON_ERROR_STOP=1 "host=127.0.0.1 port=$PORT user=clinic_owner dbname=clinic" <<SQL
+psql -X -q -o /dev/null -v ON_ERROR_STOP=1 "host=127.0.0.1 port=$PORT user=clinic_owner dbname=clinic" <<SQL
 CREATE TABLE patients (
   id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
   organization_id uuid NOT NULL DEFAULT tenancy.require_org(),
