@@ -32,3 +32,16 @@ COMMENT ON FUNCTION tenancy.assert_preloaded() IS
   'Raises unless pg_tenancy is loaded through shared_preload_libraries.';
 COMMENT ON FUNCTION tenancy.is_loaded_by_preload() IS
   'Whether pg_tenancy was loaded through shared_preload_libraries.';
+
+-- Protection is a DBA's act: superuser only (the functions check too).
+REVOKE EXECUTE ON FUNCTION tenancy.protect(text, text, boolean, boolean) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION tenancy.protect_all(text, text, text, boolean) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION tenancy.unprotect(text) FROM PUBLIC;
+COMMENT ON FUNCTION tenancy.protect(text, text, boolean, boolean) IS
+  'Protect a table (and its partitions) on its tenant column: RLS enabled+forced, RESTRICTIVE and permissive tenant policies, tenant default, immutable tenant column, no TRUNCATE, tenant index, registry row. Idempotent; dry_run returns the SQL.';
+COMMENT ON FUNCTION tenancy.protect_all(text, text, text, boolean) IS
+  'Protect every table of a schema that has the tenant column, plus the tenant root table (on id); new tables in the schema are protected at creation.';
+COMMENT ON FUNCTION tenancy.unprotect(text) IS
+  'Remove pg_tenancy''s protection from a table and its children: the only sanctioned way back. Superuser; recorded in tenancy.protection_log.';
+COMMENT ON FUNCTION tenancy.in_maintenance() IS
+  'True while protect/unprotect run their own DDL (the drift guards stand aside).';

@@ -41,6 +41,18 @@ pub enum TenancyError {
     KeyFile { path: String, reason: String },
     #[error("WITH HOLD cursors cannot be used in a tenant transaction")]
     HoldableCursor,
+    #[error("\"{relation}\" is not a table")]
+    NotATable { relation: String },
+    #[error("table \"{relation}\" has no column \"{column}\"")]
+    NoTenantColumn { relation: String, column: String },
+    #[error("tenant column \"{relation}\".\"{column}\" must be uuid or text, not {found}")]
+    TenantColumnType {
+        relation: String,
+        column: String,
+        found: String,
+    },
+    #[error("table \"{relation}\" is not protected by pg_tenancy")]
+    NotProtected { relation: String },
 }
 
 impl TenancyError {
@@ -64,6 +76,10 @@ impl TenancyError {
             | Self::TokenInvalid => ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION,
             Self::KeyFile { .. } => ERRCODE_CONFIG_FILE_ERROR,
             Self::HoldableCursor => ERRCODE_FEATURE_NOT_SUPPORTED,
+            Self::NotATable { .. } => ERRCODE_WRONG_OBJECT_TYPE,
+            Self::NoTenantColumn { .. } => ERRCODE_UNDEFINED_COLUMN,
+            Self::TenantColumnType { .. } => ERRCODE_DATATYPE_MISMATCH,
+            Self::NotProtected { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
         }
     }
 
@@ -115,6 +131,14 @@ impl TenancyError {
                 "The file must hold the key in hex, belong to the server's OS user and have mode 0600 or 0400; then reload the configuration.",
             ),
             Self::HoldableCursor => Some("Declare the cursor WITHOUT HOLD and fetch it before COMMIT."),
+            Self::NotATable { .. } => Some("Protect the table the view or index belongs to."),
+            Self::NoTenantColumn { .. } => Some(
+                "Name the tenant column: tenancy.protect('t', tenant_column => 'org_id').",
+            ),
+            Self::TenantColumnType { .. } => {
+                Some("Tenant columns are uuid (tenancy.current_org_id()) or text.")
+            }
+            Self::NotProtected { .. } => Some("See tenancy.protected_tables for what is protected."),
         }
     }
 
@@ -175,6 +199,21 @@ mod tests {
                 reason: "r".into(),
             },
             TenancyError::HoldableCursor,
+            TenancyError::NotATable {
+                relation: "v".into(),
+            },
+            TenancyError::NoTenantColumn {
+                relation: "t".into(),
+                column: "c".into(),
+            },
+            TenancyError::TenantColumnType {
+                relation: "t".into(),
+                column: "c".into(),
+                found: "int".into(),
+            },
+            TenancyError::NotProtected {
+                relation: "t".into(),
+            },
         ];
         for e in all {
             assert!(e.hint().is_some(), "{e:?} has no hint");

@@ -18,6 +18,21 @@ pub enum TenantIdFormat {
     Text,
 }
 
+/// What the drift guard does with a new table that has the tenant column in a protected schema.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PostgresGucEnum)]
+pub enum NewTableAction {
+    /// Protect it at creation (default).
+    #[name = c"protect"]
+    Protect,
+    /// Refuse to create it.
+    #[name = c"refuse"]
+    Refuse,
+}
+
+/// `tenancy.new_table_action`: `protect` (default) or `refuse`; superuser-settable.
+static NEW_TABLE_ACTION: GucSetting<NewTableAction> =
+    GucSetting::<NewTableAction>::new(NewTableAction::Protect);
+
 /// `tenancy.tenant_id_format`: `uuid` (default) or `text`. Superuser-settable so a DBA can
 /// choose per database (`ALTER DATABASE ... SET`) while the application cannot.
 static TENANT_ID_FORMAT: GucSetting<TenantIdFormat> =
@@ -34,6 +49,14 @@ pub fn init() {
         c"How tenancy.set_org() validates tenant ids: uuid or text.",
         c"uuid accepts only UUIDs and stores them in canonical form; text accepts 1 to 128 printable characters without quotes, backslashes or spaces.",
         &TENANT_ID_FORMAT,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_enum_guc(
+        c"tenancy.new_table_action",
+        c"What happens to a new table with the tenant column in a protected schema: protect or refuse.",
+        c"protect runs tenancy.protect() on it at creation; refuse makes the CREATE fail.",
+        &NEW_TABLE_ACTION,
         GucContext::Suset,
         GucFlags::default(),
     );
@@ -70,6 +93,11 @@ fn reserve_prefix(prefix: &CStr) {
 /// The current `tenancy.tenant_id_format`.
 pub fn tenant_id_format() -> TenantIdFormat {
     TENANT_ID_FORMAT.get()
+}
+
+/// The current `tenancy.new_table_action`.
+pub fn new_table_action() -> NewTableAction {
+    NEW_TABLE_ACTION.get()
 }
 
 /// The configured context key path, or `None` when signed mode is off.

@@ -10,6 +10,7 @@ pub mod context;
 pub mod error;
 pub mod gucs;
 pub mod keyfile;
+pub mod policy;
 pub mod preload;
 pub mod token;
 
@@ -18,6 +19,17 @@ pub mod token;
 // The schema `tenancy` is created by CREATE EXTENSION from the control file; this names it
 // for pgrx so every function below lands there.
 extension_sql_file!("../sql/bootstrap.sql", name = "bootstrap", bootstrap);
+extension_sql_file!(
+    "../sql/registry.sql",
+    name = "registry",
+    requires = ["bootstrap"]
+);
+extension_sql_file!(
+    "../sql/guards.sql",
+    name = "guards",
+    requires = ["registry", policy::protect, policy::in_maintenance]
+);
+extension_sql_file!("../sql/report.sql", name = "report", requires = ["guards"]);
 extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 
 /// Called once when the library is loaded: by the postmaster when `pg_tenancy` is in

@@ -1,0 +1,64 @@
+-- What pg_tenancy protects, and the trigger functions protect() attaches.
+
+CREATE TABLE tenancy.protected_tables (
+  schema_name   name NOT NULL,
+  table_name    name NOT NULL,
+  tenant_column name NOT NULL,
+  tenant_type   text NOT NULL CHECK (tenant_type IN ('uuid', 'text')),
+  protected_at  timestamptz NOT NULL DEFAULT now(),
+  protected_by  name NOT NULL DEFAULT session_user,
+  PRIMARY KEY (schema_name, table_name)
+);
+COMMENT ON TABLE tenancy.protected_tables IS
+  'Tables protected by tenancy.protect(): RLS enabled and forced, tenant policies, guards. Dumped by pg_dump.';
+
+CREATE TABLE tenancy.protected_schemas (
+  schema_name   name PRIMARY KEY,
+  tenant_column name NOT NULL
+);
+COMMENT ON TABLE tenancy.protected_schemas IS
+  'Schemas protected by tenancy.protect_all(): new tables with the tenant column are protected at creation.';
+
+CREATE TABLE tenancy.protection_log (
+  id     bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+  at     timestamptz NOT NULL DEFAULT now(),
+  by     name NOT NULL DEFAULT session_user,
+  action text NOT NULL,
+  object text NOT NULL,
+  detail text NOT NULL DEFAULT ''
+);
+COMMENT ON TABLE tenancy.protection_log IS
+  'Every protect, protect_all, unprotect and automatic protection of a new table: who, when, what.';
+
+-- Registry rows are configuration: pg_dump dumps them with the extension.
+SELECT pg_catalog.pg_extension_config_dump('tenancy.protected_tables', '');
+SELECT pg_catalog.pg_extension_config_dump('tenancy.protected_schemas', '');
+SELECT pg_catalog.pg_extension_config_dump('tenancy.protection_log', '');
+
+REVOKE ALL ON tenancy.protected_tables, tenancy.protected_schemas, tenancy.protection_log FROM PUBLIC;
+
+CREATE FUNCTION tenancy.tenant_column_immutable() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+BEGIN
+  IF to_jsonb(NEW) -> TG_ARGV[0] IS DISTINCT FROM to_jsonb(OLD) -> TG_ARGV[0] THEN
+    RAISE EXCEPTION 'the tenant column "%" of "%"."%" cannot be changed', TG_ARGV[0], TG_TABLE_SCHEMA, TG_TABLE_NAME
+      USING ERRCODE = '42501',
+            HINT = 'A row belongs to its tenant for life: copy it into the other tenant and delete it here.';
+  END IF;
+  RETURN NEW;
+END $$;
+COMMENT ON FUNCTION tenancy.tenant_column_immutable() IS
+  'Trigger: refuses UPDATEs that change a protected table''s tenant column.';
+
+CREATE FUNCTION tenancy.refuse_truncate() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+BEGIN
+  IF NOT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
+    RAISE EXCEPTION 'TRUNCATE of protected table "%"."%" is not allowed', TG_TABLE_SCHEMA, TG_TABLE_NAME
+      USING ERRCODE = '42501',
+            HINT = 'TRUNCATE ignores row level security and would empty every tenant; DELETE inside a tenant transaction instead.';
+  END IF;
+  RETURN NULL;
+END $$;
+COMMENT ON FUNCTION tenancy.refuse_truncate() IS
+  'Trigger: refuses TRUNCATE of a protected table (it bypasses row level security) except by superusers.';

@@ -1,0 +1,147 @@
+-- tenancy.isolation_report(): every place one tenant might see or touch another's rows.
+-- One row per finding: severity (critical, high, warning), object, finding, fix.
+-- "Tenant tables" are tables with a column named like a registered tenant column (or
+-- organization_id), outside the system schemas.
+
+CREATE FUNCTION tenancy.isolation_report()
+RETURNS TABLE (severity text, object text, finding text, fix text)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog AS $$
+WITH tenant_cols AS (
+  SELECT 'organization_id'::name AS col
+  UNION SELECT tenant_column FROM tenancy.protected_tables
+),
+tenant_tables AS (
+  SELECT c.oid, c.oid::regclass::text AS name, a.attnum AS tenant_attnum, a.attname AS tenant_col,
+         c.relrowsecurity, c.relforcerowsecurity, c.relowner
+    FROM pg_class c
+    JOIN pg_namespace n ON n.oid = c.relnamespace
+    JOIN pg_attribute a ON a.attrelid = c.oid AND NOT a.attisdropped
+    JOIN tenant_cols t ON t.col = a.attname
+   WHERE c.relkind IN ('r', 'p')
+     AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'tenancy') AND n.nspname NOT LIKE 'pg_toast%'
+  UNION
+  SELECT c.oid, c.oid::regclass::text, a.attnum, a.attname, c.relrowsecurity, c.relforcerowsecurity, c.relowner
+    FROM tenancy.protected_tables p
+    JOIN pg_namespace n ON n.nspname = p.schema_name
+    JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = p.table_name
+    JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = p.tenant_column
+),
+findings AS (
+  SELECT 'critical' AS severity, t.name AS object,
+         'tenant table without row level security' AS finding,
+         format('SELECT tenancy.protect(%L);', t.name) AS fix
+    FROM tenant_tables t WHERE NOT t.relrowsecurity
+  UNION ALL
+  SELECT 'critical', t.name, 'row level security is not forced: the owner bypasses it',
+         format('SELECT tenancy.protect(%L);', t.name)
+    FROM tenant_tables t WHERE t.relrowsecurity AND NOT t.relforcerowsecurity
+  UNION ALL
+  SELECT 'critical', t.name, 'no RESTRICTIVE tenant policy: any permissive policy widens access',
+         format('SELECT tenancy.protect(%L);', t.name)
+    FROM tenant_tables t
+   WHERE t.relrowsecurity
+     AND NOT EXISTS (SELECT 1 FROM pg_policy p WHERE p.polrelid = t.oid AND NOT p.polpermissive)
+  UNION ALL
+  SELECT 'critical', format('policy %I on %s', p.polname, t.name),
+         'policy may fail open (OR / IS NULL in its expression)',
+         'Drop it, or rewrite it without OR and IS NULL branches.'
+    FROM tenant_tables t JOIN pg_policy p ON p.polrelid = t.oid
+   WHERE coalesce(pg_get_expr(p.polqual, p.polrelid), '') || ' ' || coalesce(pg_get_expr(p.polwithcheck, p.polrelid), '')
+         ~* '(\mis\s+null\M|\mor\M)'
+  UNION ALL
+  SELECT 'warning', format('policy %I on %s', p.polname, t.name),
+         'no WITH CHECK: new rows are checked only by USING',
+         'State WITH CHECK explicitly (tenancy.protect does).'
+    FROM tenant_tables t JOIN pg_policy p ON p.polrelid = t.oid
+   WHERE p.polcmd IN ('*', 'w') AND p.polwithcheck IS NULL
+  UNION ALL
+  SELECT 'high', format('constraint %I on %s', k.conname, t.name),
+         CASE k.contype WHEN 'f' THEN 'foreign key without the tenant column: a cross-tenant reference'
+                        ELSE 'UNIQUE/PRIMARY KEY without the tenant column: an existence oracle across tenants' END,
+         'Include the tenant column in the key (composite keys).'
+    FROM tenant_tables t JOIN pg_constraint k ON k.conrelid = t.oid
+   WHERE k.contype IN ('u', 'p', 'f') AND NOT (t.tenant_attnum = ANY (k.conkey))
+  UNION ALL
+  SELECT 'high', format('index %s on %s', i.indexrelid::regclass, t.name),
+         'unique index without the tenant column: an existence oracle across tenants',
+         'Include the tenant column in the index.'
+    FROM tenant_tables t JOIN pg_index i ON i.indrelid = t.oid
+   WHERE i.indisunique AND NOT (t.tenant_attnum = ANY (i.indkey::int2[]))
+     AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid)
+  UNION ALL
+  SELECT 'warning', t.name, 'no index led by the tenant column: every tenant query scans the table',
+         format('CREATE INDEX ON %s (%I);', t.name, t.tenant_col)
+    FROM tenant_tables t
+   WHERE NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = t.oid AND i.indkey[0] = t.tenant_attnum)
+  UNION ALL
+  SELECT DISTINCT CASE v.relkind WHEN 'm' THEN 'critical' ELSE 'high' END, v.oid::regclass::text,
+         CASE v.relkind WHEN 'm' THEN format('materialized view over tenant table %s holds every tenant''s rows', t.name)
+                        ELSE format('view over tenant table %s runs with its owner''s rights (no security_invoker)', t.name) END,
+         CASE v.relkind WHEN 'm' THEN 'Drop it, or replace it with a security_invoker view.'
+                        ELSE format('ALTER VIEW %s SET (security_invoker = true);  -- PG 15+', v.oid::regclass) END
+    FROM tenant_tables t
+    JOIN pg_depend d ON d.refobjid = t.oid AND d.classid = 'pg_rewrite'::regclass
+    JOIN pg_rewrite r ON r.oid = d.objid
+    JOIN pg_class v ON v.oid = r.ev_class AND v.oid <> t.oid
+   WHERE v.relkind = 'm'
+      OR (v.relkind = 'v' AND NOT coalesce(v.reloptions, '{}') && ARRAY['security_invoker=true', 'security_invoker=on', 'security_invoker=1'])
+  UNION ALL
+  SELECT DISTINCT 'high', p.oid::regprocedure::text,
+         format('SECURITY DEFINER function mentions tenant table %s: it reads with its owner''s rights', t.name),
+         'Make it SECURITY INVOKER, or make sure its owner is subject to FORCE RLS and the context.'
+    FROM pg_proc p
+    JOIN pg_namespace pn ON pn.oid = p.pronamespace
+    JOIN tenant_tables t ON p.prosrc ILIKE '%' || (SELECT relname FROM pg_class WHERE oid = t.oid) || '%'
+   WHERE p.prosecdef AND pn.nspname NOT IN ('pg_catalog', 'information_schema', 'tenancy')
+  UNION ALL
+  SELECT DISTINCT 'high', format('trigger %I on %s', tg.tgname, tg.tgrelid::regclass),
+         'trigger runs a SECURITY DEFINER function on a tenant table',
+         'Make the trigger function SECURITY INVOKER.'
+    FROM pg_trigger tg JOIN pg_proc p ON p.oid = tg.tgfoid JOIN tenant_tables t ON t.oid = tg.tgrelid
+   WHERE p.prosecdef AND NOT tg.tgisinternal
+     AND p.pronamespace <> 'tenancy'::regnamespace
+  UNION ALL
+  SELECT 'high', r.rolname::text,
+         CASE WHEN r.rolsuper THEN 'login role is a superuser: it bypasses row level security'
+              ELSE 'login role has BYPASSRLS' END,
+         format('ALTER ROLE %I NOSUPERUSER NOBYPASSRLS;  -- or NOLOGIN', r.rolname)
+    FROM pg_roles r
+   WHERE r.rolcanlogin AND (r.rolsuper OR r.rolbypassrls)
+     AND r.oid <> 10  -- the bootstrap superuser that installs extensions
+     AND has_database_privilege(r.oid, current_database(), 'CONNECT')
+  UNION ALL
+  SELECT 'high', format('%s on %s', g.grantee, t.name),
+         format('role holds %s on a tenant table', g.privilege_type),
+         format('REVOKE %s ON %s FROM %I;', g.privilege_type, t.name, g.grantee)
+    FROM tenant_tables t
+    JOIN LATERAL (SELECT (aclexplode(c.relacl)).* FROM pg_class c WHERE c.oid = t.oid) a ON true
+    JOIN LATERAL (SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE a.grantee::regrole::text END AS grantee,
+                         a.privilege_type) g ON true
+   WHERE a.privilege_type IN ('TRUNCATE', 'REFERENCES') AND a.grantee <> t.relowner
+  UNION ALL
+  SELECT 'critical', p.oid::regprocedure::text,
+         'IMMUTABLE function reads the tenant context: its result can be frozen into plans and indexes',
+         'Declare it STABLE.'
+    FROM pg_proc p JOIN pg_namespace pn ON pn.oid = p.pronamespace
+   WHERE p.provolatile = 'i' AND pn.nspname NOT IN ('pg_catalog', 'information_schema', 'tenancy')
+     AND (p.prosrc ILIKE '%current_org_id%' OR p.prosrc ILIKE '%require_org%')
+  UNION ALL
+  SELECT 'high', format('publication %I', pub.pubname),
+         format('publishes tenant table %s: subscribers receive every tenant''s rows', t.name),
+         'Publish to subscribers that enforce the same isolation, or drop the table from the publication.'
+    FROM pg_publication pub JOIN tenant_tables t
+      ON pub.puballtables OR EXISTS (SELECT 1 FROM pg_publication_rel pr WHERE pr.prpubid = pub.oid AND pr.prrelid = t.oid)
+  UNION ALL
+  SELECT 'critical', format('%I.%I', p.schema_name, p.table_name),
+         'registered as protected but ' || tenancy.protection_problem(format('%I.%I', p.schema_name, p.table_name)::regclass),
+         format('SELECT tenancy.protect(%L);', format('%I.%I', p.schema_name, p.table_name))
+    FROM tenancy.protected_tables p
+   WHERE to_regclass(format('%I.%I', p.schema_name, p.table_name)) IS NOT NULL
+     AND tenancy.protection_problem(format('%I.%I', p.schema_name, p.table_name)::regclass) IS NOT NULL
+)
+SELECT severity, object, finding, fix FROM findings
+ORDER BY CASE severity WHEN 'critical' THEN 0 WHEN 'high' THEN 1 ELSE 2 END, object, finding
+$$;
+REVOKE EXECUTE ON FUNCTION tenancy.isolation_report() FROM PUBLIC;
+COMMENT ON FUNCTION tenancy.isolation_report() IS
+  'Every isolation hole found in this database: one row per finding with severity, object, finding and fix. Superuser by default.';

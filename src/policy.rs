@@ -1,0 +1,363 @@
+//! Row level security generated, not hand-written: `protect`, `protect_all`, `unprotect`.
+//!
+//! `protect` turns a table with a tenant column into a tenant table: RLS enabled and forced,
+//! a RESTRICTIVE tenant floor plus a permissive tenant policy (USING and WITH CHECK, every
+//! command), the tenant column defaulting to the current tenant and immutable, TRUNCATE
+//! refused, an index led by the tenant column, partitions and inheritance children covered,
+//! and a row in `tenancy.protected_tables`. The predicate is
+//! `tenant_col = (SELECT tenancy.current_org_id())`: an InitPlan, evaluated once per query and
+//! usable as an index condition.
+//!
+//! The drift guards (sql/guards.sql) refuse every other way of weakening a protected table;
+//! they let these functions through while [`in_maintenance`] is true.
+
+use crate::error::TenancyError;
+use pgrx::prelude::*;
+use pgrx::spi::SpiResult;
+use std::cell::Cell;
+
+thread_local! {
+    /// True while protect/unprotect run their DDL, so the drift guards let it through.
+    static MAINTENANCE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Quotes an SQL identifier.
+pub fn ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// What `protect` needs to know about one table.
+struct Target {
+    schema: String,
+    name: String,
+    tenant_type: &'static str,
+    has_tenant_index: bool,
+    children: Vec<pg_sys::Oid>,
+}
+
+fn require_superuser(what: &str) {
+    // SAFETY: superuser() only reads the current role.
+    if !unsafe { pg_sys::superuser() } {
+        pgrx::pg_sys::panic::ErrorReport::new(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("only a superuser may call tenancy.{what}()"),
+            "pg_tenancy",
+        )
+        .set_hint("Run it as the superuser that installed pg_tenancy.")
+        .report(PgLogLevel::ERROR);
+    }
+}
+
+fn load_target(rel: pg_sys::Oid, column: &str) -> Target {
+    let row = Spi::connect(|client| -> SpiResult<_> {
+        let t = client.select(
+            "SELECT n.nspname::text, c.relname::text, c.relkind::text,
+                    (SELECT format_type(a.atttypid, NULL) FROM pg_attribute a
+                      WHERE a.attrelid = c.oid AND a.attname = $2 AND NOT a.attisdropped),
+                    EXISTS (SELECT 1 FROM pg_index i JOIN pg_attribute a
+                              ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+                             WHERE i.indrelid = c.oid AND a.attname = $2),
+                    ARRAY(SELECT inhrelid FROM pg_inherits WHERE inhparent = c.oid ORDER BY inhrelid)
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1",
+            None,
+            &[rel.into(), column.into()],
+        )?;
+        let r = t.first();
+        Ok((
+            r.get::<String>(1)?,
+            r.get::<String>(2)?,
+            r.get::<String>(3)?,
+            r.get::<String>(4)?,
+            r.get::<bool>(5)?,
+            r.get::<Vec<pg_sys::Oid>>(6)?,
+        ))
+    })
+    .unwrap_or_else(|e| pgrx::error!("pg_tenancy: reading the catalog failed: {e}"));
+    let (Some(schema), Some(name), Some(kind)) = (row.0, row.1, row.2) else {
+        pgrx::error!("pg_tenancy: relation {rel:?} does not exist")
+    };
+    if kind != "r" && kind != "p" {
+        TenancyError::NotATable {
+            relation: format!("{schema}.{name}"),
+        }
+        .report();
+    }
+    let tenant_type = match row.3.as_deref() {
+        Some("uuid") => "uuid",
+        Some("text") => "text",
+        Some(other) => TenancyError::TenantColumnType {
+            relation: format!("{schema}.{name}"),
+            column: column.to_string(),
+            found: other.to_string(),
+        }
+        .report(),
+        None => TenancyError::NoTenantColumn {
+            relation: format!("{schema}.{name}"),
+            column: column.to_string(),
+        }
+        .report(),
+    };
+    Target {
+        schema,
+        name,
+        tenant_type,
+        has_tenant_index: row.4.unwrap_or(false),
+        children: row.5.unwrap_or_default(),
+    }
+}
+
+/// The statements that protect one table (not its children).
+fn protect_statements(t: &Target, column: &str, set_default: bool) -> Vec<String> {
+    let table = format!("{}.{}", ident(&t.schema), ident(&t.name));
+    let col = ident(column);
+    let (current, require) = match t.tenant_type {
+        "uuid" => ("tenancy.current_org_id()", "tenancy.require_org()"),
+        _ => (
+            "tenancy.current_org_id_text()",
+            "tenancy.require_org_text()",
+        ),
+    };
+    let pred = format!("{col} = (SELECT {current})");
+    let mut s = vec![
+        format!("ALTER TABLE {table} ENABLE ROW LEVEL SECURITY"),
+        format!("ALTER TABLE {table} FORCE ROW LEVEL SECURITY"),
+        format!("DROP POLICY IF EXISTS tenancy_tenant_floor ON {table}"),
+        format!(
+            "CREATE POLICY tenancy_tenant_floor ON {table} AS RESTRICTIVE FOR ALL TO PUBLIC USING ({pred}) WITH CHECK ({pred})"
+        ),
+        format!("DROP POLICY IF EXISTS tenancy_tenant_rows ON {table}"),
+        format!(
+            "CREATE POLICY tenancy_tenant_rows ON {table} AS PERMISSIVE FOR ALL TO PUBLIC USING ({pred}) WITH CHECK ({pred})"
+        ),
+    ];
+    if set_default {
+        s.push(format!(
+            "ALTER TABLE {table} ALTER COLUMN {col} SET DEFAULT {require}"
+        ));
+    }
+    s.extend([
+        format!("DROP TRIGGER IF EXISTS tenancy_tenant_immutable ON {table}"),
+        format!(
+            "CREATE TRIGGER tenancy_tenant_immutable BEFORE UPDATE OF {col} ON {table} FOR EACH ROW EXECUTE FUNCTION tenancy.tenant_column_immutable({})",
+            quote_literal(column)
+        ),
+        format!("ALTER TABLE {table} ENABLE ALWAYS TRIGGER tenancy_tenant_immutable"),
+        format!("DROP TRIGGER IF EXISTS tenancy_no_truncate ON {table}"),
+        format!(
+            "CREATE TRIGGER tenancy_no_truncate BEFORE TRUNCATE ON {table} FOR EACH STATEMENT EXECUTE FUNCTION tenancy.refuse_truncate()"
+        ),
+        format!("ALTER TABLE {table} ENABLE ALWAYS TRIGGER tenancy_no_truncate"),
+    ]);
+    if !t.has_tenant_index {
+        s.push(format!("CREATE INDEX ON {table} ({col})"));
+    }
+    s.push(format!(
+        "INSERT INTO tenancy.protected_tables (schema_name, table_name, tenant_column, tenant_type) VALUES ({}, {}, {}, {}) ON CONFLICT (schema_name, table_name) DO UPDATE SET tenant_column = EXCLUDED.tenant_column, tenant_type = EXCLUDED.tenant_type, protected_at = now(), protected_by = session_user",
+        quote_literal(&t.schema),
+        quote_literal(&t.name),
+        quote_literal(column),
+        quote_literal(t.tenant_type)
+    ));
+    s
+}
+
+fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// Runs `f` with the drift guards standing aside, restoring them even on ERROR.
+fn with_maintenance<T>(f: impl FnOnce() -> T) -> T {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            MAINTENANCE.with(|m| m.set(self.0));
+        }
+    }
+    let _restore = Restore(MAINTENANCE.with(|m| m.replace(true)));
+    f()
+}
+
+fn collect_protect(rel: pg_sys::Oid, column: &str, set_default: bool, out: &mut Vec<String>) {
+    let t = load_target(rel, column);
+    out.extend(protect_statements(&t, column, set_default));
+    for child in &t.children {
+        collect_protect(*child, column, set_default, out);
+    }
+}
+
+fn run_all(stmts: &[String]) {
+    with_maintenance(|| {
+        for s in stmts {
+            Spi::run(s).unwrap_or_else(|e| pgrx::error!("pg_tenancy: {s}: {e}"));
+        }
+    });
+}
+
+/// Protects `rel` (and its partitions or inheritance children) on `tenant_column` (uuid or
+/// text). Idempotent. With `dry_run` returns the SQL without running it. Superuser only.
+#[pg_extern(volatile, parallel_unsafe)]
+fn protect(
+    rel: &str,
+    tenant_column: default!(&str, "'organization_id'"),
+    dry_run: default!(bool, false),
+    set_default: default!(bool, true),
+) -> SetOfIterator<'static, String> {
+    require_superuser("protect");
+    let rel = resolve(rel);
+    let mut stmts = Vec::new();
+    collect_protect(rel, tenant_column, set_default, &mut stmts);
+    if !dry_run {
+        run_all(&stmts);
+        log_action("protect", rel, tenant_column);
+    }
+    SetOfIterator::new(stmts)
+}
+
+/// Protects every table of `schema` that has `tenant_column` (partitions through their
+/// parent), plus the tenant root table `root` on its `id`, and records the schema so that
+/// tables created in it later are protected at creation. Superuser only.
+#[pg_extern(volatile, parallel_unsafe)]
+fn protect_all(
+    schema: &str,
+    root: default!(Option<&str>, "NULL"),
+    tenant_column: default!(&str, "'organization_id'"),
+    dry_run: default!(bool, false),
+) -> SetOfIterator<'static, String> {
+    require_superuser("protect_all");
+    let root = root.map(resolve);
+    let tables: Vec<pg_sys::Oid> = Spi::connect(|client| -> SpiResult<_> {
+        let t = client.select(
+            "SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = $1 AND c.relkind IN ('r', 'p') AND NOT c.relispartition
+                AND NOT EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhrelid = c.oid)
+                AND EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid
+                              AND a.attname = $2 AND NOT a.attisdropped)
+              ORDER BY c.relname",
+            None,
+            &[schema.into(), tenant_column.into()],
+        )?;
+        t.map(|r| {
+            r.get::<pg_sys::Oid>(1)
+                .map(|o| o.unwrap_or(pg_sys::InvalidOid))
+        })
+        .collect()
+    })
+    .unwrap_or_else(|e| pgrx::error!("pg_tenancy: reading the catalog failed: {e}"));
+    let mut stmts = Vec::new();
+    if let Some(root) = root {
+        collect_protect(root, "id", false, &mut stmts);
+    }
+    for t in tables.into_iter().filter(|t| Some(*t) != root) {
+        collect_protect(t, tenant_column, true, &mut stmts);
+    }
+    stmts.push(format!(
+        "INSERT INTO tenancy.protected_schemas (schema_name, tenant_column) VALUES ({}, {}) ON CONFLICT (schema_name) DO UPDATE SET tenant_column = EXCLUDED.tenant_column",
+        quote_literal(schema),
+        quote_literal(tenant_column)
+    ));
+    if !dry_run {
+        run_all(&stmts);
+        Spi::run_with_args(
+            "INSERT INTO tenancy.protection_log (action, object, detail) VALUES ('protect_all', $1, $2)",
+            &[schema.into(), tenant_column.into()],
+        )
+        .unwrap_or_else(|e| pgrx::error!("pg_tenancy: {e}"));
+    }
+    SetOfIterator::new(stmts)
+}
+
+/// Removes pg_tenancy's protection from `rel` and its children: the only sanctioned way to
+/// disable RLS on a protected table. Superuser only; recorded in `tenancy.protection_log`.
+#[pg_extern(volatile, parallel_unsafe)]
+fn unprotect(rel: &str) -> SetOfIterator<'static, String> {
+    require_superuser("unprotect");
+    let rel = resolve(rel);
+    let mut stmts = Vec::new();
+    if !unprotect_one(rel, &mut stmts) {
+        TenancyError::NotProtected {
+            relation: relation_name(rel),
+        }
+        .report();
+    }
+    SetOfIterator::new(stmts)
+}
+
+/// Resolves a table name as `regclass` does (search path, quoting); unknown names raise
+/// Postgres's own 42P01.
+fn resolve(name: &str) -> pg_sys::Oid {
+    Spi::get_one_with_args::<pg_sys::Oid>("SELECT $1::regclass::oid", &[name.into()])
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| pgrx::error!("pg_tenancy: relation \"{name}\" does not exist"))
+}
+
+fn relation_name(rel: pg_sys::Oid) -> String {
+    Spi::get_one_with_args::<String>("SELECT $1::regclass::text", &[rel.into()])
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| format!("{rel:?}"))
+}
+
+/// Unprotects one registered table and then its registered children; false when `rel` is
+/// not registered.
+fn unprotect_one(rel: pg_sys::Oid, stmts: &mut Vec<String>) -> bool {
+    let found = Spi::connect(|client| -> SpiResult<_> {
+        let t = client.select(
+            "SELECT p.schema_name::text, p.table_name::text,
+                    ARRAY(SELECT inhrelid FROM pg_inherits WHERE inhparent = c.oid ORDER BY 1)
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+               JOIN tenancy.protected_tables p ON p.schema_name = n.nspname AND p.table_name = c.relname
+              WHERE c.oid = $1",
+            None,
+            &[rel.into()],
+        )?;
+        if t.is_empty() {
+            return Ok(None);
+        }
+        let r = t.first();
+        Ok(Some((
+            r.get::<String>(1)?.unwrap_or_default(),
+            r.get::<String>(2)?.unwrap_or_default(),
+            r.get::<Vec<pg_sys::Oid>>(3)?.unwrap_or_default(),
+        )))
+    })
+    .unwrap_or_else(|e| pgrx::error!("pg_tenancy: {e}"));
+    let Some((schema, name, children)) = found else {
+        return false;
+    };
+    let table = format!("{}.{}", ident(&schema), ident(&name));
+    let mine = vec![
+        format!("DROP POLICY IF EXISTS tenancy_tenant_floor ON {table}"),
+        format!("DROP POLICY IF EXISTS tenancy_tenant_rows ON {table}"),
+        format!("ALTER TABLE {table} NO FORCE ROW LEVEL SECURITY"),
+        format!("ALTER TABLE {table} DISABLE ROW LEVEL SECURITY"),
+        format!("DROP TRIGGER IF EXISTS tenancy_tenant_immutable ON {table}"),
+        format!("DROP TRIGGER IF EXISTS tenancy_no_truncate ON {table}"),
+        format!(
+            "DELETE FROM tenancy.protected_tables WHERE schema_name = {} AND table_name = {}",
+            quote_literal(&schema),
+            quote_literal(&name)
+        ),
+    ];
+    run_all(&mine);
+    log_action("unprotect", rel, "");
+    stmts.extend(mine);
+    for child in children {
+        unprotect_one(child, stmts);
+    }
+    true
+}
+
+fn log_action(action: &str, rel: pg_sys::Oid, detail: &str) {
+    Spi::run_with_args(
+        "INSERT INTO tenancy.protection_log (action, object, detail) VALUES ($1, $2::regclass::text, $3)",
+        &[action.into(), rel.into(), detail.into()],
+    )
+    .unwrap_or_else(|e| pgrx::error!("pg_tenancy: {e}"));
+}
+
+/// True while pg_tenancy itself changes a protected table: the drift guards stand aside.
+#[pg_extern(stable, parallel_restricted)]
+fn in_maintenance() -> bool {
+    MAINTENANCE.with(Cell::get)
+}
