@@ -134,3 +134,7 @@ COMMENT ON FUNCTION tenancy.guard_ddl() IS
   'Event trigger: protects new tenant tables and partitions, refuses weakening protected ones.';
 COMMENT ON FUNCTION tenancy.guard_drop() IS
   'Event trigger: refuses dropping pg_tenancy''s policies or triggers on protected tables.';
+
+-- Fire in replica mode too: session_replication_role = replica must not switch the guards off.
+ALTER EVENT TRIGGER tenancy_guard_ddl ENABLE ALWAYS;
+ALTER EVENT TRIGGER tenancy_guard_drop ENABLE ALWAYS;

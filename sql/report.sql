@@ -6,9 +6,16 @@
 CREATE FUNCTION tenancy.isolation_report()
 RETURNS TABLE (severity text, object text, finding text, fix text)
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog AS $$
-WITH tenant_cols AS (
+WITH registered AS (
+  SELECT c.oid, p.tenant_column
+    FROM tenancy.protected_tables p
+    JOIN pg_namespace n ON n.nspname = p.schema_name
+    JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = p.table_name
+),
+-- Column names that make an unregistered table a tenant table.
+tenant_cols AS (
   SELECT 'organization_id'::name AS col
-  UNION SELECT tenant_column FROM tenancy.protected_tables
+  UNION SELECT tenant_column FROM tenancy.protected_schemas
 ),
 tenant_tables AS (
   SELECT c.oid, c.oid::regclass::text AS name, a.attnum AS tenant_attnum, a.attname AS tenant_col,
@@ -19,12 +26,12 @@ tenant_tables AS (
     JOIN tenant_cols t ON t.col = a.attname
    WHERE c.relkind IN ('r', 'p')
      AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'tenancy') AND n.nspname NOT LIKE 'pg_toast%'
-  UNION
+     AND c.oid NOT IN (SELECT oid FROM registered)
+  UNION ALL
   SELECT c.oid, c.oid::regclass::text, a.attnum, a.attname, c.relrowsecurity, c.relforcerowsecurity, c.relowner
-    FROM tenancy.protected_tables p
-    JOIN pg_namespace n ON n.nspname = p.schema_name
-    JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = p.table_name
-    JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = p.tenant_column
+    FROM registered r
+    JOIN pg_class c ON c.oid = r.oid
+    JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = r.tenant_column
 ),
 findings AS (
   SELECT 'critical' AS severity, t.name AS object,
@@ -131,6 +138,12 @@ findings AS (
          'Publish to subscribers that enforce the same isolation, or drop the table from the publication.'
     FROM pg_publication pub JOIN tenant_tables t
       ON pub.puballtables OR EXISTS (SELECT 1 FROM pg_publication_rel pr WHERE pr.prpubid = pub.oid AND pr.prrelid = t.oid)
+  UNION ALL
+  SELECT 'critical', format('event trigger %I', e.evtname),
+         'pg_tenancy drift guard is not enabled ALWAYS: protected tables can be weakened unnoticed',
+         format('ALTER EVENT TRIGGER %I ENABLE ALWAYS;', e.evtname)
+    FROM pg_event_trigger e
+   WHERE e.evtname IN ('tenancy_guard_ddl', 'tenancy_guard_drop') AND e.evtenabled <> 'A'
   UNION ALL
   SELECT 'critical', format('%I.%I', p.schema_name, p.table_name),
          'registered as protected but ' || tenancy.protection_problem(format('%I.%I', p.schema_name, p.table_name)::regclass),

@@ -32,6 +32,8 @@ struct Target {
     name: String,
     tenant_type: &'static str,
     has_tenant_index: bool,
+    /// A partition inherits the parent's row triggers as clones, which cannot be dropped.
+    is_partition: bool,
     children: Vec<pg_sys::Oid>,
 }
 
@@ -57,7 +59,8 @@ fn load_target(rel: pg_sys::Oid, column: &str) -> Target {
                     EXISTS (SELECT 1 FROM pg_index i JOIN pg_attribute a
                               ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
                              WHERE i.indrelid = c.oid AND a.attname = $2),
-                    ARRAY(SELECT inhrelid FROM pg_inherits WHERE inhparent = c.oid ORDER BY inhrelid)
+                    ARRAY(SELECT inhrelid FROM pg_inherits WHERE inhparent = c.oid ORDER BY inhrelid),
+                    c.relispartition
                FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1",
             None,
             &[rel.into(), column.into()],
@@ -70,6 +73,7 @@ fn load_target(rel: pg_sys::Oid, column: &str) -> Target {
             r.get::<String>(4)?,
             r.get::<bool>(5)?,
             r.get::<Vec<pg_sys::Oid>>(6)?,
+            r.get::<bool>(7)?,
         ))
     })
     .unwrap_or_else(|e| pgrx::error!("pg_tenancy: reading the catalog failed: {e}"));
@@ -103,6 +107,7 @@ fn load_target(rel: pg_sys::Oid, column: &str) -> Target {
         tenant_type,
         has_tenant_index: row.4.unwrap_or(false),
         children: row.5.unwrap_or_default(),
+        is_partition: row.6.unwrap_or(false),
     }
 }
 
@@ -135,12 +140,16 @@ fn protect_statements(t: &Target, column: &str, set_default: bool) -> Vec<String
             "ALTER TABLE {table} ALTER COLUMN {col} SET DEFAULT {require}"
         ));
     }
+    if !t.is_partition {
+        s.extend([
+            format!("DROP TRIGGER IF EXISTS tenancy_tenant_immutable ON {table}"),
+            format!(
+                "CREATE TRIGGER tenancy_tenant_immutable BEFORE UPDATE OF {col} ON {table} FOR EACH ROW EXECUTE FUNCTION tenancy.tenant_column_immutable({})",
+                quote_literal(column)
+            ),
+        ]);
+    }
     s.extend([
-        format!("DROP TRIGGER IF EXISTS tenancy_tenant_immutable ON {table}"),
-        format!(
-            "CREATE TRIGGER tenancy_tenant_immutable BEFORE UPDATE OF {col} ON {table} FOR EACH ROW EXECUTE FUNCTION tenancy.tenant_column_immutable({})",
-            quote_literal(column)
-        ),
         format!("ALTER TABLE {table} ENABLE ALWAYS TRIGGER tenancy_tenant_immutable"),
         format!("DROP TRIGGER IF EXISTS tenancy_no_truncate ON {table}"),
         format!(

@@ -5,4 +5,6 @@ mod context;
 mod harness;
 mod lifecycle;
 mod regress;
+mod report;
+mod rls;
 mod signed;

@@ -1,0 +1,185 @@
+//! `tenancy.isolation_report()`: zero findings on the protected reference schema, and the
+//! expected finding for each deliberately broken variant (P7, P12, P13, P19, P20, drift).
+
+use crate::harness::{sqlstate, Cluster};
+use crate::rls::reference_cluster;
+use postgres::Client;
+
+fn findings(su: &mut Client) -> Vec<(String, String, String)> {
+    su.query(
+        "SELECT severity, object, finding FROM tenancy.isolation_report()",
+        &[],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2)))
+    .collect()
+}
+
+/// Applies `break_sql`, expects a finding of `severity` on `object` whose text contains
+/// `finding`, then applies `mend_sql` and expects a clean report again.
+fn expect_finding(
+    su: &mut Client,
+    break_sql: &str,
+    severity: &str,
+    object: &str,
+    finding: &str,
+    mend_sql: &str,
+) {
+    su.batch_execute(break_sql)
+        .unwrap_or_else(|e| panic!("{break_sql}: {e}"));
+    let got = findings(su);
+    assert!(
+        got.iter()
+            .any(|(s, o, f)| s == severity && o == object && f.contains(finding)),
+        "expected [{severity}] {object}: {finding}\ngot: {got:#?}"
+    );
+    su.batch_execute(mend_sql)
+        .unwrap_or_else(|e| panic!("{mend_sql}: {e}"));
+    assert_eq!(findings(su), Vec::new(), "clean again after: {mend_sql}");
+}
+
+#[test]
+fn test_isolation_report_is_clean_on_the_reference_schema_and_finds_each_hole() {
+    let cluster: Cluster = reference_cluster();
+    let mut su = cluster.connect("postgres", "app");
+    assert_eq!(
+        findings(&mut su),
+        Vec::new(),
+        "the protected reference schema has no findings"
+    );
+    // The application role may not read the report.
+    assert_eq!(
+        sqlstate(
+            cluster
+                .connect("app", "app")
+                .query("SELECT * FROM tenancy.isolation_report()", &[])
+        ),
+        "42501"
+    );
+
+    expect_finding(
+        &mut su,
+        "CREATE TABLE public.leaky (organization_id uuid)",
+        "critical",
+        "public.leaky",
+        "without row level security",
+        "DROP TABLE public.leaky",
+    );
+    expect_finding(&mut su,
+        "CREATE TABLE public.soft (organization_id uuid); CREATE INDEX ON public.soft (organization_id);
+         ALTER TABLE public.soft ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY p ON public.soft AS RESTRICTIVE USING (organization_id = tenancy.current_org_id());",
+        "critical", "public.soft", "not forced", "DROP TABLE public.soft");
+    expect_finding(&mut su,
+        "CREATE TABLE public.open (organization_id uuid); CREATE INDEX ON public.open (organization_id);
+         ALTER TABLE public.open ENABLE ROW LEVEL SECURITY; ALTER TABLE public.open FORCE ROW LEVEL SECURITY;
+         CREATE POLICY p ON public.open AS RESTRICTIVE
+           USING (organization_id = tenancy.current_org_id() OR tenancy.current_org_id() IS NULL)
+           WITH CHECK (organization_id = tenancy.current_org_id());",
+        "critical", "policy p on public.open", "fail open", "DROP TABLE public.open");
+    expect_finding(&mut su,
+        "CREATE TABLE public.perm (organization_id uuid); CREATE INDEX ON public.perm (organization_id);
+         ALTER TABLE public.perm ENABLE ROW LEVEL SECURITY; ALTER TABLE public.perm FORCE ROW LEVEL SECURITY;
+         CREATE POLICY p ON public.perm USING (organization_id = tenancy.current_org_id());",
+        "critical", "public.perm", "no RESTRICTIVE", "DROP TABLE public.perm");
+    expect_finding(
+        &mut su,
+        "CREATE POLICY upd ON clinic.reviews FOR UPDATE USING (published)",
+        "warning",
+        "policy upd on clinic.reviews",
+        "no WITH CHECK",
+        "DROP POLICY upd ON clinic.reviews",
+    );
+    // P7: a global UNIQUE is an existence oracle across tenants.
+    expect_finding(
+        &mut su,
+        "ALTER TABLE clinic.invitations ADD CONSTRAINT invitations_email_key UNIQUE (email)",
+        "high",
+        "constraint invitations_email_key on clinic.invitations",
+        "UNIQUE/PRIMARY KEY without the tenant column",
+        "ALTER TABLE clinic.invitations DROP CONSTRAINT invitations_email_key",
+    );
+    expect_finding(
+        &mut su,
+        "CREATE UNIQUE INDEX members_user_global ON clinic.members (user_id)",
+        "high",
+        "index clinic.members_user_global on clinic.members",
+        "unique index without the tenant column",
+        "DROP INDEX clinic.members_user_global",
+    );
+    expect_finding(&mut su,
+        "ALTER TABLE clinic.reviews ADD COLUMN patient_id uuid;
+         ALTER TABLE clinic.patients ADD CONSTRAINT patients_id_key UNIQUE (id);
+         ALTER TABLE clinic.reviews ADD CONSTRAINT reviews_patient_fk FOREIGN KEY (patient_id) REFERENCES clinic.patients (id);",
+        "high", "constraint reviews_patient_fk on clinic.reviews", "foreign key without the tenant column",
+        "ALTER TABLE clinic.reviews DROP COLUMN patient_id; ALTER TABLE clinic.patients DROP CONSTRAINT patients_id_key;");
+    expect_finding(&mut su,
+        "CREATE TABLE public.noindex (organization_id uuid); SELECT tenancy.protect('public.noindex');
+         DROP INDEX public.noindex_organization_id_idx;",
+        "warning", "public.noindex", "no index led by the tenant column",
+        "SELECT tenancy.unprotect('public.noindex'); DROP TABLE public.noindex;");
+    // P12: views without security_invoker and materialized views.
+    expect_finding(
+        &mut su,
+        "CREATE VIEW clinic.patient_list AS SELECT id FROM clinic.patients",
+        "high",
+        "clinic.patient_list",
+        "no security_invoker",
+        "DROP VIEW clinic.patient_list",
+    );
+    expect_finding(&mut su, "CREATE MATERIALIZED VIEW clinic.review_stats AS SELECT organization_id, avg(rating) FROM clinic.reviews GROUP BY 1",
+        "critical", "clinic.review_stats", "materialized view", "DROP MATERIALIZED VIEW clinic.review_stats");
+    // P13: SECURITY DEFINER code reading protected tables.
+    expect_finding(&mut su,
+        "CREATE FUNCTION public.count_patients() RETURNS bigint LANGUAGE sql SECURITY DEFINER AS 'SELECT count(*) FROM clinic.patients'",
+        "high", "public.count_patients()", "SECURITY DEFINER function", "DROP FUNCTION public.count_patients()");
+    expect_finding(&mut su,
+        "CREATE FUNCTION public.tg() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS 'BEGIN RETURN NEW; END';
+         CREATE TRIGGER sd BEFORE INSERT ON clinic.reviews FOR EACH ROW EXECUTE FUNCTION public.tg();",
+        "high", "trigger sd on clinic.reviews", "SECURITY DEFINER", "DROP TRIGGER sd ON clinic.reviews; DROP FUNCTION public.tg();");
+    // P19: roles that bypass RLS and can log in.
+    expect_finding(
+        &mut su,
+        "CREATE ROLE reporting LOGIN BYPASSRLS",
+        "high",
+        "reporting",
+        "BYPASSRLS",
+        "DROP ROLE reporting",
+    );
+    expect_finding(
+        &mut su,
+        "CREATE ROLE ops LOGIN SUPERUSER",
+        "high",
+        "ops",
+        "superuser",
+        "DROP ROLE ops",
+    );
+    // The application role holding TRUNCATE or REFERENCES.
+    expect_finding(
+        &mut su,
+        "GRANT TRUNCATE ON clinic.reviews TO app",
+        "high",
+        "app on clinic.reviews",
+        "TRUNCATE",
+        "REVOKE TRUNCATE ON clinic.reviews FROM app",
+    );
+    // An IMMUTABLE function reading the context.
+    expect_finding(&mut su,
+        "CREATE FUNCTION public.frozen_org() RETURNS uuid LANGUAGE sql IMMUTABLE AS 'SELECT tenancy.current_org_id()'",
+        "critical", "public.frozen_org()", "IMMUTABLE", "DROP FUNCTION public.frozen_org()");
+    // P20: publications.
+    expect_finding(
+        &mut su,
+        "SET client_min_messages = error; CREATE PUBLICATION pub_reviews FOR TABLE clinic.reviews",
+        "high",
+        "publication pub_reviews",
+        "publishes tenant table clinic.reviews",
+        "DROP PUBLICATION pub_reviews",
+    );
+    // Drift past disabled guards.
+    expect_finding(&mut su,
+        "ALTER EVENT TRIGGER tenancy_guard_ddl DISABLE; ALTER TABLE clinic.reviews NO FORCE ROW LEVEL SECURITY;",
+        "critical", "clinic.reviews", "not forced",
+        "ALTER TABLE clinic.reviews FORCE ROW LEVEL SECURITY; ALTER EVENT TRIGGER tenancy_guard_ddl ENABLE ALWAYS;");
+}
