@@ -34,6 +34,8 @@ struct Target {
     has_tenant_index: bool,
     /// A partition inherits the parent's row triggers as clones, which cannot be dropped.
     is_partition: bool,
+    /// pg_tenancy's policies and triggers already on the table (re-created by protect).
+    existing: Vec<String>,
     children: Vec<pg_sys::Oid>,
 }
 
@@ -60,7 +62,10 @@ fn load_target(rel: pg_sys::Oid, column: &str) -> Target {
                               ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
                              WHERE i.indrelid = c.oid AND a.attname = $2),
                     ARRAY(SELECT inhrelid FROM pg_inherits WHERE inhparent = c.oid ORDER BY inhrelid),
-                    c.relispartition
+                    c.relispartition,
+                    ARRAY(SELECT polname::text FROM pg_policy WHERE polrelid = c.oid AND polname IN ('tenancy_tenant_floor', 'tenancy_tenant_rows')
+                          UNION ALL
+                          SELECT tgname::text FROM pg_trigger WHERE tgrelid = c.oid AND tgname IN ('tenancy_tenant_immutable', 'tenancy_no_truncate') AND tgparentid = 0)
                FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1",
             None,
             &[rel.into(), column.into()],
@@ -74,6 +79,7 @@ fn load_target(rel: pg_sys::Oid, column: &str) -> Target {
             r.get::<bool>(5)?,
             r.get::<Vec<pg_sys::Oid>>(6)?,
             r.get::<bool>(7)?,
+            r.get::<Vec<String>>(8)?,
         ))
     })
     .unwrap_or_else(|e| pgrx::error!("pg_tenancy: reading the catalog failed: {e}"));
@@ -108,6 +114,7 @@ fn load_target(rel: pg_sys::Oid, column: &str) -> Target {
         has_tenant_index: row.4.unwrap_or(false),
         children: row.5.unwrap_or_default(),
         is_partition: row.6.unwrap_or(false),
+        existing: row.7.unwrap_or_default(),
     }
 }
 
@@ -126,37 +133,61 @@ fn protect_statements(t: &Target, column: &str, set_default: bool) -> Vec<String
     let mut s = vec![
         format!("ALTER TABLE {table} ENABLE ROW LEVEL SECURITY"),
         format!("ALTER TABLE {table} FORCE ROW LEVEL SECURITY"),
-        format!("DROP POLICY IF EXISTS tenancy_tenant_floor ON {table}"),
+    ];
+    // Re-running protect re-creates its own objects, so a drifted definition is repaired.
+    let recreate = |s: &mut Vec<String>, kind: &str, name: &str, create: String| {
+        if t.existing.iter().any(|e| e == name) {
+            s.push(format!("DROP {kind} {name} ON {table}"));
+        }
+        s.push(create);
+    };
+    recreate(
+        &mut s,
+        "POLICY",
+        "tenancy_tenant_floor",
         format!(
             "CREATE POLICY tenancy_tenant_floor ON {table} AS RESTRICTIVE FOR ALL TO PUBLIC USING ({pred}) WITH CHECK ({pred})"
         ),
-        format!("DROP POLICY IF EXISTS tenancy_tenant_rows ON {table}"),
+    );
+    recreate(
+        &mut s,
+        "POLICY",
+        "tenancy_tenant_rows",
         format!(
             "CREATE POLICY tenancy_tenant_rows ON {table} AS PERMISSIVE FOR ALL TO PUBLIC USING ({pred}) WITH CHECK ({pred})"
         ),
-    ];
+    );
     if set_default {
         s.push(format!(
             "ALTER TABLE {table} ALTER COLUMN {col} SET DEFAULT {require}"
         ));
     }
+    // A partition already carries the parent's row trigger as a clone.
     if !t.is_partition {
-        s.extend([
-            format!("DROP TRIGGER IF EXISTS tenancy_tenant_immutable ON {table}"),
+        recreate(
+            &mut s,
+            "TRIGGER",
+            "tenancy_tenant_immutable",
             format!(
                 "CREATE TRIGGER tenancy_tenant_immutable BEFORE UPDATE OF {col} ON {table} FOR EACH ROW EXECUTE FUNCTION tenancy.tenant_column_immutable({})",
                 quote_literal(column)
             ),
-        ]);
+        );
     }
-    s.extend([
-        format!("ALTER TABLE {table} ENABLE ALWAYS TRIGGER tenancy_tenant_immutable"),
-        format!("DROP TRIGGER IF EXISTS tenancy_no_truncate ON {table}"),
+    s.push(format!(
+        "ALTER TABLE {table} ENABLE ALWAYS TRIGGER tenancy_tenant_immutable"
+    ));
+    recreate(
+        &mut s,
+        "TRIGGER",
+        "tenancy_no_truncate",
         format!(
             "CREATE TRIGGER tenancy_no_truncate BEFORE TRUNCATE ON {table} FOR EACH STATEMENT EXECUTE FUNCTION tenancy.refuse_truncate()"
         ),
-        format!("ALTER TABLE {table} ENABLE ALWAYS TRIGGER tenancy_no_truncate"),
-    ]);
+    );
+    s.push(format!(
+        "ALTER TABLE {table} ENABLE ALWAYS TRIGGER tenancy_no_truncate"
+    ));
     if !t.has_tenant_index {
         s.push(format!("CREATE INDEX ON {table} ({col})"));
     }

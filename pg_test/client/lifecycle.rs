@@ -43,7 +43,14 @@ fn test_create_drop_recreate_and_settings() {
         .collect();
     // The key path is NO_SHOW_ALL: absent from pg_settings and SHOW ALL even for superusers,
     // who can still SHOW it by name.
-    assert_eq!(names, ["app.current_org_id", "tenancy.tenant_id_format"]);
+    assert_eq!(
+        names,
+        [
+            "app.current_org_id",
+            "tenancy.new_table_action",
+            "tenancy.tenant_id_format"
+        ]
+    );
     let path: String = su
         .query_one("SHOW tenancy.context_key_file", &[])
         .unwrap()

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::Command;
 
 /// The schedule, in order: `setup` creates the extension.
-const TESTS: &[&str] = &["setup", "context"];
+const TESTS: &[&str] = &["setup", "context", "policy"];
 
 #[test]
 fn test_golden_sql_output() {
