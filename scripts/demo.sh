@@ -40,43 +40,45 @@ as_pg "$BIN/pg_ctl" start -w -D "$DIR/data" -l "$DIR/server.log" >/dev/null
 SU=(psql -X -q -v ON_ERROR_STOP=1 "host=127.0.0.1 port=$PORT user=postgres dbname=postgres")
 "${SU[@]}" -c "CREATE ROLE clinic_owner LOGIN" -c "CREATE ROLE app LOGIN" -c "CREATE DATABASE clinic OWNER clinic_owner"
 psql -X -q -v ON_ERROR_STOP=1 "host=127.0.0.1 port=$PORT user=postgres dbname=clinic" -c "CREATE EXTENSION pg_tenancy"
-# Until issue 3/8 generates policies, the demo table is protected by hand with the same shape.
+# The family-practice reference schema, owned by the migrations role, protected with one call.
+psql -X -q -o /dev/null -v ON_ERROR_STOP=1 "host=127.0.0.1 port=$PORT user=clinic_owner dbname=clinic" -f scripts/family_practice.sql
+psql -X -q -o /dev/null -v ON_ERROR_STOP=1 "host=127.0.0.1 port=$PORT user=postgres dbname=clinic" \
+  -c "SELECT tenancy.protect_all('clinic', root => 'clinic.organizations')"
 psql -X -q -o /dev/null -v ON_ERROR_STOP=1 "host=127.0.0.1 port=$PORT user=clinic_owner dbname=clinic" <<SQL
-CREATE TABLE patients (
-  id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
-  organization_id uuid NOT NULL DEFAULT tenancy.require_org(),
-  display_name text NOT NULL);
-CREATE INDEX ON patients (organization_id);
-ALTER TABLE patients ENABLE ROW LEVEL SECURITY;
-ALTER TABLE patients FORCE ROW LEVEL SECURITY;
-CREATE POLICY tenant_floor ON patients AS RESTRICTIVE
-  USING (organization_id = tenancy.current_org_id())
-  WITH CHECK (organization_id = tenancy.current_org_id());
-CREATE POLICY tenant_rows ON patients USING (true) WITH CHECK (true);
-GRANT SELECT, INSERT, UPDATE, DELETE ON patients TO app;
+GRANT USAGE ON SCHEMA clinic TO app;
+GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA clinic TO app;
 BEGIN; SELECT tenancy.set_org('$SHERWOOD');
-INSERT INTO patients (display_name) VALUES ('Sherwood patient 1'), ('Sherwood patient 2'); COMMIT;
+INSERT INTO clinic.organizations (id, name, slug) VALUES ('$SHERWOOD', 'Sherwood Family Practice', 'sherwood');
+INSERT INTO clinic.patients (first_name, last_name) VALUES (convert_to('Ada', 'UTF8'), convert_to('Sherwood-1', 'UTF8')),
+                                                           (convert_to('Ben', 'UTF8'), convert_to('Sherwood-2', 'UTF8'));
+COMMIT;
 BEGIN; SELECT tenancy.set_org('$CONWAY');
-INSERT INTO patients (display_name) VALUES ('Conway patient 1'); COMMIT;
+INSERT INTO clinic.organizations (id, name, slug) VALUES ('$CONWAY', 'Conway Family Clinic', 'conway');
+INSERT INTO clinic.patients (first_name, last_name) VALUES (convert_to('Cy', 'UTF8'), convert_to('Conway-1', 'UTF8'));
+COMMIT;
 SQL
 
 APP="host=127.0.0.1 port=$PORT user=app dbname=clinic"
 step() {
   say "$1"
   printf '%s\n' "$2" | sed 's/^/  sql> /'
-  psql -X -q "$APP" -v VERBOSITY=default -c "$2" 2>&1 | sed 's/^/  /' || true
+  psql -X -q "${3:-$APP}" -v VERBOSITY=default -c "$2" 2>&1 | sed 's/^/  /' || true
 }
 
 step "The extension is installed (\\dx)" "\\dx pg_tenancy"
 step "Sherwood's transaction sees Sherwood's patients only" \
-  "BEGIN; SELECT tenancy.set_org('$SHERWOOD'); SELECT display_name FROM patients ORDER BY 1; COMMIT;"
-step "No context: zero rows (fails closed)" "SELECT count(*) AS visible_rows FROM patients;"
+  "BEGIN; SELECT tenancy.set_org('$SHERWOOD'); SELECT o.name AS clinic, count(p.*) AS patients FROM clinic.organizations o LEFT JOIN clinic.patients p USING (id) GROUP BY 1; SELECT count(*) AS visible_patients FROM clinic.patients; COMMIT;"
+step "No context: zero rows (fails closed)" "SELECT (SELECT count(*) FROM clinic.patients) AS patients, (SELECT count(*) FROM clinic.organizations) AS clinics;"
 step "Forging the context variable with SET LOCAL is refused" \
   "BEGIN; SELECT tenancy.set_org('$CONWAY'); SET LOCAL app.current_org_id = '$SHERWOOD'; COMMIT;"
 step "Switching tenant inside a transaction is refused" \
   "BEGIN; SELECT tenancy.set_org('$CONWAY'); SELECT tenancy.set_org('$SHERWOOD'); COMMIT;"
 step "Conway cannot write a row into Sherwood" \
-  "BEGIN; SELECT tenancy.set_org('$CONWAY'); INSERT INTO patients (organization_id, display_name) VALUES ('$SHERWOOD', 'smuggled'); COMMIT;"
+  "BEGIN; SELECT tenancy.set_org('$CONWAY'); INSERT INTO clinic.patients (organization_id, first_name, last_name) VALUES ('$SHERWOOD', '\\x00', '\\x00'); COMMIT;"
+step "Disabling row level security is refused, even for the table owner" \
+  "ALTER TABLE clinic.patients DISABLE ROW LEVEL SECURITY;" "host=127.0.0.1 port=$PORT user=clinic_owner dbname=clinic"
+say "The isolation report (as the DBA): no findings"
+psql -X "host=127.0.0.1 port=$PORT user=postgres dbname=clinic" -c "SELECT severity, object, finding FROM tenancy.isolation_report();" | sed 's/^/  /'
 
 say "The cluster is still running. Explore it:"
 echo "  psql \"$APP\""
