@@ -29,11 +29,15 @@ if [ -f "$DIR/data/postmaster.pid" ]; then as_pg "$BIN/pg_ctl" stop -m fast -D "
 rm -rf "$DIR" && mkdir -p "$DIR"
 [ "$(id -u)" -ne 0 ] || chown postgres "$DIR"
 as_pg "$BIN/initdb" -A trust -U postgres --locale=C -E UTF8 -D "$DIR/data" >/dev/null
+# A fresh PHI key ring: random AES-256 key, mode 0600, owned by the server's OS user.
+if [ "$(id -u)" -eq 0 ]; then OWNER=(--owner postgres); else OWNER=(); fi
+python3 scripts/phi_keyring.py new "$DIR/phi.keyring" "${OWNER[@]}" >/dev/null
 as_pg sh -c "cat >> '$DIR/data/postgresql.conf'" <<CONF
 port = $PORT
 listen_addresses = '127.0.0.1'
 unix_socket_directories = '$DIR'
 shared_preload_libraries = 'pg_tenancy'
+tenancy.phi_key_file = '$DIR/phi.keyring'
 CONF
 as_pg "$BIN/pg_ctl" start -w -D "$DIR/data" -l "$DIR/server.log" >/dev/null
 
@@ -49,12 +53,17 @@ GRANT USAGE ON SCHEMA clinic TO app;
 GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA clinic TO app;
 BEGIN; SELECT tenancy.set_org('$SHERWOOD');
 INSERT INTO clinic.organizations (id, name, slug) VALUES ('$SHERWOOD', 'Sherwood Family Practice', 'sherwood');
-INSERT INTO clinic.patients (first_name, last_name) VALUES (convert_to('Ada', 'UTF8'), convert_to('Sherwood-1', 'UTF8')),
-                                                           (convert_to('Ben', 'UTF8'), convert_to('Sherwood-2', 'UTF8'));
+INSERT INTO clinic.patients (id, first_name, last_name, phone)
+VALUES ('5e000000-0000-4000-8000-0000000000a1', tenancy.phi_encrypt('Ada', 'patients.first_name'),
+        tenancy.phi_encrypt('Lovelace', 'patients.last_name'), tenancy.phi_encrypt('555-0101', 'patients.phone')),
+       ('5e000000-0000-4000-8000-0000000000a2', tenancy.phi_encrypt('Ben', 'patients.first_name'),
+        tenancy.phi_encrypt('Okri', 'patients.last_name'), tenancy.phi_encrypt('555-0102', 'patients.phone'));
 COMMIT;
 BEGIN; SELECT tenancy.set_org('$CONWAY');
 INSERT INTO clinic.organizations (id, name, slug) VALUES ('$CONWAY', 'Conway Family Clinic', 'conway');
-INSERT INTO clinic.patients (first_name, last_name) VALUES (convert_to('Cy', 'UTF8'), convert_to('Conway-1', 'UTF8'));
+INSERT INTO clinic.patients (first_name, last_name, phone)
+VALUES (tenancy.phi_encrypt('Cy', 'patients.first_name'), tenancy.phi_encrypt('Twombly', 'patients.last_name'),
+        tenancy.phi_encrypt('555-0199', 'patients.phone'));
 COMMIT;
 SQL
 
@@ -75,6 +84,15 @@ step "Switching tenant inside a transaction is refused" \
   "BEGIN; SELECT tenancy.set_org('$CONWAY'); SELECT tenancy.set_org('$SHERWOOD'); COMMIT;"
 step "Conway cannot write a row into Sherwood" \
   "BEGIN; SELECT tenancy.set_org('$CONWAY'); INSERT INTO clinic.patients (organization_id, first_name, last_name) VALUES ('$SHERWOOD', '\\x00', '\\x00'); COMMIT;"
+step "PHI is stored encrypted: what a dump or a superuser sees" \
+  "SELECT organization_id, substring(phone FROM 1 FOR 12) AS phone_envelope_start, length(phone) AS bytes FROM clinic.patients ORDER BY 1, 2;" \
+  "host=127.0.0.1 port=$PORT user=postgres dbname=clinic"
+step "Sherwood reveals its patient's phone" \
+  "BEGIN; SELECT tenancy.set_org('$SHERWOOD'); SELECT tenancy.phi_reveal(first_name, 'patients.first_name') AS first_name, tenancy.phi_reveal(phone, 'patients.phone') AS phone FROM clinic.patients ORDER BY 1; COMMIT;"
+ENVELOPE=$(psql -X -qAt "host=127.0.0.1 port=$PORT user=postgres dbname=clinic" \
+  -c "SELECT encode(phone, 'hex') FROM clinic.patients WHERE id = '5e000000-0000-4000-8000-0000000000a1'")
+step "Ada's phone ciphertext, copied into Conway's transaction, is refused" \
+  "BEGIN; SELECT tenancy.set_org('$CONWAY'); SELECT tenancy.phi_reveal('\\x$ENVELOPE'::bytea, 'patients.phone'); COMMIT;"
 step "Disabling row level security is refused, even for the table owner" \
   "ALTER TABLE clinic.patients DISABLE ROW LEVEL SECURITY;" "host=127.0.0.1 port=$PORT user=clinic_owner dbname=clinic"
 say "The isolation report (as the DBA): no findings"

@@ -5,7 +5,8 @@
 --   * every table but the tenant root carries organization_id uuid NOT NULL;
 --   * primary keys are (organization_id, id) with a random UUID id, so no UNIQUE and no
 --     foreign key spans tenants: a child in one clinic cannot point at another clinic's row;
---   * PHI columns are bytea, filled by tenancy.phi_encrypt (issue 4/8).
+--   * PHI columns are tenancy.phi: bytea envelopes from tenancy.phi_encrypt; plaintext is
+--     refused by the domain check.
 -- Protect it with:  SELECT tenancy.protect_all('clinic', root => 'clinic.organizations');
 
 CREATE SCHEMA clinic;
@@ -77,12 +78,12 @@ CREATE TABLE clinic.services (
 CREATE TABLE clinic.patients (
   organization_id uuid NOT NULL REFERENCES clinic.organizations (id),
   id          uuid NOT NULL DEFAULT gen_random_uuid(),
-  first_name  bytea NOT NULL,
-  last_name   bytea NOT NULL,
-  email       bytea,
-  phone       bytea,
-  date_of_birth bytea,
-  parent_or_guardian bytea,
+  first_name  tenancy.phi NOT NULL,
+  last_name   tenancy.phi NOT NULL,
+  email       tenancy.phi,
+  phone       tenancy.phi,
+  date_of_birth tenancy.phi,
+  parent_or_guardian tenancy.phi,
   created_at  timestamptz NOT NULL DEFAULT now(),
   PRIMARY KEY (organization_id, id)
 );
@@ -95,7 +96,7 @@ CREATE TABLE clinic.bookings (
   location_id uuid NOT NULL,
   starts_at   timestamptz NOT NULL,
   status      text NOT NULL DEFAULT 'requested',
-  reason_for_visit bytea,
+  reason_for_visit tenancy.phi,
   PRIMARY KEY (organization_id, id),
   FOREIGN KEY (organization_id, patient_id) REFERENCES clinic.patients (organization_id, id),
   FOREIGN KEY (organization_id, service_id) REFERENCES clinic.services (organization_id, id),
@@ -119,7 +120,7 @@ CREATE TABLE clinic.treatments (
   id          uuid NOT NULL DEFAULT gen_random_uuid(),
   appointment_id uuid NOT NULL,
   code        text NOT NULL,
-  notes       bytea,
+  notes       tenancy.phi,
   PRIMARY KEY (organization_id, id),
   FOREIGN KEY (organization_id, appointment_id) REFERENCES clinic.appointments (organization_id, id)
 );
@@ -129,7 +130,7 @@ CREATE TABLE clinic.medical_records (
   id          uuid NOT NULL DEFAULT gen_random_uuid(),
   patient_id  uuid NOT NULL,
   kind        text NOT NULL,
-  body        bytea NOT NULL,
+  body        tenancy.phi NOT NULL,
   recorded_at timestamptz NOT NULL DEFAULT now(),
   PRIMARY KEY (organization_id, id),
   FOREIGN KEY (organization_id, patient_id) REFERENCES clinic.patients (organization_id, id)
@@ -139,7 +140,7 @@ CREATE TABLE clinic.clinical_notes (
   organization_id uuid NOT NULL,
   id          uuid NOT NULL DEFAULT gen_random_uuid(),
   appointment_id uuid NOT NULL,
-  body        bytea NOT NULL,
+  body        tenancy.phi NOT NULL,
   PRIMARY KEY (organization_id, id),
   FOREIGN KEY (organization_id, appointment_id) REFERENCES clinic.appointments (organization_id, id)
 );

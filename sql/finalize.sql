@@ -45,3 +45,23 @@ COMMENT ON FUNCTION tenancy.unprotect(text) IS
   'Remove pg_tenancy''s protection from a table and its children: the only sanctioned way back. Superuser; recorded in tenancy.protection_log.';
 COMMENT ON FUNCTION tenancy.in_maintenance() IS
   'True while protect/unprotect run their own DDL (the drift guards stand aside).';
+
+-- PHI encryption.
+REVOKE EXECUTE ON FUNCTION tenancy.phi_rotate_for_tenant(bytea, text, text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION tenancy.phi_key_status() FROM PUBLIC;
+COMMENT ON FUNCTION tenancy.phi_encrypt(text, text) IS
+  'Encrypt a text value with AES-256-GCM under the active key, bound to the current tenant (and the optional label). Requires a tenant context.';
+COMMENT ON FUNCTION tenancy.phi_encrypt(bytea, text) IS 'phi_encrypt for bytea values.';
+COMMENT ON FUNCTION tenancy.phi_encrypt(jsonb, text) IS 'phi_encrypt for jsonb values.';
+COMMENT ON FUNCTION tenancy.phi_reveal(bytea, text) IS
+  'Decrypt a text PHI envelope of the current tenant (same label as at encryption). Audited.';
+COMMENT ON FUNCTION tenancy.phi_reveal_bytea(bytea, text) IS 'phi_reveal for bytea envelopes.';
+COMMENT ON FUNCTION tenancy.phi_reveal_jsonb(bytea, text) IS 'phi_reveal for jsonb envelopes.';
+COMMENT ON FUNCTION tenancy.phi_rotate(bytea, text) IS
+  'Re-encrypt a PHI envelope of the current tenant under the active key.';
+COMMENT ON FUNCTION tenancy.phi_rotate_for_tenant(bytea, text, text) IS
+  'Re-encrypt an envelope for an explicitly named tenant (batched rotation). Superuser.';
+COMMENT ON FUNCTION tenancy.phi_key_id(bytea) IS 'Key id in a PHI envelope header.';
+COMMENT ON FUNCTION tenancy.phi_is_envelope(bytea) IS 'Whether a value has a valid PHI envelope header.';
+COMMENT ON FUNCTION tenancy.phi_key_status() IS
+  'Loaded PHI key ids, the active one, and the key ring state; never key bytes. Superuser by default.';

@@ -127,11 +127,11 @@ findings AS (
    WHERE a.privilege_type IN ('TRUNCATE', 'REFERENCES') AND a.grantee <> t.relowner
   UNION ALL
   SELECT 'critical', p.oid::regprocedure::text,
-         'IMMUTABLE function reads the tenant context: its result can be frozen into plans and indexes',
+         'IMMUTABLE function reads the tenant context or reveals PHI: its result can be frozen into plans, indexes and statistics',
          'Declare it STABLE.'
     FROM pg_proc p JOIN pg_namespace pn ON pn.oid = p.pronamespace
    WHERE p.provolatile = 'i' AND pn.nspname NOT IN ('pg_catalog', 'information_schema', 'tenancy')
-     AND (p.prosrc ILIKE '%current_org_id%' OR p.prosrc ILIKE '%require_org%')
+     AND (p.prosrc ILIKE '%current_org_id%' OR p.prosrc ILIKE '%require_org%' OR p.prosrc ILIKE '%phi_reveal%')
   UNION ALL
   SELECT 'high', format('publication %I', pub.pubname),
          format('publishes tenant table %s: subscribers receive every tenant''s rows', t.name),

@@ -41,6 +41,9 @@ thread_local! {
     static WRITING_MIRROR: Cell<bool> = const { Cell::new(false) };
     /// A WITH HOLD cursor was declared in this transaction.
     static HOLDABLE_CURSOR: Cell<bool> = const { Cell::new(false) };
+    /// Inside ANALYZE, VACUUM, CREATE INDEX, REINDEX or CLUSTER: commands that would store
+    /// the values they compute (statistics, index entries) at rest.
+    static IN_STORING_COMMAND: Cell<bool> = const { Cell::new(false) };
 }
 
 static MIRROR: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
@@ -111,6 +114,8 @@ unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: 
     ) {
         CONTEXT.with(|c| c.borrow_mut().take());
         HOLDABLE_CURSOR.with(|h| h.set(false));
+        IN_STORING_COMMAND.with(|f| f.set(false));
+        crate::crypto::reset_reveals();
         WRITING_MIRROR.with(|w| w.set(false));
     }
 }
@@ -143,6 +148,34 @@ unsafe extern "C-unwind" fn subxact_callback(
     });
 }
 
+/// True while a command runs that stores computed values at rest (statistics, indexes): PHI
+/// must not be revealed there.
+pub fn in_storing_command() -> bool {
+    IN_STORING_COMMAND.with(Cell::get)
+}
+
+/// Marks [`in_storing_command`] for the duration of a utility statement, if it is one.
+struct StoringCommand(Option<bool>);
+
+impl StoringCommand {
+    unsafe fn enter(pstmt: *mut pg_sys::PlannedStmt) -> Self {
+        use pg_sys::NodeTag::*;
+        let stmt = (*pstmt).utilityStmt;
+        let storing = [T_VacuumStmt, T_IndexStmt, T_ReindexStmt, T_ClusterStmt]
+            .into_iter()
+            .any(|tag| pgrx::is_a(stmt, tag));
+        StoringCommand(storing.then(|| IN_STORING_COMMAND.with(|f| f.replace(true))))
+    }
+}
+
+impl Drop for StoringCommand {
+    fn drop(&mut self) {
+        if let Some(previous) = self.0 {
+            IN_STORING_COMMAND.with(|f| f.set(previous));
+        }
+    }
+}
+
 /// Refuses `DECLARE ... WITH HOLD` in a tenant transaction: such a cursor is materialised at
 /// commit with this tenant's rows and can then be fetched by whatever transaction runs next
 /// on the (pooled) connection.
@@ -171,6 +204,7 @@ unsafe extern "C-unwind" fn process_utility(
     qc: *mut pg_sys::QueryCompletion,
 ) {
     check_utility(pstmt);
+    let _storing = StoringCommand::enter(pstmt);
     match PREV_PROCESS_UTILITY {
         Some(prev) => prev(pstmt, query_string, context, params, query_env, dest, qc),
         None => pg_sys::standard_ProcessUtility(
@@ -199,6 +233,7 @@ unsafe extern "C-unwind" fn process_utility(
     qc: *mut pg_sys::QueryCompletion,
 ) {
     check_utility(pstmt);
+    let _storing = StoringCommand::enter(pstmt);
     match PREV_PROCESS_UTILITY {
         Some(prev) => prev(
             pstmt,

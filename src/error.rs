@@ -53,6 +53,27 @@ pub enum TenancyError {
     },
     #[error("table \"{relation}\" is not protected by pg_tenancy")]
     NotProtected { relation: String },
+    #[error("only a superuser may call tenancy.{what}()")]
+    SuperuserOnly { what: &'static str },
+    #[error("no PHI key ring is configured")]
+    PhiNotConfigured,
+    #[error("the PHI key ring is not usable")]
+    PhiKeyFile { path: String, reason: String },
+    #[error("value is not a valid PHI envelope")]
+    PhiMalformed { reason: &'static str },
+    #[error("PHI key {key_id} is not in the key ring")]
+    PhiUnknownKey { key_id: u32 },
+    #[error("PHI value cannot be revealed: authentication failed")]
+    PhiAuthentication,
+    #[error("PHI envelope holds {found}, not {want}")]
+    PhiWrongType {
+        found: &'static str,
+        want: &'static str,
+    },
+    #[error("PHI context label must be 1 to 255 bytes")]
+    PhiBadLabel,
+    #[error("PHI cannot be revealed while building statistics or indexes")]
+    PhiWhileStoring,
 }
 
 impl TenancyError {
@@ -80,6 +101,15 @@ impl TenancyError {
             Self::NoTenantColumn { .. } => ERRCODE_UNDEFINED_COLUMN,
             Self::TenantColumnType { .. } => ERRCODE_DATATYPE_MISMATCH,
             Self::NotProtected { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            Self::SuperuserOnly { .. } => ERRCODE_INSUFFICIENT_PRIVILEGE,
+            Self::PhiNotConfigured => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            Self::PhiKeyFile { .. } => ERRCODE_CONFIG_FILE_ERROR,
+            Self::PhiMalformed { .. } => ERRCODE_INVALID_BINARY_REPRESENTATION,
+            Self::PhiUnknownKey { .. } => ERRCODE_UNDEFINED_OBJECT,
+            Self::PhiAuthentication => ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION,
+            Self::PhiWrongType { .. } => ERRCODE_DATATYPE_MISMATCH,
+            Self::PhiBadLabel => ERRCODE_INVALID_PARAMETER_VALUE,
+            Self::PhiWhileStoring => ERRCODE_FEATURE_NOT_SUPPORTED,
         }
     }
 
@@ -90,7 +120,14 @@ impl TenancyError {
                 Some(reason.clone())
             }
             Self::TokenMalformed { reason } => Some((*reason).to_string()),
-            Self::KeyFile { path, reason } => Some(format!("file \"{path}\": {reason}")),
+            Self::KeyFile { path, reason } | Self::PhiKeyFile { path, reason } => {
+                Some(format!("file \"{path}\": {reason}"))
+            }
+            Self::PhiMalformed { reason } => Some((*reason).to_string()),
+            Self::PhiAuthentication => Some(
+                "The envelope was altered, belongs to another tenant or column label, or was sealed with a different key."
+                    .into(),
+            ),
             Self::HoldableCursor => Some(
                 "A WITH HOLD cursor keeps rows read under one tenant after its transaction ends."
                     .into(),
@@ -139,6 +176,27 @@ impl TenancyError {
                 Some("Tenant columns are uuid (tenancy.current_org_id()) or text.")
             }
             Self::NotProtected { .. } => Some("See tenancy.protected_tables for what is protected."),
+            Self::SuperuserOnly { .. } => Some("Run it as the superuser that installed pg_tenancy."),
+            Self::PhiNotConfigured => Some(
+                "Set tenancy.phi_key_file in postgresql.conf to the key ring file and reload.",
+            ),
+            Self::PhiKeyFile { .. } => Some(
+                "Fix the file (owner: the server's OS user, mode 0600 or 0400, format in docs/phi.md), then reload; SELECT * FROM tenancy.phi_key_status() shows the state.",
+            ),
+            Self::PhiMalformed { .. } => Some("PHI columns hold what tenancy.phi_encrypt() returned."),
+            Self::PhiUnknownKey { .. } => Some(
+                "Add the retired key back to the key ring file (without marking it active) and reload.",
+            ),
+            Self::PhiAuthentication => Some(
+                "Reveal values only in the tenant (and with the label) they were encrypted for.",
+            ),
+            Self::PhiWrongType { .. } => {
+                Some("Use tenancy.phi_reveal, phi_reveal_bytea or phi_reveal_jsonb to match.")
+            }
+            Self::PhiBadLabel => Some("Use a short label such as 'patients.phone', or NULL."),
+            Self::PhiWhileStoring => Some(
+                "ANALYZE, CREATE INDEX, REINDEX and CLUSTER would store plaintext at rest; drop statistics or indexes on decrypted values.",
+            ),
         }
     }
 

@@ -42,6 +42,10 @@ static TENANT_ID_FORMAT: GucSetting<TenantIdFormat> =
 /// `set_org`. Empty (the default) means signed mode is off. Server-only, superuser-only.
 static CONTEXT_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
+/// `tenancy.phi_key_file`: path of the PHI key ring. Server-only, superuser-only; read by
+/// the postmaster at start and by every backend on reload.
+static PHI_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+
 /// Registers every setting. Runs in `_PG_init`, before any backend can use one.
 pub fn init() {
     GucRegistry::define_enum_guc(
@@ -71,6 +75,20 @@ pub fn init() {
             GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL,
             None,
             Some(crate::token::context_key_file_assigned),
+            None,
+        );
+    }
+    // SAFETY: as above.
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            c"tenancy.phi_key_file",
+            c"Path of the PHI key ring file (AES-256 keys with ids, one active).",
+            c"A path, never key bytes. The file must belong to the server's OS user and not be readable by group or others. Loaded at start and on reload; see tenancy.phi_key_status().",
+            &PHI_KEY_FILE,
+            GucContext::Sighup,
+            GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL,
+            None,
+            Some(crate::crypto::phi_key_file_assigned),
             None,
         );
     }

@@ -2,11 +2,13 @@
 //!
 //! The front door: module magic, the module list and `_PG_init`. Each concern lives in the
 //! module named for it: settings in [`gucs`], errors in [`error`], the tenant context in
-//! [`context`], the signed-context tokens in [`token`], server-side key files in [`keyfile`].
+//! [`context`], the signed-context tokens in [`token`], server-side key files in [`keyfile`],
+//! generated RLS in [`policy`], PHI encryption in [`crypto`].
 
 use pgrx::prelude::*;
 
 pub mod context;
+pub mod crypto;
 pub mod error;
 pub mod gucs;
 pub mod keyfile;
@@ -30,6 +32,16 @@ extension_sql_file!(
     requires = ["registry", policy::protect, policy::in_maintenance]
 );
 extension_sql_file!("../sql/report.sql", name = "report", requires = ["guards"]);
+extension_sql_file!(
+    "../sql/phi.sql",
+    name = "phi",
+    requires = [
+        "bootstrap",
+        crypto::phi_is_envelope,
+        crypto::phi_key_id,
+        crypto::phi_rotate_for_tenant
+    ]
+);
 extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 
 /// Called once when the library is loaded: by the postmaster when `pg_tenancy` is in

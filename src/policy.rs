@@ -39,16 +39,10 @@ struct Target {
     children: Vec<pg_sys::Oid>,
 }
 
-fn require_superuser(what: &str) {
+fn require_superuser(what: &'static str) {
     // SAFETY: superuser() only reads the current role.
     if !unsafe { pg_sys::superuser() } {
-        pgrx::pg_sys::panic::ErrorReport::new(
-            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
-            format!("only a superuser may call tenancy.{what}()"),
-            "pg_tenancy",
-        )
-        .set_hint("Run it as the superuser that installed pg_tenancy.")
-        .report(PgLogLevel::ERROR);
+        TenancyError::SuperuserOnly { what }.report();
     }
 }
 

@@ -124,7 +124,10 @@ fn stop_datadir(dir: &Path) {
 pub struct Cluster {
     pub port: u16,
     pub dir: PathBuf,
+    /// The PHI key ring file, when started with [`Cluster::start_with_phi`].
+    pub phi_key_file: Option<PathBuf>,
     _tmp: tempfile::TempDir,
+    _secrets: Option<tempfile::TempDir>,
 }
 
 impl Cluster {
@@ -212,7 +215,9 @@ impl Cluster {
         let cluster = Cluster {
             port,
             dir,
+            phi_key_file: None,
             _tmp: tmp,
+            _secrets: None,
         };
         let mut su = cluster.connect("postgres", "postgres");
         for stmt in [
@@ -224,6 +229,31 @@ impl Cluster {
             su.batch_execute(stmt).unwrap();
         }
         cluster
+    }
+
+    /// Like [`Cluster::start`], preloaded, with a fresh PHI key ring (key 1 active) made by
+    /// `scripts/phi_keyring.py` in a private directory and named by `tenancy.phi_key_file`.
+    pub fn start_with_phi(conf: &[&str]) -> Cluster {
+        let secrets = server_private_dir();
+        let path = secrets.path().join("phi.keyring");
+        keyring_tool(&["new", path.to_str().unwrap()]);
+        let mut lines = vec![
+            "shared_preload_libraries = 'pg_tenancy'".to_string(),
+            format!("tenancy.phi_key_file = '{}'", path.display()),
+        ];
+        lines.extend(conf.iter().map(|s| s.to_string()));
+        let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+        let mut cluster = Cluster::start(&refs);
+        cluster.phi_key_file = Some(path);
+        cluster._secrets = Some(secrets);
+        cluster
+    }
+
+    /// `pg_reload_conf()` as superuser.
+    pub fn reload(&self) {
+        self.connect("postgres", "postgres")
+            .batch_execute("SELECT pg_reload_conf()")
+            .unwrap();
     }
 
     /// A connection as `user` to `db`.
@@ -277,6 +307,22 @@ pub fn server_private_dir() -> tempfile::TempDir {
         );
     }
     dir
+}
+
+/// Runs `scripts/phi_keyring.py` (as the server's OS user when root, so files stay theirs).
+pub fn keyring_tool(args: &[&str]) -> String {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/phi_keyring.py");
+    let mut cmd = if is_root() {
+        let mut c = Command::new("sudo");
+        c.args(["-n", "-u", "postgres", "--", "python3", script]);
+        c
+    } else {
+        let mut c = Command::new("python3");
+        c.arg(script);
+        c
+    };
+    let out = check("phi_keyring.py", cmd.args(args).output());
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Sets a server file's mode and, as root, hands it to the `postgres` OS user.

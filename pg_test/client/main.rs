@@ -4,6 +4,7 @@
 mod context;
 mod harness;
 mod lifecycle;
+mod phi;
 mod regress;
 mod report;
 mod rls;

@@ -12,11 +12,11 @@ use std::path::Path;
 use std::process::Command;
 
 /// The schedule, in order: `setup` creates the extension.
-const TESTS: &[&str] = &["setup", "context", "policy"];
+const TESTS: &[&str] = &["setup", "context", "policy", "phi"];
 
 #[test]
 fn test_golden_sql_output() {
-    let cluster = Cluster::start(&["shared_preload_libraries = 'pg_tenancy'"]);
+    let cluster = Cluster::start_with_phi(&[]);
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("pg_test/pg_regress");
     let out = tempfile::Builder::new()
         .prefix("pg_tenancy-regress-")

@@ -40,14 +40,14 @@ fn seed(org: &str) -> String {
          INSERT INTO clinic.business_hours (location_id, weekday, opens, closes) VALUES ('{p}-0000-4000-8000-00000000000a', 1, '08:00', '17:00');
          INSERT INTO clinic.providers (id, display_name) VALUES ('{p}-0000-4000-8000-00000000000b', 'Dr. {p}');
          INSERT INTO clinic.services (id, name) VALUES ('{p}-0000-4000-8000-00000000000c', 'Checkup');
-         INSERT INTO clinic.patients (id, first_name, last_name) VALUES ('{p}-0000-4000-8000-00000000000d', '\\x01', '\\x02');
+         INSERT INTO clinic.patients (id, first_name, last_name) VALUES ('{p}-0000-4000-8000-00000000000d', tenancy.phi_encrypt('First {p}'), tenancy.phi_encrypt('Last {p}'));
          INSERT INTO clinic.bookings (id, patient_id, service_id, location_id, starts_at)
               VALUES ('{p}-0000-4000-8000-00000000000e', '{p}-0000-4000-8000-00000000000d', '{p}-0000-4000-8000-00000000000c',
                       '{p}-0000-4000-8000-00000000000a', now());
          INSERT INTO clinic.appointments (id, booking_id, provider_id) VALUES ('{p}-0000-4000-8000-00000000000f', '{p}-0000-4000-8000-00000000000e', '{p}-0000-4000-8000-00000000000b');
          INSERT INTO clinic.treatments (appointment_id, code) VALUES ('{p}-0000-4000-8000-00000000000f', 'D0120');
-         INSERT INTO clinic.medical_records (patient_id, kind, body) VALUES ('{p}-0000-4000-8000-00000000000d', 'allergy', '\\x03');
-         INSERT INTO clinic.clinical_notes (appointment_id, body) VALUES ('{p}-0000-4000-8000-00000000000f', '\\x04');
+         INSERT INTO clinic.medical_records (patient_id, kind, body) VALUES ('{p}-0000-4000-8000-00000000000d', 'allergy', tenancy.phi_encrypt('penicillin'));
+         INSERT INTO clinic.clinical_notes (appointment_id, body) VALUES ('{p}-0000-4000-8000-00000000000f', tenancy.phi_encrypt('note'));
          INSERT INTO clinic.reviews (rating, body) VALUES (5, 'great');
          INSERT INTO clinic.consent_records (patient_id, kind) VALUES ('{p}-0000-4000-8000-00000000000d', 'treatment');
          COMMIT;"
@@ -57,7 +57,7 @@ fn seed(org: &str) -> String {
 /// A preloaded server with the reference schema owned by `owner`, protected with one call
 /// plus the root, and both clinics seeded.
 pub fn reference_cluster() -> Cluster {
-    let c = Cluster::start(&["shared_preload_libraries = 'pg_tenancy'"]);
+    let c = Cluster::start_with_phi(&[]);
     let schema = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/scripts/family_practice.sql"

@@ -1,0 +1,334 @@
+//! PHI column encryption: `phi_encrypt` / `phi_reveal` with AES-256-GCM, envelopes bound to
+//! the tenant (and optionally a column label), keys from a server-side key ring file that no
+//! SQL user can read.
+//!
+//! * [`envelope`]: the byte format (documented in docs/phi.md).
+//! * [`keyring`]: the key ring file format and its check values.
+//!
+//! The key ring is loaded by the assign hook of `tenancy.phi_key_file`: in the postmaster at
+//! start (backends inherit it) and in every backend on reload. Only when the library was
+//! preloaded; otherwise every PHI function raises.
+
+pub mod envelope;
+pub mod keyring;
+
+use crate::error::{Raise, Result, TenancyError};
+use crate::preload::{is_preloaded, require_preload};
+use envelope::{Content, EnvelopeError};
+use keyring::KeyRing;
+use pgrx::prelude::*;
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+
+/// Longest accepted context label.
+pub const MAX_LABEL_LEN: usize = 255;
+
+enum RingState {
+    NotConfigured,
+    Loaded { path: String, ring: Rc<KeyRing> },
+    Failed { path: String, problem: String },
+}
+
+thread_local! {
+    static RING: RefCell<RingState> = const { RefCell::new(RingState::NotConfigured) };
+    /// PHI values revealed in the current transaction (read by the audit of 5/8).
+    static REVEALS: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Assign hook of `tenancy.phi_key_file`: (re)loads the key ring. Assign hooks must not
+/// fail, so a bad file leaves the ring in a failed state that every PHI call reports.
+#[pg_guard]
+pub unsafe extern "C-unwind" fn phi_key_file_assigned(
+    newval: *const std::ffi::c_char,
+    _extra: *mut std::ffi::c_void,
+) {
+    if !is_preloaded() {
+        return;
+    }
+    let path = if newval.is_null() {
+        String::new()
+    } else {
+        std::ffi::CStr::from_ptr(newval)
+            .to_string_lossy()
+            .trim()
+            .to_string()
+    };
+    let state = load(&path);
+    if let RingState::Failed { path, problem } = &state {
+        // No key bytes in here: problems name files, lines and ids only.
+        pgrx::log!("pg_tenancy: PHI key ring \"{path}\" not loaded: {problem}");
+    }
+    RING.with(|r| *r.borrow_mut() = state);
+}
+
+fn load(path: &str) -> RingState {
+    if path.is_empty() {
+        return RingState::NotConfigured;
+    }
+    let loaded = crate::keyfile::read_secret_file(path)
+        .map_err(|p| p.0)
+        .and_then(|bytes| {
+            let text =
+                std::str::from_utf8(&bytes).map_err(|_| "the key ring must be text".to_string())?;
+            keyring::parse(text)
+        });
+    match loaded {
+        Ok(ring) => RingState::Loaded {
+            path: path.to_string(),
+            ring: Rc::new(ring),
+        },
+        Err(problem) => RingState::Failed {
+            path: path.to_string(),
+            problem,
+        },
+    }
+}
+
+fn ring() -> Result<Rc<KeyRing>> {
+    require_preload();
+    RING.with(|r| match &*r.borrow() {
+        RingState::Loaded { ring, .. } => Ok(ring.clone()),
+        RingState::NotConfigured => Err(TenancyError::PhiNotConfigured),
+        RingState::Failed { path, problem } => Err(TenancyError::PhiKeyFile {
+            path: path.clone(),
+            reason: problem.clone(),
+        }),
+    })
+}
+
+fn check_label(label: Option<&str>) -> Result<()> {
+    match label {
+        Some(l) if l.is_empty() || l.len() > MAX_LABEL_LEN => Err(TenancyError::PhiBadLabel),
+        _ => Ok(()),
+    }
+}
+
+fn tenant() -> Result<String> {
+    crate::context::current_org().ok_or(TenancyError::NoTenant)
+}
+
+fn fresh_nonce() -> [u8; 12] {
+    let mut nonce = [0u8; 12];
+    // The OS CSPRNG failing is not recoverable; refusing to encrypt is the only safe answer.
+    getrandom::getrandom(&mut nonce).expect("the OS random number generator failed");
+    nonce
+}
+
+/// Encrypts under the active key for `tenant` (explicit; callers decide where it comes from).
+pub fn encrypt_for(
+    tenant: &str,
+    content: Content,
+    label: Option<&str>,
+    plaintext: &[u8],
+) -> Result<Vec<u8>> {
+    check_label(label)?;
+    let ring = ring()?;
+    let key = &ring.keys[&ring.active];
+    Ok(envelope::seal(
+        &key.cipher,
+        ring.active,
+        fresh_nonce(),
+        content,
+        tenant,
+        label,
+        plaintext,
+    ))
+}
+
+/// Decrypts an envelope for `tenant`, checking it holds `want` (any type when `None`).
+pub fn decrypt_for(
+    tenant: &str,
+    env: &[u8],
+    want: Option<Content>,
+    label: Option<&str>,
+) -> Result<(Content, Vec<u8>)> {
+    check_label(label)?;
+    let header = envelope::parse_header(env).map_err(phi_error)?;
+    if let Some(want) = want.filter(|w| *w != header.content) {
+        return Err(TenancyError::PhiWrongType {
+            found: header.content.name(),
+            want: want.name(),
+        });
+    }
+    let ring = ring()?;
+    let key = ring
+        .keys
+        .get(&header.key_id)
+        .ok_or(TenancyError::PhiUnknownKey {
+            key_id: header.key_id,
+        })?;
+    let plain = envelope::open(&key.cipher, env, &header, tenant, label).map_err(phi_error)?;
+    Ok((header.content, plain))
+}
+
+fn phi_error(e: EnvelopeError) -> TenancyError {
+    match e {
+        EnvelopeError::Malformed(reason) => TenancyError::PhiMalformed { reason },
+        EnvelopeError::Authentication => TenancyError::PhiAuthentication,
+    }
+}
+
+fn reveal(env: &[u8], want: Content, label: Option<&str>) -> Vec<u8> {
+    // ANALYZE would keep revealed values in pg_statistic, CREATE INDEX in the index.
+    if crate::context::in_storing_command() {
+        TenancyError::PhiWhileStoring.report();
+    }
+    let org = tenant().or_raise();
+    let (_, plain) = decrypt_for(&org, env, Some(want), label).or_raise();
+    // Every reveal passes here: the audit trail (5/8) records them from this counter.
+    REVEALS.with(|r| r.set(r.get() + 1));
+    plain
+}
+
+/// Encrypts a text value for the current tenant. NULL in, NULL out.
+#[pg_extern(volatile, parallel_restricted, name = "phi_encrypt")]
+fn phi_encrypt(value: Option<&str>, label: default!(Option<&str>, "NULL")) -> Option<Vec<u8>> {
+    let value = value?;
+    let org = tenant().or_raise();
+    Some(encrypt_for(&org, Content::Text, label, value.as_bytes()).or_raise())
+}
+
+/// Encrypts a bytea value for the current tenant. NULL in, NULL out.
+#[pg_extern(volatile, parallel_restricted, name = "phi_encrypt")]
+fn phi_encrypt_bytea(
+    value: Option<&[u8]>,
+    label: default!(Option<&str>, "NULL"),
+) -> Option<Vec<u8>> {
+    let value = value?;
+    let org = tenant().or_raise();
+    Some(encrypt_for(&org, Content::Bytea, label, value).or_raise())
+}
+
+/// Encrypts a jsonb value for the current tenant. NULL in, NULL out.
+#[pg_extern(volatile, parallel_restricted, name = "phi_encrypt")]
+fn phi_encrypt_jsonb(
+    value: Option<pgrx::JsonB>,
+    label: default!(Option<&str>, "NULL"),
+) -> Option<Vec<u8>> {
+    let value = value?;
+    let org = tenant().or_raise();
+    let bytes = serde_json::to_vec(&value.0).expect("a jsonb value serialises");
+    Some(encrypt_for(&org, Content::Jsonb, label, &bytes).or_raise())
+}
+
+/// Decrypts a text envelope of the current tenant. NULL in, NULL out. Never IMMUTABLE.
+#[pg_extern(stable, parallel_restricted)]
+fn phi_reveal(env: Option<&[u8]>, label: default!(Option<&str>, "NULL")) -> Option<String> {
+    let plain = reveal(env?, Content::Text, label);
+    // Sealed from a Postgres text value by phi_encrypt; authenticated, so still UTF-8.
+    Some(String::from_utf8(plain).expect("authenticated text envelopes hold UTF-8"))
+}
+
+/// Decrypts a bytea envelope of the current tenant.
+#[pg_extern(stable, parallel_restricted)]
+fn phi_reveal_bytea(env: Option<&[u8]>, label: default!(Option<&str>, "NULL")) -> Option<Vec<u8>> {
+    Some(reveal(env?, Content::Bytea, label))
+}
+
+/// Decrypts a jsonb envelope of the current tenant.
+#[pg_extern(stable, parallel_restricted)]
+fn phi_reveal_jsonb(
+    env: Option<&[u8]>,
+    label: default!(Option<&str>, "NULL"),
+) -> Option<pgrx::JsonB> {
+    let plain = reveal(env?, Content::Jsonb, label);
+    Some(pgrx::JsonB(
+        serde_json::from_slice(&plain).expect("authenticated jsonb envelopes hold JSON"),
+    ))
+}
+
+/// Re-encrypts an envelope of the current tenant under the active key (same type and label).
+#[pg_extern(volatile, parallel_restricted)]
+fn phi_rotate(env: Option<&[u8]>, label: default!(Option<&str>, "NULL")) -> Option<Vec<u8>> {
+    let org = tenant().or_raise();
+    Some(rotate_for(&org, env?, label).or_raise())
+}
+
+fn rotate_for(org: &str, env: &[u8], label: Option<&str>) -> Result<Vec<u8>> {
+    let (content, plain) = decrypt_for(org, env, None, label)?;
+    let plain = zeroize::Zeroizing::new(plain);
+    encrypt_for(org, content, label, &plain)
+}
+
+/// Re-encrypts an envelope for the tenant given explicitly (used by the batched column
+/// rotation, which runs as superuser across tenants). Returns ciphertext only. Superuser.
+#[pg_extern(volatile, parallel_restricted)]
+fn phi_rotate_for_tenant(
+    env: Option<&[u8]>,
+    org: &str,
+    label: default!(Option<&str>, "NULL"),
+) -> Option<Vec<u8>> {
+    // SAFETY: superuser() only reads the current role.
+    if !unsafe { pg_sys::superuser() } {
+        TenancyError::SuperuserOnly {
+            what: "phi_rotate_for_tenant",
+        }
+        .report();
+    }
+    Some(rotate_for(org, env?, label).or_raise())
+}
+
+/// The key id an envelope was sealed with (header only, no key needed).
+#[pg_extern(immutable, strict, parallel_safe)]
+fn phi_key_id(env: &[u8]) -> i64 {
+    i64::from(
+        envelope::parse_header(env)
+            .map_err(phi_error)
+            .or_raise()
+            .key_id,
+    )
+}
+
+/// Whether a value is a well-formed PHI envelope (header check only). Used by the
+/// `tenancy.phi` domain to refuse plaintext written by mistake.
+#[pg_extern(immutable, strict, parallel_safe)]
+fn phi_is_envelope(value: &[u8]) -> bool {
+    envelope::parse_header(value).is_ok()
+}
+
+/// Which PHI keys are loaded, which is active, and whether the ring loaded: never key bytes.
+#[pg_extern(volatile, parallel_restricted)]
+fn phi_key_status() -> TableIterator<
+    'static,
+    (
+        name!(key_id, Option<i64>),
+        name!(active, bool),
+        name!(status, String),
+    ),
+> {
+    require_preload();
+    let rows = RING.with(|r| match &*r.borrow() {
+        RingState::NotConfigured => vec![(
+            None,
+            false,
+            "no key ring configured (tenancy.phi_key_file is empty)".to_string(),
+        )],
+        RingState::Failed { path, problem } => vec![(
+            None,
+            false,
+            format!("key ring \"{path}\" failed to load: {problem}"),
+        )],
+        RingState::Loaded { ring, path } => ring
+            .keys
+            .keys()
+            .map(|id| {
+                (
+                    Some(i64::from(*id)),
+                    *id == ring.active,
+                    format!("loaded from \"{path}\", check value verified"),
+                )
+            })
+            .collect(),
+    });
+    TableIterator::new(rows)
+}
+
+/// PHI values revealed so far in this transaction (for the audit trail).
+pub fn reveals_in_transaction() -> u64 {
+    REVEALS.with(Cell::get)
+}
+
+/// Resets the per-transaction reveal counter; called at transaction end.
+pub fn reset_reveals() {
+    REVEALS.with(|r| r.set(0));
+}
