@@ -205,6 +205,23 @@ mod tests {
 
     const ORG: &str = "5e000000-0000-4000-8000-000000000001";
 
+    /// The worked example of docs/phi.md, computed independently with Python's
+    /// `cryptography` (AESGCM): the same bytes come out of this implementation.
+    #[test]
+    fn test_documented_worked_example() {
+        let key: Vec<u8> = (0u8..32).collect();
+        let nonce: [u8; 12] = core::array::from_fn(|i| i as u8);
+        let env = seal(&cipher(&key), 1, nonce, Content::Text, ORG, Some("patients.phone"), b"555-0101");
+        assert_eq!(
+            hex::encode(&env),
+            "5048010400000001000102030405060708090a0b7237e336f5d4f22ae8bc09cce5751e98dd77990e30b67748"
+        );
+        assert_eq!(
+            hex::encode(aad(&env[..8], ORG, Some("patients.phone"))),
+            "70675f74656e616e63792e7068692e7631005048010400000001002435653030303030302d303030302d343030302d383030302d303030303030303030303031000e70617469656e74732e70686f6e65"
+        );
+    }
+
     #[test]
     fn test_round_trip_and_layout() {
         let c = cipher(&[9u8; 32]);
