@@ -211,7 +211,15 @@ mod tests {
     fn test_documented_worked_example() {
         let key: Vec<u8> = (0u8..32).collect();
         let nonce: [u8; 12] = core::array::from_fn(|i| i as u8);
-        let env = seal(&cipher(&key), 1, nonce, Content::Text, ORG, Some("patients.phone"), b"555-0101");
+        let env = seal(
+            &cipher(&key),
+            1,
+            nonce,
+            Content::Text,
+            ORG,
+            Some("patients.phone"),
+            b"555-0101",
+        );
         assert_eq!(
             hex::encode(&env),
             "5048010400000001000102030405060708090a0b7237e336f5d4f22ae8bc09cce5751e98dd77990e30b67748"
