@@ -513,16 +513,19 @@ fn test_p15_new_tenant_tables_are_protected_or_refused() {
         .unwrap()
         .get(0);
     assert_eq!(logged, 1);
-    // With tenancy.new_table_action = refuse, creation fails instead.
-    su.batch_execute("ALTER ROLE owner SET tenancy.new_table_action = 'refuse'")
+    // With tenancy.new_table_action = refuse, creation fails instead. Set for this session
+    // only (superusers are refused too), so concurrent tests keep the default.
+    su.batch_execute("SET tenancy.new_table_action = 'refuse'")
         .unwrap();
-    let mut owner2 = cluster().connect("owner", "app");
-    let err = db_error(
-        owner2.batch_execute("CREATE TABLE clinic.refused (organization_id uuid NOT NULL)"),
-    );
+    let err =
+        db_error(su.batch_execute("CREATE TABLE clinic.refused (organization_id uuid NOT NULL)"));
     assert_eq!(err.code().code(), "42501");
-    su.batch_execute("ALTER ROLE owner RESET tenancy.new_table_action")
-        .unwrap();
+    su.batch_execute("RESET tenancy.new_table_action").unwrap();
+    // The application role cannot change the setting.
+    assert_eq!(
+        sqlstate(app().batch_execute("SET tenancy.new_table_action = 'protect'")),
+        "42501"
+    );
     // A table without the tenant column is left alone.
     owner
         .batch_execute("CREATE TABLE clinic.lookup_codes (code text PRIMARY KEY)")
