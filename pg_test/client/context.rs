@@ -2,7 +2,7 @@
 //! transactions or smuggled past the parallel, prepared-statement and cursor machinery.
 //! Every attack runs as `app`, the application's ordinary role.
 
-use crate::harness::{db_error, pg_major, sqlstate, Cluster};
+use crate::harness::{count, db_error, pg_major, sqlstate, Cluster};
 use postgres::Client;
 use std::sync::OnceLock;
 
@@ -178,10 +178,7 @@ fn test_c5_startup_packet_and_role_or_database_defaults_are_refused() {
     ] {
         assert_eq!(sqlstate(su.batch_execute(&stmt)), "42501", "{stmt}");
     }
-    let defaults: i64 = su
-        .query_one("SELECT count(*) FROM pg_db_role_setting WHERE array_to_string(setconfig, ',') LIKE '%current_org_id%'", &[])
-        .unwrap()
-        .get(0);
+    let defaults = count(&mut su, "SELECT count(*) FROM pg_db_role_setting WHERE array_to_string(setconfig, ',') LIKE '%current_org_id%'");
     assert_eq!(defaults, 0);
     // A fresh login sees nothing.
     assert_eq!(visible(&mut app()), (0, 0, 0));
@@ -245,11 +242,11 @@ fn test_c8_prepared_statements_follow_the_tenant_across_transactions() {
         for i in 0..8 {
             let (org, want) = if i % 2 == 0 { (A, A_ROWS) } else { (B, B_ROWS) };
             enter(&mut c, org);
-            let sql: i64 = c.query_one("EXECUTE q", &[]).unwrap().get(0);
+            let sql = count(&mut c, "EXECUTE q");
             let bound: i64 = c.query_one(&protocol, &[]).unwrap().get(0);
             assert_eq!((sql, bound), (want, want), "{mode} execution {i} as {org}");
             c.batch_execute("COMMIT").unwrap();
-            let none: i64 = c.query_one("EXECUTE q", &[]).unwrap().get(0);
+            let none = count(&mut c, "EXECUTE q");
             assert_eq!(none, 0);
         }
     }

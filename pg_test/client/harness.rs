@@ -148,15 +148,7 @@ impl Cluster {
             .tempdir()
             .unwrap();
         let dir = tmp.path().join("data");
-        if is_root() {
-            check(
-                "chown",
-                Command::new("chown")
-                    .arg("postgres")
-                    .arg(tmp.path())
-                    .output(),
-            );
-        }
+        give_to_server_user(tmp.path());
         let bin = bindir();
         check(
             "initdb",
@@ -289,6 +281,16 @@ impl Cluster {
     }
 }
 
+/// Hands a path to the server's OS user (when the tests run as root).
+fn give_to_server_user(path: &Path) {
+    if is_root() {
+        check(
+            "chown",
+            Command::new("chown").arg("postgres").arg(path).output(),
+        );
+    }
+}
+
 /// A private directory (mode 0700) owned by the server's OS user, for key files.
 pub fn server_private_dir() -> tempfile::TempDir {
     use std::os::unix::fs::PermissionsExt;
@@ -297,15 +299,7 @@ pub fn server_private_dir() -> tempfile::TempDir {
         .tempdir()
         .unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
-    if is_root() {
-        check(
-            "chown",
-            Command::new("chown")
-                .arg("postgres")
-                .arg(dir.path())
-                .output(),
-        );
-    }
+    give_to_server_user(dir.path());
     dir
 }
 
@@ -328,12 +322,7 @@ pub fn keyring_tool(args: &[&str]) -> String {
 /// Sets a server file's mode and, as root, hands it to the `postgres` OS user.
 pub fn set_server_file_mode(path: &Path, mode: u32) {
     use std::os::unix::fs::PermissionsExt;
-    if is_root() {
-        check(
-            "chown",
-            Command::new("chown").arg("postgres").arg(path).output(),
-        );
-    }
+    give_to_server_user(path);
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
@@ -379,4 +368,20 @@ pub fn pg_regress_path() -> PathBuf {
         .parent()
         .unwrap()
         .join("test/regress/pg_regress")
+}
+
+/// The first column of every row of `sql`, as text.
+pub fn strings(c: &mut postgres::Client, sql: &str) -> Vec<String> {
+    c.query(sql, &[])
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// The single bigint `sql` returns (a count).
+pub fn count(c: &mut postgres::Client, sql: &str) -> i64 {
+    c.query_one(sql, &[])
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .get(0)
 }

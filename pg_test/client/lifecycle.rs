@@ -1,6 +1,6 @@
 //! Installing, dropping and re-creating the extension; the preload requirement.
 
-use crate::harness::{db_error, Cluster};
+use crate::harness::{db_error, strings, Cluster};
 
 #[test]
 fn test_create_drop_recreate_and_settings() {
@@ -35,12 +35,7 @@ fn test_create_drop_recreate_and_settings() {
     }
     su.batch_execute("CREATE EXTENSION pg_tenancy").unwrap();
     // The settings exist.
-    let names: Vec<String> = su
-        .query("SELECT name FROM pg_settings WHERE name LIKE 'tenancy.%' OR name = 'app.current_org_id' ORDER BY name", &[])
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let names = strings(&mut su, "SELECT name FROM pg_settings WHERE name LIKE 'tenancy.%' OR name = 'app.current_org_id' ORDER BY name");
     // The key path is NO_SHOW_ALL: absent from pg_settings and SHOW ALL even for superusers,
     // who can still SHOW it by name.
     assert_eq!(

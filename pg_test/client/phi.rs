@@ -1,7 +1,9 @@
 //! Rows K1-K9 of ATTACKS.md, PHI round trips, errors and key rotation under a concurrent
 //! writer, against a server whose key ring is a real file made by scripts/phi_keyring.py.
 
-use crate::harness::{db_error, keyring_tool, pg_major, set_server_file_mode, sqlstate, Cluster};
+use crate::harness::{
+    count, db_error, keyring_tool, pg_major, set_server_file_mode, sqlstate, Cluster,
+};
 use postgres::Client;
 use std::sync::OnceLock;
 
@@ -453,10 +455,7 @@ fn test_k9_decryption_cannot_enter_indexes_generated_columns_or_statistics() {
         assert_eq!(err.code().code(), "0A000");
         owner.batch_execute("ROLLBACK").unwrap();
         let mut su = cluster().connect("postgres", "app");
-        let stored: i64 = su
-            .query_one("SELECT count(*) FROM pg_statistic_ext_data d JOIN pg_statistic_ext s ON s.oid = d.stxoid WHERE s.stxname = 'k9_stats'", &[])
-            .unwrap()
-            .get(0);
+        let stored = count(&mut su, "SELECT count(*) FROM pg_statistic_ext_data d JOIN pg_statistic_ext s ON s.oid = d.stxoid WHERE s.stxname = 'k9_stats'");
         assert_eq!(stored, 0, "no revealed value reached the statistics");
     }
 }
@@ -549,10 +548,10 @@ fn test_rotation_under_a_concurrent_writer_loses_nothing() {
     );
     for org in [A, B] {
         enter(&mut c, org);
-        let wrong: i64 = c
-            .query_one("SELECT count(*) FROM vault WHERE tenancy.phi_reveal(secret, 'vault.secret') <> plain", &[])
-            .unwrap()
-            .get(0);
+        let wrong = count(
+            &mut c,
+            "SELECT count(*) FROM vault WHERE tenancy.phi_reveal(secret, 'vault.secret') <> plain",
+        );
         assert_eq!(wrong, 0, "every value of {org} reveals to what was written");
         c.batch_execute("COMMIT").unwrap();
     }

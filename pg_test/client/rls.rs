@@ -2,7 +2,7 @@
 //! `protect_all` call, with two clinics loaded: Sherwood (A) and Conway (B). Every attack
 //! runs as `app` unless the row is about another role.
 
-use crate::harness::{db_error, pg_major, sqlstate, Cluster};
+use crate::harness::{count, db_error, pg_major, sqlstate, strings, Cluster};
 use postgres::Client;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -121,12 +121,7 @@ fn visible(c: &mut Client, table: &str) -> (i64, i64) {
 #[test]
 fn test_protect_all_needs_one_call_plus_the_root() {
     let mut su = cluster().connect("postgres", "app");
-    let registered: Vec<String> = su
-        .query("SELECT table_name::text FROM tenancy.protected_tables WHERE schema_name = 'clinic' ORDER BY 1", &[])
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let registered = strings(&mut su, "SELECT table_name::text FROM tenancy.protected_tables WHERE schema_name = 'clinic' ORDER BY 1");
     // Other tests add tables to the schema later; the fifteen are all there from one call.
     for t in TABLES {
         assert!(
@@ -421,18 +416,13 @@ fn test_p12_views_over_protected_tables_leak_nothing_here() {
         .unwrap();
     let mut c = app();
     // The view runs as its owner, but FORCE RLS applies to the owner too.
-    let n: i64 = c
-        .query_one("SELECT count(*) FROM clinic.all_reviews", &[])
-        .unwrap()
-        .get(0);
+    let n = count(&mut c, "SELECT count(*) FROM clinic.all_reviews");
     assert_eq!(n, 0);
     enter(&mut c, CONWAY);
-    let orgs: Vec<String> = c
-        .query("SELECT organization_id::text FROM clinic.all_reviews", &[])
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let orgs = strings(
+        &mut c,
+        "SELECT organization_id::text FROM clinic.all_reviews",
+    );
     assert_eq!(orgs, [CONWAY]);
     c.batch_execute("COMMIT").unwrap();
     owner.batch_execute("DROP VIEW clinic.all_reviews").unwrap();
@@ -457,18 +447,13 @@ fn test_p14_partitions_are_protected_present_and_future() {
         c.batch_execute("COMMIT").unwrap();
     }
     // Read directly, the partition shows nothing without a context and one clinic with one.
-    let n: i64 = c
-        .query_one("SELECT count(*) FROM clinic.visits_2026", &[])
-        .unwrap()
-        .get(0);
+    let n = count(&mut c, "SELECT count(*) FROM clinic.visits_2026");
     assert_eq!(n, 0);
     enter(&mut c, SHERWOOD);
-    let orgs: Vec<String> = c
-        .query("SELECT organization_id::text FROM clinic.visits_2026", &[])
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let orgs = strings(
+        &mut c,
+        "SELECT organization_id::text FROM clinic.visits_2026",
+    );
     assert_eq!(orgs, [SHERWOOD]);
     c.batch_execute("COMMIT").unwrap();
     // A partition created later is protected at creation.
@@ -508,10 +493,7 @@ fn test_p15_new_tenant_tables_are_protected_or_refused() {
         .unwrap()
         .get(0);
     assert_eq!(problem, None);
-    let logged: i64 = su
-        .query_one("SELECT count(*) FROM tenancy.protection_log WHERE action = 'auto_protect' AND object = 'clinic.referrals'", &[])
-        .unwrap()
-        .get(0);
+    let logged = count(&mut su, "SELECT count(*) FROM tenancy.protection_log WHERE action = 'auto_protect' AND object = 'clinic.referrals'");
     assert_eq!(logged, 1);
     // With tenancy.new_table_action = refuse, creation fails instead. Set for this session
     // only (superusers are refused too), so concurrent tests keep the default.
@@ -530,10 +512,7 @@ fn test_p15_new_tenant_tables_are_protected_or_refused() {
     owner
         .batch_execute("CREATE TABLE clinic.lookup_codes (code text PRIMARY KEY)")
         .unwrap();
-    let n: i64 = su
-        .query_one("SELECT count(*) FROM tenancy.protected_tables WHERE table_name IN ('lookup_codes', 'refused')", &[])
-        .unwrap()
-        .get(0);
+    let n = count(&mut su, "SELECT count(*) FROM tenancy.protected_tables WHERE table_name IN ('lookup_codes', 'refused')");
     assert_eq!(n, 0);
 }
 
@@ -582,10 +561,7 @@ fn test_p16_weakening_a_protected_table_is_refused_except_through_unprotect() {
         .unwrap()
         .get(0);
     assert!(!rls);
-    let logged: i64 = su
-        .query_one("SELECT count(*) FROM tenancy.protection_log WHERE action = 'unprotect' AND object = 'clinic.scratch'", &[])
-        .unwrap()
-        .get(0);
+    let logged = count(&mut su, "SELECT count(*) FROM tenancy.protection_log WHERE action = 'unprotect' AND object = 'clinic.scratch'");
     assert_eq!(logged, 1);
     su.query("SELECT tenancy.protect('clinic.scratch')", &[])
         .unwrap();
@@ -662,12 +638,7 @@ fn test_tenant_predicate_runs_once_and_uses_the_tenant_index() {
     let mut c = app();
     enter(&mut c, SHERWOOD);
     c.batch_execute("SET LOCAL enable_seqscan = off").unwrap();
-    let plan: Vec<String> = c
-        .query("EXPLAIN (COSTS OFF) SELECT * FROM clinic.bookings WHERE starts_at > now() - interval '1 day'", &[])
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let plan = strings(&mut c, "EXPLAIN (COSTS OFF) SELECT * FROM clinic.bookings WHERE starts_at > now() - interval '1 day'");
     let text = plan.join("\n");
     assert!(
         text.contains("InitPlan"),
