@@ -34,12 +34,12 @@ COMMENT ON FUNCTION tenancy.is_loaded_by_preload() IS
   'Whether pg_tenancy was loaded through shared_preload_libraries.';
 
 -- Protection is a DBA's act: superuser only (the functions check too).
-REVOKE EXECUTE ON FUNCTION tenancy.protect(text, text, boolean, boolean) FROM PUBLIC;
-REVOKE EXECUTE ON FUNCTION tenancy.protect_all(text, text, text, boolean) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION tenancy.protect(text, text, boolean, boolean, boolean) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION tenancy.protect_all(text, text, text, boolean, boolean) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION tenancy.unprotect(text) FROM PUBLIC;
-COMMENT ON FUNCTION tenancy.protect(text, text, boolean, boolean) IS
-  'Protect a table (and its partitions) on its tenant column: RLS enabled+forced, RESTRICTIVE and permissive tenant policies, tenant default, immutable tenant column, no TRUNCATE, tenant index, registry row. Idempotent; dry_run returns the SQL.';
-COMMENT ON FUNCTION tenancy.protect_all(text, text, text, boolean) IS
+COMMENT ON FUNCTION tenancy.protect(text, text, boolean, boolean, boolean) IS
+  'Protect a table (and its partitions) on its tenant column: RLS enabled+forced, RESTRICTIVE and permissive tenant policies, tenant default, immutable tenant column, no TRUNCATE, tenant index, registry row; with audit => true also the audit trigger. Idempotent; dry_run returns the SQL.';
+COMMENT ON FUNCTION tenancy.protect_all(text, text, text, boolean, boolean) IS
   'Protect every table of a schema that has the tenant column, plus the tenant root table (on id); new tables in the schema are protected at creation.';
 COMMENT ON FUNCTION tenancy.unprotect(text) IS
   'Remove pg_tenancy''s protection from a table and its children: the only sanctioned way back. Superuser; recorded in tenancy.protection_log.';
@@ -65,3 +65,18 @@ COMMENT ON FUNCTION tenancy.phi_key_id(bytea) IS 'Key id in a PHI envelope heade
 COMMENT ON FUNCTION tenancy.phi_is_envelope(bytea) IS 'Whether a value has a valid PHI envelope header.';
 COMMENT ON FUNCTION tenancy.phi_key_status() IS
   'Loaded PHI key ids, the active one, and the key ring state; never key bytes. Superuser by default.';
+
+-- Audit trail. The trigger and the writers run as the extension owner: the application role
+-- has no INSERT on tenancy.audit_events, and events must be written whatever it may do.
+ALTER FUNCTION tenancy.audit_trigger() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION tenancy.log_action(text, jsonb) SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION tenancy.audit_verify(text) SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+REVOKE EXECUTE ON FUNCTION tenancy.audit_trigger() FROM PUBLIC;
+COMMENT ON FUNCTION tenancy.audit_trigger() IS
+  'Row trigger attached by tenancy.protect(..., audit => true): writes one encrypted, hash-chained audit event per changed row.';
+COMMENT ON FUNCTION tenancy.log_action(text, jsonb) IS
+  'Record an operator action (with optional details, encrypted) in the current tenant''s audit trail.';
+COMMENT ON FUNCTION tenancy.audit_verify(text) IS
+  'Verify a tenant''s audit hash chain: ok, events checked, first broken position and why. Superuser, or the tenant itself.';
+COMMENT ON FUNCTION tenancy.audit_payload(bytea, bigint) IS
+  'Decrypt an audit event payload of the current tenant.';

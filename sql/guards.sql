@@ -18,9 +18,29 @@ LANGUAGE sql STABLE SET search_path = pg_catalog AS $$
     WHEN (SELECT count(*) FROM pg_trigger WHERE tgrelid = c.oid AND tgenabled = 'A'
             AND tgname IN ('tenancy_tenant_immutable', 'tenancy_no_truncate')) < 2
       THEN 'a tenancy trigger is missing or not enabled ALWAYS'
+    WHEN p.audited AND NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = c.oid AND tgenabled = 'A' AND tgname = 'tenancy_audit')
+      THEN 'the audit trigger is missing or not enabled ALWAYS'
   END
-  FROM pg_class c WHERE c.oid = rel
+  FROM pg_class c
+  JOIN pg_namespace n ON n.oid = c.relnamespace
+  LEFT JOIN tenancy.protected_tables p ON p.schema_name = n.nspname AND p.table_name = c.relname
+  WHERE c.oid = rel
 $$;
+
+-- The audit trail's own append-only triggers and RLS must stay as installed.
+CREATE FUNCTION tenancy.check_audit_trail_guards() RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+BEGIN
+  IF to_regclass('tenancy.audit_events') IS NULL THEN
+    RETURN;  -- during CREATE EXTENSION, before the table exists
+  END IF;
+  IF (SELECT count(*) FROM pg_trigger WHERE tgrelid = 'tenancy.audit_events'::regclass AND tgenabled = 'A'
+        AND tgname IN ('audit_events_append_only', 'audit_events_no_truncate')) < 2
+     OR NOT (SELECT relrowsecurity AND relforcerowsecurity FROM pg_class WHERE oid = 'tenancy.audit_events'::regclass) THEN
+    RAISE EXCEPTION 'the audit trail''s append-only guards and row level security cannot be removed'
+      USING ERRCODE = '42501', HINT = 'tenancy.audit_events is append-only by design.';
+  END IF;
+END $$;
 
 CREATE FUNCTION tenancy.guard_ddl() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $$
@@ -35,6 +55,7 @@ BEGIN
   IF tenancy.in_maintenance() THEN
     RETURN;
   END IF;
+  PERFORM tenancy.check_audit_trail_guards();
   FOR cmd IN SELECT * FROM pg_event_trigger_ddl_commands() LOOP
     IF cmd.object_type = 'table' AND cmd.command_tag IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO') THEN
       rel := cmd.objid::regclass;
@@ -108,6 +129,7 @@ BEGIN
   IF tenancy.in_maintenance() THEN
     RETURN;
   END IF;
+  PERFORM tenancy.check_audit_trail_guards();
   FOR t IN SELECT p.schema_name, p.table_name, to_regclass(format('%I.%I', p.schema_name, p.table_name)) AS rel
              FROM tenancy.protected_tables p LOOP
     IF t.rel IS NULL THEN

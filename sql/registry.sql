@@ -5,6 +5,7 @@ CREATE TABLE tenancy.protected_tables (
   table_name    name NOT NULL,
   tenant_column name NOT NULL,
   tenant_type   text NOT NULL CHECK (tenant_type IN ('uuid', 'text')),
+  audited       boolean NOT NULL DEFAULT false,
   protected_at  timestamptz NOT NULL DEFAULT now(),
   protected_by  name NOT NULL DEFAULT session_user,
   PRIMARY KEY (schema_name, table_name)

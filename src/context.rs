@@ -377,6 +377,16 @@ fn write_mirror(org: &str) {
     }
 }
 
+/// The actor of the current transaction and whether a signed token proved it.
+pub fn current_actor_and_verified() -> (Option<String>, bool) {
+    CONTEXT.with(|c| {
+        c.borrow()
+            .as_ref()
+            .map(|ctx| (ctx.actor.clone(), ctx.signed))
+            .unwrap_or((None, false))
+    })
+}
+
 /// The tenant id of the current transaction as text, from the mirror; `None` when unset.
 pub fn current_org() -> Option<String> {
     MIRROR

@@ -74,6 +74,8 @@ pub enum TenancyError {
     PhiBadLabel,
     #[error("PHI cannot be revealed while building statistics or indexes")]
     PhiWhileStoring,
+    #[error("invalid audit action name")]
+    BadAction,
 }
 
 impl TenancyError {
@@ -110,6 +112,7 @@ impl TenancyError {
             Self::PhiWrongType { .. } => ERRCODE_DATATYPE_MISMATCH,
             Self::PhiBadLabel => ERRCODE_INVALID_PARAMETER_VALUE,
             Self::PhiWhileStoring => ERRCODE_FEATURE_NOT_SUPPORTED,
+            Self::BadAction => ERRCODE_INVALID_PARAMETER_VALUE,
         }
     }
 
@@ -197,6 +200,7 @@ impl TenancyError {
             Self::PhiWhileStoring => Some(
                 "ANALYZE, CREATE INDEX, REINDEX and CLUSTER would store plaintext at rest; drop statistics or indexes on decrypted values.",
             ),
+            Self::BadAction => Some("Action names are 1 to 64 letters, digits, '_', '.', ':' or '-'."),
         }
     }
 

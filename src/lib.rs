@@ -7,6 +7,7 @@
 
 use pgrx::prelude::*;
 
+pub mod audit;
 pub mod context;
 pub mod crypto;
 pub mod error;
@@ -29,7 +30,7 @@ extension_sql_file!(
 extension_sql_file!(
     "../sql/guards.sql",
     name = "guards",
-    requires = ["registry", policy::protect, policy::in_maintenance]
+    requires = ["registry", "audit", policy::protect, policy::in_maintenance]
 );
 extension_sql_file!("../sql/report.sql", name = "report", requires = ["guards"]);
 extension_sql_file!(
@@ -40,6 +41,16 @@ extension_sql_file!(
         crypto::phi_is_envelope,
         crypto::phi_key_id,
         crypto::phi_rotate_for_tenant
+    ]
+);
+extension_sql_file!(
+    "../sql/audit.sql",
+    name = "audit",
+    requires = [
+        "bootstrap",
+        audit::audit_payload,
+        context::require_org_text,
+        context::current_org_id_text
     ]
 );
 extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);

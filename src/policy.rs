@@ -59,7 +59,7 @@ fn load_target(rel: pg_sys::Oid, column: &str) -> Target {
                     c.relispartition,
                     ARRAY(SELECT polname::text FROM pg_policy WHERE polrelid = c.oid AND polname IN ('tenancy_tenant_floor', 'tenancy_tenant_rows')
                           UNION ALL
-                          SELECT tgname::text FROM pg_trigger WHERE tgrelid = c.oid AND tgname IN ('tenancy_tenant_immutable', 'tenancy_no_truncate') AND tgparentid = 0)
+                          SELECT tgname::text FROM pg_trigger WHERE tgrelid = c.oid AND tgname IN ('tenancy_tenant_immutable', 'tenancy_no_truncate', 'tenancy_audit') AND tgparentid = 0)
                FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1",
             None,
             &[rel.into(), column.into()],
@@ -113,7 +113,7 @@ fn load_target(rel: pg_sys::Oid, column: &str) -> Target {
 }
 
 /// The statements that protect one table (not its children).
-fn protect_statements(t: &Target, column: &str, set_default: bool) -> Vec<String> {
+fn protect_statements(t: &Target, column: &str, set_default: bool, audit: bool) -> Vec<String> {
     let table = format!("{}.{}", ident(&t.schema), ident(&t.name));
     let col = ident(column);
     let (current, require) = match t.tenant_type {
@@ -185,8 +185,25 @@ fn protect_statements(t: &Target, column: &str, set_default: bool) -> Vec<String
     if !t.has_tenant_index {
         s.push(format!("CREATE INDEX ON {table} ({col})"));
     }
+    if audit {
+        // Every change becomes an audit event, filed under the row's tenant column.
+        if !t.is_partition {
+            recreate(
+                &mut s,
+                "TRIGGER",
+                "tenancy_audit",
+                format!(
+                    "CREATE TRIGGER tenancy_audit AFTER INSERT OR UPDATE OR DELETE ON {table} FOR EACH ROW EXECUTE FUNCTION tenancy.audit_trigger({})",
+                    quote_literal(column)
+                ),
+            );
+        }
+        s.push(format!(
+            "ALTER TABLE {table} ENABLE ALWAYS TRIGGER tenancy_audit"
+        ));
+    }
     s.push(format!(
-        "INSERT INTO tenancy.protected_tables (schema_name, table_name, tenant_column, tenant_type) VALUES ({}, {}, {}, {}) ON CONFLICT (schema_name, table_name) DO UPDATE SET tenant_column = EXCLUDED.tenant_column, tenant_type = EXCLUDED.tenant_type, protected_at = now(), protected_by = session_user",
+        "INSERT INTO tenancy.protected_tables (schema_name, table_name, tenant_column, tenant_type, audited) VALUES ({}, {}, {}, {}, {audit}) ON CONFLICT (schema_name, table_name) DO UPDATE SET tenant_column = EXCLUDED.tenant_column, tenant_type = EXCLUDED.tenant_type, audited = tenancy.protected_tables.audited OR EXCLUDED.audited, protected_at = now(), protected_by = session_user",
         quote_literal(&t.schema),
         quote_literal(&t.name),
         quote_literal(column),
@@ -211,11 +228,17 @@ fn with_maintenance<T>(f: impl FnOnce() -> T) -> T {
     f()
 }
 
-fn collect_protect(rel: pg_sys::Oid, column: &str, set_default: bool, out: &mut Vec<String>) {
+fn collect_protect(
+    rel: pg_sys::Oid,
+    column: &str,
+    set_default: bool,
+    audit: bool,
+    out: &mut Vec<String>,
+) {
     let t = load_target(rel, column);
-    out.extend(protect_statements(&t, column, set_default));
+    out.extend(protect_statements(&t, column, set_default, audit));
     for child in &t.children {
-        collect_protect(*child, column, set_default, out);
+        collect_protect(*child, column, set_default, audit, out);
     }
 }
 
@@ -235,11 +258,12 @@ fn protect(
     tenant_column: default!(&str, "'organization_id'"),
     dry_run: default!(bool, false),
     set_default: default!(bool, true),
+    audit: default!(bool, false),
 ) -> SetOfIterator<'static, String> {
     require_superuser("protect");
     let rel = resolve(rel);
     let mut stmts = Vec::new();
-    collect_protect(rel, tenant_column, set_default, &mut stmts);
+    collect_protect(rel, tenant_column, set_default, audit, &mut stmts);
     if !dry_run {
         run_all(&stmts);
         log_action("protect", rel, tenant_column);
@@ -256,6 +280,7 @@ fn protect_all(
     root: default!(Option<&str>, "NULL"),
     tenant_column: default!(&str, "'organization_id'"),
     dry_run: default!(bool, false),
+    audit: default!(bool, false),
 ) -> SetOfIterator<'static, String> {
     require_superuser("protect_all");
     let root = root.map(resolve);
@@ -279,10 +304,10 @@ fn protect_all(
     .unwrap_or_else(|e| pgrx::error!("pg_tenancy: reading the catalog failed: {e}"));
     let mut stmts = Vec::new();
     if let Some(root) = root {
-        collect_protect(root, "id", false, &mut stmts);
+        collect_protect(root, "id", false, audit, &mut stmts);
     }
     for t in tables.into_iter().filter(|t| Some(*t) != root) {
-        collect_protect(t, tenant_column, true, &mut stmts);
+        collect_protect(t, tenant_column, true, audit, &mut stmts);
     }
     stmts.push(format!(
         "INSERT INTO tenancy.protected_schemas (schema_name, tenant_column) VALUES ({}, {}) ON CONFLICT (schema_name) DO UPDATE SET tenant_column = EXCLUDED.tenant_column",
@@ -338,7 +363,8 @@ fn unprotect_one(rel: pg_sys::Oid, stmts: &mut Vec<String>) -> bool {
     let found = Spi::connect(|client| -> SpiResult<_> {
         let t = client.select(
             "SELECT p.schema_name::text, p.table_name::text,
-                    ARRAY(SELECT inhrelid FROM pg_inherits WHERE inhparent = c.oid ORDER BY 1)
+                    ARRAY(SELECT inhrelid FROM pg_inherits WHERE inhparent = c.oid ORDER BY 1),
+                    p.audited
                FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                JOIN tenancy.protected_tables p ON p.schema_name = n.nspname AND p.table_name = c.relname
               WHERE c.oid = $1",
@@ -353,14 +379,15 @@ fn unprotect_one(rel: pg_sys::Oid, stmts: &mut Vec<String>) -> bool {
             r.get::<String>(1)?.unwrap_or_default(),
             r.get::<String>(2)?.unwrap_or_default(),
             r.get::<Vec<pg_sys::Oid>>(3)?.unwrap_or_default(),
+            r.get::<bool>(4)?.unwrap_or(false),
         )))
     })
     .unwrap_or_else(|e| pgrx::error!("pg_tenancy: {e}"));
-    let Some((schema, name, children)) = found else {
+    let Some((schema, name, children, audited)) = found else {
         return false;
     };
     let table = format!("{}.{}", ident(&schema), ident(&name));
-    let mine = vec![
+    let mut mine = vec![
         format!("DROP POLICY IF EXISTS tenancy_tenant_floor ON {table}"),
         format!("DROP POLICY IF EXISTS tenancy_tenant_rows ON {table}"),
         format!("ALTER TABLE {table} NO FORCE ROW LEVEL SECURITY"),
@@ -373,6 +400,12 @@ fn unprotect_one(rel: pg_sys::Oid, stmts: &mut Vec<String>) -> bool {
             quote_literal(&name)
         ),
     ];
+    if audited {
+        mine.insert(
+            6,
+            format!("DROP TRIGGER IF EXISTS tenancy_audit ON {table}"),
+        );
+    }
     run_all(&mine);
     log_action("unprotect", rel, "");
     stmts.extend(mine);

@@ -1,0 +1,504 @@
+//! The audit trail: every audited change and operator action becomes one
+//! `tenancy.audit_events` row, filed under the tenant of the row written (never the context),
+//! with the change payload encrypted under the PHI key ring (bound to the tenant and the
+//! event id) and a per-tenant SHA-256 hash chain that `tenancy.audit_verify` checks.
+//!
+//! Writers of one tenant serialise on that tenant's row in `tenancy.audit_chain_heads`;
+//! different tenants never wait on each other. The statements are prepared once per backend.
+
+use crate::crypto::{self, envelope::Content};
+use crate::error::{Raise, TenancyError};
+use pgrx::prelude::*;
+use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiResult};
+use pgrx::PgOid;
+use sha2::{Digest, Sha256};
+use std::cell::RefCell;
+use std::num::NonZeroUsize;
+
+const HASH_DOMAIN: &str = "pg_tenancy.audit.v1";
+
+thread_local! {
+    static PLANS: RefCell<Option<Plans>> = const { RefCell::new(None) };
+}
+
+struct Plans {
+    head: OwnedPreparedStatement,
+    lock: OwnedPreparedStatement,
+    insert: OwnedPreparedStatement,
+    advance: OwnedPreparedStatement,
+}
+
+fn text() -> PgOid {
+    PgOid::BuiltIn(pg_sys::BuiltinOid::TEXTOID)
+}
+
+fn prepare(client: &SpiClient<'_>) -> SpiResult<Plans> {
+    use pg_sys::BuiltinOid::*;
+    let o = PgOid::BuiltIn;
+    Ok(Plans {
+        head: client
+            .prepare_mut(
+                "INSERT INTO tenancy.audit_chain_heads (organization_id) VALUES ($1) ON CONFLICT DO NOTHING",
+                &[text()],
+            )?
+            .keep(),
+        lock: client
+            .prepare_mut(
+                "SELECT last_seq, last_hash, nextval('tenancy.audit_event_id'), txid_current()
+                   FROM tenancy.audit_chain_heads WHERE organization_id = $1 FOR UPDATE",
+                &[text()],
+            )?
+            .keep(),
+        insert: client
+            .prepare_mut(
+                "INSERT INTO tenancy.audit_events (organization_id, seq, event_id, occurred_at, txid, actor,
+                    actor_verified, session_role, outer_role, action, table_name, row_key, changed_columns,
+                    payload, prev_hash, hash)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+                &[
+                    text(), o(INT8OID), o(INT8OID), o(TIMESTAMPTZOID), o(INT8OID), text(), o(BOOLOID),
+                    o(NAMEOID), o(NAMEOID), text(), text(), text(), o(TEXTARRAYOID), o(BYTEAOID),
+                    o(BYTEAOID), o(BYTEAOID),
+                ],
+            )?
+            .keep(),
+        advance: client
+            .prepare_mut(
+                "UPDATE tenancy.audit_chain_heads SET last_seq = $2, last_hash = $3 WHERE organization_id = $1",
+                &[text(), o(INT8OID), o(BYTEAOID)],
+            )?
+            .keep(),
+    })
+}
+
+/// Everything hashed for one event, in a fixed order.
+pub struct EventContent<'a> {
+    pub org: &'a str,
+    pub seq: i64,
+    pub event_id: i64,
+    pub occurred_at: i64,
+    pub txid: i64,
+    pub actor: Option<&'a str>,
+    pub actor_verified: bool,
+    pub session_role: &'a str,
+    pub outer_role: &'a str,
+    pub action: &'a str,
+    pub table_name: Option<&'a str>,
+    pub row_key: Option<&'a str>,
+    pub changed_columns: Option<&'a [String]>,
+    pub payload: Option<&'a [u8]>,
+    pub prev_hash: &'a [u8],
+}
+
+/// SHA-256 over the length-prefixed fields (u32 big-endian length, or 0xFFFFFFFF for NULL).
+pub fn event_hash(e: &EventContent<'_>) -> [u8; 32] {
+    fn field(h: &mut Sha256, v: Option<&[u8]>) {
+        match v {
+            None => h.update(u32::MAX.to_be_bytes()),
+            Some(b) => {
+                h.update((b.len() as u32).to_be_bytes());
+                h.update(b);
+            }
+        }
+    }
+    let mut h = Sha256::new();
+    let changed = e.changed_columns.map(|c| c.join("\u{1f}"));
+    field(&mut h, Some(HASH_DOMAIN.as_bytes()));
+    field(&mut h, Some(e.org.as_bytes()));
+    for n in [e.seq, e.event_id, e.occurred_at, e.txid] {
+        field(&mut h, Some(&n.to_be_bytes()));
+    }
+    field(&mut h, e.actor.map(str::as_bytes));
+    field(&mut h, Some(&[e.actor_verified as u8]));
+    field(&mut h, Some(e.session_role.as_bytes()));
+    field(&mut h, Some(e.outer_role.as_bytes()));
+    field(&mut h, Some(e.action.as_bytes()));
+    field(&mut h, e.table_name.map(str::as_bytes));
+    field(&mut h, e.row_key.map(str::as_bytes));
+    field(&mut h, changed.as_deref().map(str::as_bytes));
+    field(&mut h, e.payload);
+    field(&mut h, Some(e.prev_hash));
+    h.finalize().into()
+}
+
+fn role_name(oid: pg_sys::Oid) -> String {
+    // SAFETY: GetUserNameFromId with noerr=true returns NULL for a dropped role.
+    unsafe {
+        let p = pg_sys::GetUserNameFromId(oid, true);
+        if p.is_null() {
+            format!("oid {}", u32::from(oid))
+        } else {
+            std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned()
+        }
+    }
+}
+
+/// Appends one event to `org`'s chain. The payload is encrypted for `org` under the active
+/// PHI key, bound to the event id.
+pub fn write_event(
+    org: &str,
+    action: &str,
+    table_name: Option<&str>,
+    row_key: Option<&str>,
+    changed_columns: Option<Vec<String>>,
+    payload: Option<&serde_json::Value>,
+) {
+    let (actor, actor_verified) = crate::context::current_actor_and_verified();
+    // SAFETY: plain reads of the current roles and clock.
+    let (session_role, outer_role, occurred_at) = unsafe {
+        (
+            role_name(pg_sys::GetSessionUserId()),
+            role_name(pg_sys::GetOuterUserId()),
+            pg_sys::GetCurrentTimestamp(),
+        )
+    };
+    let result: SpiResult<()> = Spi::connect_mut(|client| {
+        PLANS.with(|cell| -> SpiResult<()> {
+            let mut slot = cell.borrow_mut();
+            if slot.is_none() {
+                *slot = Some(prepare(client)?);
+            }
+            let plans = slot.as_ref().expect("prepared just above");
+            client.update(&plans.head, None, &[org.into()])?;
+            let row = client.update(&plans.lock, None, &[org.into()])?.first();
+            let last_seq = row.get::<i64>(1)?.unwrap_or(0);
+            let prev_hash = row.get::<Vec<u8>>(2)?.unwrap_or_default();
+            let event_id = row.get::<i64>(3)?.unwrap_or(0);
+            let txid = row.get::<i64>(4)?.unwrap_or(0);
+            let seq = last_seq + 1;
+            let sealed = payload.map(|p| {
+                let bytes = serde_json::to_vec(p).expect("JSON serialises");
+                crypto::encrypt_for(org, Content::Jsonb, Some(&payload_label(event_id)), &bytes)
+                    .or_raise()
+            });
+            let content = EventContent {
+                org,
+                seq,
+                event_id,
+                occurred_at,
+                txid,
+                actor: actor.as_deref(),
+                actor_verified,
+                session_role: &session_role,
+                outer_role: &outer_role,
+                action,
+                table_name,
+                row_key,
+                changed_columns: changed_columns.as_deref(),
+                payload: sealed.as_deref(),
+                prev_hash: &prev_hash,
+            };
+            let hash = event_hash(&content).to_vec();
+            let ts = pgrx::datum::TimestampWithTimeZone::try_from(occurred_at)
+                .expect("the clock is a valid timestamp");
+            client.update(
+                &plans.insert,
+                None,
+                &[
+                    org.into(),
+                    seq.into(),
+                    event_id.into(),
+                    ts.into(),
+                    txid.into(),
+                    actor.clone().into(),
+                    actor_verified.into(),
+                    session_role.as_str().into(),
+                    outer_role.as_str().into(),
+                    action.into(),
+                    table_name.into(),
+                    row_key.into(),
+                    changed_columns.clone().into(),
+                    sealed.clone().into(),
+                    prev_hash.clone().into(),
+                    hash.clone().into(),
+                ],
+            )?;
+            client.update(&plans.advance, None, &[org.into(), seq.into(), hash.into()])?;
+            Ok(())
+        })
+    });
+    result.unwrap_or_else(|e| pgrx::error!("pg_tenancy: writing the audit event failed: {e}"));
+}
+
+/// The label an event's payload is bound to.
+pub fn payload_label(event_id: i64) -> String {
+    format!("tenancy.audit_events:{event_id}")
+}
+
+/// Decrypts an audit payload of the current tenant.
+#[pg_extern(stable, parallel_restricted)]
+fn audit_payload(payload: Option<&[u8]>, event_id: i64) -> Option<pgrx::JsonB> {
+    let payload = payload?;
+    let org = crate::context::current_org()
+        .ok_or(TenancyError::NoTenant)
+        .or_raise();
+    let (_, plain) = crypto::decrypt_for(
+        &org,
+        payload,
+        Some(Content::Jsonb),
+        Some(&payload_label(event_id)),
+    )
+    .or_raise();
+    Some(pgrx::JsonB(
+        serde_json::from_slice(&plain).expect("authenticated payloads hold JSON"),
+    ))
+}
+
+/// Records an operator action of the application in the current tenant's audit trail.
+#[pg_extern(volatile, parallel_unsafe)]
+fn log_action(action: &str, details: default!(Option<pgrx::JsonB>, "NULL")) -> bool {
+    let org = crate::context::current_org()
+        .ok_or(TenancyError::NoTenant)
+        .or_raise();
+    if action.is_empty()
+        || action.len() > 64
+        || !action
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.:-".contains(&b))
+    {
+        TenancyError::BadAction.report();
+    }
+    write_event(
+        &org,
+        action,
+        None,
+        None,
+        None,
+        details.as_ref().map(|d| &d.0),
+    );
+    true
+}
+
+/// Renders a column value as JSON text through its type's output function.
+unsafe fn column_json(
+    tuple: *mut pg_sys::HeapTupleData,
+    tupdesc: pg_sys::TupleDesc,
+    attno: usize,
+    typoid: pg_sys::Oid,
+) -> serde_json::Value {
+    match pgrx::heap_getattr_raw(
+        tuple,
+        NonZeroUsize::new(attno).expect("attno from 1"),
+        tupdesc,
+    ) {
+        None => serde_json::Value::Null,
+        Some(datum) => {
+            let mut out = pg_sys::Oid::INVALID;
+            let mut varlena = false;
+            pg_sys::getTypeOutputInfo(typoid, &mut out, &mut varlena);
+            let c = pg_sys::OidOutputFunctionCall(out, datum);
+            serde_json::Value::String(std::ffi::CStr::from_ptr(c).to_string_lossy().into_owned())
+        }
+    }
+}
+
+/// The row as (column name, JSON value) pairs, skipping dropped columns.
+unsafe fn row_values(
+    tuple: *mut pg_sys::HeapTupleData,
+    tupdesc: pg_sys::TupleDesc,
+) -> Vec<(String, serde_json::Value)> {
+    let natts = (*tupdesc).natts as usize;
+    let attrs = (*tupdesc).attrs.as_slice(natts);
+    (0..natts)
+        .filter(|i| !attrs[*i].attisdropped)
+        .map(|i| {
+            let att = &attrs[i];
+            let name = std::ffi::CStr::from_ptr(att.attname.data.as_ptr())
+                .to_string_lossy()
+                .into_owned();
+            (name, column_json(tuple, tupdesc, i + 1, att.atttypid))
+        })
+        .collect()
+}
+
+/// Row trigger (AFTER INSERT OR UPDATE OR DELETE, FOR EACH ROW) that audits a table. Its
+/// argument is the tenant column; the event is filed under that column's value.
+#[pg_trigger]
+fn audit_trigger<'a>(
+    trigger: &'a pgrx::PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, pgrx::AllocatedByPostgres>>, TenancyError> {
+    let data = trigger.trigger_data();
+    let tenant_column = trigger
+        .extra_args()
+        .ok()
+        .and_then(|a| a.into_iter().next())
+        .unwrap_or_else(|| "organization_id".into());
+    let rel = trigger.relation().expect("a row trigger has a relation");
+    let table = format!("{}.{}", rel.namespace(), rel.name());
+    // SAFETY: trigger data and its tuples are valid for the duration of the call.
+    let tupdesc = unsafe { (*data.tg_relation).rd_att };
+    use pgrx::trigger_support::PgTriggerOperation as Op;
+    let op = trigger.op().expect("a row trigger has an operation");
+    // SAFETY: the trigger's tuples are valid for the duration of the call.
+    let (action, old, new) = unsafe {
+        match op {
+            Op::Insert => ("INSERT", None, Some(row_values(data.tg_trigtuple, tupdesc))),
+            Op::Delete => ("DELETE", Some(row_values(data.tg_trigtuple, tupdesc)), None),
+            Op::Update => (
+                "UPDATE",
+                Some(row_values(data.tg_trigtuple, tupdesc)),
+                Some(row_values(data.tg_newtuple, tupdesc)),
+            ),
+            Op::Truncate => return Ok(None),
+        }
+    };
+    let current = new.as_ref().or(old.as_ref()).expect("one row is present");
+    let org = match current
+        .iter()
+        .find(|(n, _)| *n == tenant_column)
+        .map(|(_, v)| v)
+    {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        _ => return Err(TenancyError::NoTenant),
+    };
+    let key = primary_key(&rel, current);
+    let (changed, payload) = match (&old, &new) {
+        (Some(o), Some(n)) => {
+            let changed: Vec<usize> = (0..n.len()).filter(|i| o[*i].1 != n[*i].1).collect();
+            if changed.is_empty() {
+                return Ok(None); // a no-op UPDATE writes nothing
+            }
+            let pick = |row: &Vec<(String, serde_json::Value)>| {
+                serde_json::Value::Object(changed.iter().map(|i| row[*i].clone()).collect())
+            };
+            (
+                changed.iter().map(|i| n[*i].0.clone()).collect::<Vec<_>>(),
+                serde_json::json!({ "old": pick(o), "new": pick(n) }),
+            )
+        }
+        (_, Some(row)) | (Some(row), None) => (
+            row.iter().map(|(n, _)| n.clone()).collect(),
+            serde_json::Value::Object(row.iter().cloned().collect()),
+        ),
+        (None, None) => unreachable!("a row trigger has a row"),
+    };
+    write_event(
+        &org,
+        action,
+        Some(&table),
+        Some(&key),
+        Some(changed),
+        Some(&payload),
+    );
+    Ok(None)
+}
+
+/// The primary key of the row as JSON text (`{"col": "value", ...}`), or all columns' names
+/// when the table has none.
+fn primary_key(rel: &pgrx::PgRelation, row: &[(String, serde_json::Value)]) -> String {
+    let cols: Vec<String> = Spi::get_one_with_args::<Vec<String>>(
+        "SELECT array_agg(a.attname::text ORDER BY k.ord) FROM pg_index i
+           CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY k(attnum, ord)
+           JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+          WHERE i.indrelid = $1 AND i.indisprimary",
+        &[rel.oid().into()],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or_default();
+    let key: serde_json::Map<String, serde_json::Value> = row
+        .iter()
+        .filter(|(n, _)| cols.contains(n))
+        .cloned()
+        .collect();
+    serde_json::Value::Object(key).to_string()
+}
+
+/// Verifies `org`'s hash chain: one row with the number of events checked and, when broken,
+/// the first broken position and what is wrong. Superusers may verify any tenant; others
+/// only the tenant of their context.
+#[pg_extern(volatile, parallel_unsafe)]
+fn audit_verify(
+    org: &str,
+) -> TableIterator<
+    'static,
+    (
+        name!(ok, bool),
+        name!(events, i64),
+        name!(first_broken_seq, Option<i64>),
+        name!(problem, Option<String>),
+    ),
+> {
+    // SAFETY: superuser() only reads the current role.
+    let allowed =
+        unsafe { pg_sys::superuser() } || crate::context::current_org().as_deref() == Some(org);
+    if !allowed {
+        TenancyError::SuperuserOnly {
+            what: "audit_verify (for another tenant)",
+        }
+        .report();
+    }
+    let result = Spi::connect(|client| -> SpiResult<(i64, Option<(i64, String)>)> {
+        let rows = client.select(
+            "SELECT seq, event_id, occurred_at, txid, actor, actor_verified, session_role::text, outer_role::text,
+                    action, table_name, row_key, changed_columns, payload, prev_hash, hash
+               FROM tenancy.audit_events WHERE organization_id = $1 ORDER BY seq",
+            None,
+            &[org.into()],
+        )?;
+        let mut expected_prev = vec![0u8; 32];
+        let mut expected_seq = 1i64;
+        let mut n = 0i64;
+        for r in rows {
+            n += 1;
+            let seq = r.get::<i64>(1)?.unwrap_or(0);
+            if seq != expected_seq {
+                return Ok((n, Some((expected_seq, format!("event {expected_seq} is missing (next stored is {seq})")))));
+            }
+            let prev = r.get::<Vec<u8>>(14)?.unwrap_or_default();
+            if prev != expected_prev {
+                return Ok((n, Some((seq, "its link to the previous event does not match".into()))));
+            }
+            let ts = r.get::<pgrx::datum::TimestampWithTimeZone>(3)?.map(|t| t.into_inner()).unwrap_or(0);
+            let actor = r.get::<String>(5)?;
+            let session_role = r.get::<String>(7)?.unwrap_or_default();
+            let outer_role = r.get::<String>(8)?.unwrap_or_default();
+            let action = r.get::<String>(9)?.unwrap_or_default();
+            let table_name = r.get::<String>(10)?;
+            let row_key = r.get::<String>(11)?;
+            let changed = r.get::<Vec<String>>(12)?;
+            let payload = r.get::<Vec<u8>>(13)?;
+            let stored = r.get::<Vec<u8>>(15)?.unwrap_or_default();
+            let content = EventContent {
+                org,
+                seq,
+                event_id: r.get::<i64>(2)?.unwrap_or(0),
+                occurred_at: ts,
+                txid: r.get::<i64>(4)?.unwrap_or(0),
+                actor: actor.as_deref(),
+                actor_verified: r.get::<bool>(6)?.unwrap_or(false),
+                session_role: &session_role,
+                outer_role: &outer_role,
+                action: &action,
+                table_name: table_name.as_deref(),
+                row_key: row_key.as_deref(),
+                changed_columns: changed.as_deref(),
+                payload: payload.as_deref(),
+                prev_hash: &prev,
+            };
+            if event_hash(&content).as_slice() != stored.as_slice() {
+                return Ok((n, Some((seq, "its content does not match its hash (edited)".into()))));
+            }
+            expected_prev = stored;
+            expected_seq += 1;
+        }
+        let head: Option<i64> = client
+            .select("SELECT last_seq FROM tenancy.audit_chain_heads WHERE organization_id = $1", None, &[org.into()])?
+            .first()
+            .get::<i64>(1)
+            .ok()
+            .flatten();
+        if let Some(last) = head.filter(|last| *last != expected_seq - 1) {
+            return Ok((n, Some((expected_seq, format!("the chain head records {last} events; the trail ends at {}", expected_seq - 1)))));
+        }
+        Ok((n, None))
+    })
+    .unwrap_or_else(|e| pgrx::error!("pg_tenancy: reading the audit trail failed: {e}"));
+    let (events, broken) = result;
+    TableIterator::once((
+        broken.is_none(),
+        events,
+        broken.as_ref().map(|b| b.0),
+        broken.map(|b| b.1),
+    ))
+}
