@@ -54,10 +54,10 @@ fn prepare(client: &SpiClient<'_>) -> SpiResult<Plans> {
                 "INSERT INTO tenancy.audit_events (organization_id, seq, event_id, occurred_at, txid, actor,
                     actor_verified, session_role, outer_role, action, table_name, row_key, changed_columns,
                     payload, prev_hash, hash)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8::name, $9::name, $10, $11, $12, $13, $14, $15, $16)",
                 &[
                     text(), o(INT8OID), o(INT8OID), o(TIMESTAMPTZOID), o(INT8OID), text(), o(BOOLOID),
-                    o(NAMEOID), o(NAMEOID), text(), text(), text(), o(TEXTARRAYOID), o(BYTEAOID),
+                    text(), text(), text(), text(), text(), o(TEXTARRAYOID), o(BYTEAOID),
                     o(BYTEAOID), o(BYTEAOID),
                 ],
             )?
@@ -419,9 +419,10 @@ fn audit_verify(
         name!(problem, Option<String>),
     ),
 > {
-    // SAFETY: superuser() only reads the current role.
-    let allowed =
-        unsafe { pg_sys::superuser() } || crate::context::current_org().as_deref() == Some(org);
+    // This function is SECURITY DEFINER: ask about the caller (the outer user), not the owner.
+    // SAFETY: plain catalog lookup of a role id.
+    let caller_is_superuser = unsafe { pg_sys::superuser_arg(pg_sys::GetOuterUserId()) };
+    let allowed = caller_is_superuser || crate::context::current_org().as_deref() == Some(org);
     if !allowed {
         TenancyError::SuperuserOnly {
             what: "audit_verify (for another tenant)",
@@ -501,4 +502,67 @@ fn audit_verify(
         broken.as_ref().map(|b| b.0),
         broken.map(|b| b.1),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample<'a>(changed: &'a [String], payload: &'a [u8], prev: &'a [u8]) -> EventContent<'a> {
+        EventContent {
+            org: "org",
+            seq: 1,
+            event_id: 10,
+            occurred_at: 5,
+            txid: 7,
+            actor: Some("u"),
+            actor_verified: false,
+            session_role: "app",
+            outer_role: "app",
+            action: "UPDATE",
+            table_name: Some("clinic.reviews"),
+            row_key: Some("{}"),
+            changed_columns: Some(changed),
+            payload: Some(payload),
+            prev_hash: prev,
+        }
+    }
+
+    #[test]
+    fn test_event_hash_covers_every_field_and_the_link() {
+        let changed = vec!["rating".to_string()];
+        let base = event_hash(&sample(&changed, b"p", &[0; 32]));
+        assert_eq!(
+            base,
+            event_hash(&sample(&changed, b"p", &[0; 32])),
+            "deterministic"
+        );
+        let mut e = sample(&changed, b"p", &[0; 32]);
+        e.actor = None;
+        assert_ne!(event_hash(&e), base, "NULL differs from a value");
+        let mut e = sample(&changed, b"p", &[0; 32]);
+        e.actor_verified = true;
+        assert_ne!(event_hash(&e), base);
+        assert_ne!(
+            event_hash(&sample(&changed, b"q", &[0; 32])),
+            base,
+            "payload"
+        );
+        assert_ne!(
+            event_hash(&sample(&changed, b"p", &[1; 32])),
+            base,
+            "link to the previous event"
+        );
+        let other = vec!["body".to_string()];
+        assert_ne!(
+            event_hash(&sample(&other, b"p", &[0; 32])),
+            base,
+            "changed columns"
+        );
+        // Length prefixes: moving bytes between adjacent fields changes the hash.
+        let mut e = sample(&changed, b"p", &[0; 32]);
+        e.session_role = "ap";
+        e.outer_role = "papp";
+        assert_ne!(event_hash(&e), base);
+    }
 }

@@ -1,6 +1,7 @@
 //! Client tests: a real server per scenario, connections as the application's ordinary role
 //! `app`, the attacks of ATTACKS.md played from outside the backend.
 
+mod audit;
 mod context;
 mod harness;
 mod lifecycle;

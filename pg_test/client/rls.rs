@@ -70,7 +70,7 @@ pub fn reference_cluster() -> Cluster {
     owner.batch_execute(&schema).unwrap();
     let mut su = c.connect("postgres", "app");
     su.query(
-        "SELECT tenancy.protect_all('clinic', root => 'clinic.organizations')",
+        "SELECT tenancy.protect_all('clinic', root => 'clinic.organizations', audit => true)",
         &[],
     )
     .unwrap();

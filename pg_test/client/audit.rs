@@ -1,0 +1,335 @@
+//! Rows A1-A3 and A5-A7 of ATTACKS.md and the audit trail's exactness, on the reference
+//! schema protected with `audit => true` (all fifteen tables audit into the sixteenth).
+
+use crate::harness::{count, db_error, sqlstate, strings, Cluster};
+use crate::rls::{reference_cluster, CONWAY, SHERWOOD};
+use postgres::Client;
+use std::sync::OnceLock;
+
+fn cluster() -> &'static Cluster {
+    static C: OnceLock<Cluster> = OnceLock::new();
+    C.get_or_init(reference_cluster)
+}
+
+fn enter(c: &mut Client, org: &str, actor: &str) {
+    c.batch_execute(&format!(
+        "BEGIN; SELECT tenancy.set_org('{org}', '{actor}')"
+    ))
+    .unwrap();
+}
+
+/// Events of one audited table row (by its id), oldest first: (action, changed columns).
+fn events_of(c: &mut Client, id: &str) -> Vec<(String, Vec<String>)> {
+    c.query(
+        "SELECT action, changed_columns FROM tenancy.my_audit_events WHERE row_key LIKE '%' || $1 || '%' ORDER BY seq",
+        &[&id],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect()
+}
+
+#[test]
+fn test_audit_rows_match_the_changes_exactly() {
+    let mut c = cluster().connect("app", "app");
+    let id = "5e000000-0000-4000-8000-0000000000f1";
+    enter(&mut c, SHERWOOD, "user-7");
+    c.batch_execute(&format!(
+        "INSERT INTO clinic.reviews (id, rating, body) VALUES ('{id}', 4, 'good')"
+    ))
+    .unwrap();
+    c.batch_execute(&format!(
+        "UPDATE clinic.reviews SET rating = 5 WHERE id = '{id}'"
+    ))
+    .unwrap();
+    c.batch_execute(&format!(
+        "UPDATE clinic.reviews SET rating = 5 WHERE id = '{id}'"
+    ))
+    .unwrap(); // no-op
+    c.batch_execute("COMMIT").unwrap();
+    // A change rolled back leaves no event.
+    enter(&mut c, SHERWOOD, "user-7");
+    c.batch_execute(&format!(
+        "UPDATE clinic.reviews SET body = 'rolled back' WHERE id = '{id}'"
+    ))
+    .unwrap();
+    c.batch_execute("ROLLBACK").unwrap();
+    enter(&mut c, SHERWOOD, "user-7");
+    c.batch_execute(&format!("DELETE FROM clinic.reviews WHERE id = '{id}'"))
+        .unwrap();
+    let events = events_of(&mut c, id);
+    let actions: Vec<&str> = events.iter().map(|e| e.0.as_str()).collect();
+    assert_eq!(actions, ["INSERT", "UPDATE", "DELETE"]);
+    assert_eq!(events[1].1, ["rating"], "only the changed column, in clear");
+    // The payloads decrypt to the right values.
+    let payloads = strings(
+        &mut c,
+        &format!("SELECT changes::text FROM tenancy.my_audit_events WHERE row_key LIKE '%{id}%' ORDER BY seq"),
+    );
+    assert!(
+        payloads[0].contains("\"body\": \"good\"") && payloads[0].contains("\"rating\": \"4\""),
+        "{}",
+        payloads[0]
+    );
+    assert_eq!(
+        payloads[1],
+        "{\"new\": {\"rating\": \"5\"}, \"old\": {\"rating\": \"4\"}}"
+    );
+    assert!(
+        payloads[2].contains("\"rating\": \"5\""),
+        "DELETE holds the old row: {}",
+        payloads[2]
+    );
+    // A5: the actor is recorded, with how it was established.
+    let row = c
+        .query_one(
+            &format!("SELECT actor, actor_verified, session_role::text, outer_role::text FROM tenancy.my_audit_events WHERE row_key LIKE '%{id}%' ORDER BY seq LIMIT 1"),
+            &[],
+        )
+        .unwrap();
+    assert_eq!(row.get::<_, Option<String>>(0).as_deref(), Some("user-7"));
+    assert!(
+        !row.get::<_, bool>(1),
+        "no signed token: the actor is the application's word"
+    );
+    assert_eq!(
+        (row.get::<_, String>(2), row.get::<_, String>(3)),
+        ("app".into(), "app".into())
+    );
+    c.batch_execute("COMMIT").unwrap();
+    let mut su = cluster().connect("postgres", "app");
+    let ok: bool = su
+        .query_one(
+            &format!("SELECT ok FROM tenancy.audit_verify('{SHERWOOD}')"),
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(ok);
+}
+
+#[test]
+fn test_a1_the_audit_trail_is_append_only() {
+    for role in ["app", "owner"] {
+        let mut c = cluster().connect(role, "app");
+        enter(&mut c, SHERWOOD, "x");
+        for stmt in [
+            "UPDATE tenancy.audit_events SET action = 'forged'",
+            "DELETE FROM tenancy.audit_events",
+            "TRUNCATE tenancy.audit_events",
+            "INSERT INTO tenancy.audit_events (organization_id, seq, event_id, occurred_at, txid, actor_verified, session_role, outer_role, action, prev_hash, hash) VALUES ('x', 1, 1, now(), 1, false, 'a', 'a', 'x', '', '')",
+        ] {
+            c.batch_execute("SAVEPOINT s").unwrap();
+            assert_eq!(sqlstate(c.batch_execute(stmt)), "42501", "{role}: {stmt}");
+            c.batch_execute("ROLLBACK TO s").unwrap();
+        }
+        c.batch_execute("ROLLBACK").unwrap();
+    }
+    // Even a superuser's UPDATE hits the append-only trigger.
+    let mut su = cluster().connect("postgres", "app");
+    assert_eq!(
+        sqlstate(su.batch_execute("UPDATE tenancy.audit_events SET action = 'forged'")),
+        "42501"
+    );
+}
+
+#[test]
+fn test_a2_audit_triggers_cannot_be_disabled_or_dropped() {
+    let mut owner = cluster().connect("owner", "app");
+    for stmt in [
+        "ALTER TABLE clinic.bookings DISABLE TRIGGER tenancy_audit",
+        "DROP TRIGGER tenancy_audit ON clinic.bookings",
+    ] {
+        let err = db_error(owner.batch_execute(stmt));
+        assert_eq!(err.code().code(), "42501", "{stmt}");
+    }
+    let mut su = cluster().connect("postgres", "app");
+    assert_eq!(
+        sqlstate(su.batch_execute(
+            "ALTER TABLE tenancy.audit_events DISABLE TRIGGER audit_events_append_only"
+        )),
+        "42501"
+    );
+    assert_eq!(
+        sqlstate(su.batch_execute("ALTER TABLE tenancy.audit_events NO FORCE ROW LEVEL SECURITY")),
+        "42501"
+    );
+}
+
+#[test]
+fn test_a6_a_tenant_reads_and_decrypts_only_its_own_events() {
+    let mut c = cluster().connect("app", "app");
+    enter(&mut c, CONWAY, "c-user");
+    c.batch_execute("INSERT INTO clinic.reviews (rating) VALUES (3)")
+        .unwrap();
+    let foreign = count(
+        &mut c,
+        &format!("SELECT count(*) FROM tenancy.audit_events WHERE organization_id <> '{CONWAY}'"),
+    );
+    assert_eq!(foreign, 0);
+    c.batch_execute("COMMIT").unwrap();
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM tenancy.audit_events"),
+        0,
+        "no context, no events"
+    );
+    // Sherwood's payload, handed to Conway, does not decrypt.
+    let mut su = cluster().connect("postgres", "app");
+    let row = su
+        .query_one(&format!("SELECT payload, event_id FROM tenancy.audit_events WHERE organization_id = '{SHERWOOD}' AND payload IS NOT NULL LIMIT 1"), &[])
+        .unwrap();
+    let (payload, event_id): (Vec<u8>, i64) = (row.get(0), row.get(1));
+    enter(&mut c, CONWAY, "c-user");
+    assert_eq!(
+        sqlstate(c.query_one(
+            "SELECT tenancy.audit_payload($1, $2)",
+            &[&payload, &event_id]
+        )),
+        "28000"
+    );
+    c.batch_execute("ROLLBACK").unwrap();
+    // Nor can Conway verify Sherwood's chain.
+    enter(&mut c, CONWAY, "c-user");
+    assert_eq!(
+        sqlstate(c.query_one(
+            &format!("SELECT * FROM tenancy.audit_verify('{SHERWOOD}')"),
+            &[]
+        )),
+        "42501"
+    );
+    c.batch_execute("ROLLBACK").unwrap();
+}
+
+#[test]
+fn test_a7_the_event_is_filed_under_the_row_not_the_context() {
+    // A superuser (RLS does not apply) in Conway's context writes a Sherwood row.
+    let mut su = cluster().connect("postgres", "app");
+    su.batch_execute(&format!(
+        "BEGIN; SELECT tenancy.set_org('{CONWAY}');
+         INSERT INTO clinic.reviews (organization_id, rating, body) VALUES ('{SHERWOOD}', 2, 'misfiled?'); COMMIT;"
+    ))
+    .unwrap();
+    let org: String = su
+        .query_one(
+            "SELECT e.organization_id FROM tenancy.audit_events e JOIN clinic.reviews r
+               ON e.row_key LIKE '%' || r.id || '%' WHERE r.body = 'misfiled?'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(org, SHERWOOD);
+}
+
+#[test]
+fn test_operator_actions_and_concurrent_writers_keep_the_chain() {
+    let port = cluster().port;
+    let writers: Vec<_> = (0..2)
+        .map(|w| {
+            std::thread::spawn(move || {
+                let mut c = postgres::Config::new()
+                    .host("127.0.0.1")
+                    .port(port)
+                    .user("app")
+                    .dbname("app")
+                    .connect(postgres::NoTls)
+                    .unwrap();
+                for i in 0..40 {
+                    c.batch_execute(&format!(
+                        "BEGIN; SELECT tenancy.set_org('{SHERWOOD}', 'w{w}');
+                         INSERT INTO clinic.reviews (rating, body) VALUES (1, 'w{w}-{i}');
+                         SELECT tenancy.log_action('export.csv', '{{\"rows\": {i}}}'); COMMIT;"
+                    ))
+                    .unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+    let mut su = cluster().connect("postgres", "app");
+    let row = su
+        .query_one(
+            &format!("SELECT ok, events, problem FROM tenancy.audit_verify('{SHERWOOD}')"),
+            &[],
+        )
+        .unwrap();
+    assert!(
+        row.get::<_, bool>(0),
+        "{:?}",
+        row.get::<_, Option<String>>(2)
+    );
+    let actions = count(&mut su, &format!("SELECT count(*) FROM tenancy.audit_events WHERE organization_id = '{SHERWOOD}' AND action = 'export.csv'"));
+    assert_eq!(actions, 80);
+    let mut c = cluster().connect("app", "app");
+    enter(&mut c, SHERWOOD, "x");
+    assert_eq!(
+        sqlstate(c.query_one("SELECT tenancy.log_action('bad action; drop')", &[])),
+        "22023"
+    );
+    c.batch_execute("ROLLBACK").unwrap();
+    assert_eq!(
+        sqlstate(c.query_one("SELECT tenancy.log_action('export')", &[])),
+        "42501",
+        "no context"
+    );
+}
+
+#[test]
+fn test_a3_a_superusers_edit_deletion_or_reordering_is_found() {
+    let cluster = reference_cluster();
+    let mut su = cluster.connect("postgres", "app");
+    // The seed wrote Sherwood's events; add a few more.
+    su.batch_execute(&format!(
+        "BEGIN; SELECT tenancy.set_org('{SHERWOOD}');
+         SELECT tenancy.log_action('a'); SELECT tenancy.log_action('b'); SELECT tenancy.log_action('c'); COMMIT;"
+    ))
+    .unwrap();
+    let verify = |su: &mut Client| -> (bool, Option<i64>, Option<String>) {
+        let r = su
+            .query_one(
+                &format!(
+                    "SELECT ok, first_broken_seq, problem FROM tenancy.audit_verify('{SHERWOOD}')"
+                ),
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1), r.get(2))
+    };
+    assert!(verify(&mut su).0);
+    // A superuser who switches the guards off can change rows; the chain shows it.
+    su.batch_execute(
+        "ALTER EVENT TRIGGER tenancy_guard_ddl DISABLE;
+         ALTER TABLE tenancy.audit_events DISABLE TRIGGER audit_events_append_only;",
+    )
+    .unwrap();
+    su.batch_execute(&format!("UPDATE tenancy.audit_events SET actor = 'someone else' WHERE organization_id = '{SHERWOOD}' AND seq = 3")).unwrap();
+    let (ok, at, problem) = verify(&mut su);
+    assert_eq!((ok, at), (false, Some(3)), "{problem:?}");
+    assert!(problem.unwrap().contains("edited"));
+    su.batch_execute(&format!("UPDATE tenancy.audit_events SET actor = NULL WHERE organization_id = '{SHERWOOD}' AND seq = 3")).unwrap();
+    assert!(verify(&mut su).0, "restored");
+    // Reordering two events.
+    su.batch_execute(&format!(
+        "UPDATE tenancy.audit_events SET seq = -seq WHERE organization_id = '{SHERWOOD}' AND seq IN (4, 5);
+         UPDATE tenancy.audit_events SET seq = CASE seq WHEN -4 THEN 5 ELSE 4 END WHERE organization_id = '{SHERWOOD}' AND seq IN (-4, -5);"
+    ))
+    .unwrap();
+    let (ok, at, _) = verify(&mut su);
+    assert_eq!((ok, at), (false, Some(4)));
+    su.batch_execute(&format!(
+        "UPDATE tenancy.audit_events SET seq = -seq WHERE organization_id = '{SHERWOOD}' AND seq IN (4, 5);
+         UPDATE tenancy.audit_events SET seq = CASE seq WHEN -4 THEN 5 ELSE 4 END WHERE organization_id = '{SHERWOOD}' AND seq IN (-4, -5);"
+    ))
+    .unwrap();
+    assert!(verify(&mut su).0, "restored");
+    // Deleting one.
+    su.batch_execute(&format!(
+        "DELETE FROM tenancy.audit_events WHERE organization_id = '{SHERWOOD}' AND seq = 2"
+    ))
+    .unwrap();
+    let (ok, at, problem) = verify(&mut su);
+    assert_eq!((ok, at), (false, Some(2)), "{problem:?}");
+    assert!(problem.unwrap().contains("missing"));
+}
