@@ -47,7 +47,7 @@ psql -X -q -v ON_ERROR_STOP=1 "host=127.0.0.1 port=$PORT user=postgres dbname=cl
 # The family-practice reference schema, owned by the migrations role, protected with one call.
 psql -X -q -o /dev/null -v ON_ERROR_STOP=1 "host=127.0.0.1 port=$PORT user=clinic_owner dbname=clinic" -f scripts/family_practice.sql
 psql -X -q -o /dev/null -v ON_ERROR_STOP=1 "host=127.0.0.1 port=$PORT user=postgres dbname=clinic" \
-  -c "SELECT tenancy.protect_all('clinic', root => 'clinic.organizations')"
+  -c "SELECT tenancy.protect_all('clinic', root => 'clinic.organizations', audit => true)"
 psql -X -q -o /dev/null -v ON_ERROR_STOP=1 "host=127.0.0.1 port=$PORT user=clinic_owner dbname=clinic" <<SQL
 GRANT USAGE ON SCHEMA clinic TO app;
 GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA clinic TO app;
@@ -95,6 +95,11 @@ step "Ada's phone ciphertext, copied into Conway's transaction, is refused" \
   "BEGIN; SELECT tenancy.set_org('$CONWAY'); SELECT tenancy.phi_reveal('\\x$ENVELOPE'::bytea, 'patients.phone'); COMMIT;"
 step "Disabling row level security is refused, even for the table owner" \
   "ALTER TABLE clinic.patients DISABLE ROW LEVEL SECURITY;" "host=127.0.0.1 port=$PORT user=clinic_owner dbname=clinic"
+step "Sherwood's audit trail of what just happened (payloads decrypted for Sherwood only)" \
+  "BEGIN; SELECT tenancy.set_org('$SHERWOOD', 'dr-jones'); SELECT tenancy.log_action('demo.viewed_trail'); SELECT seq, action, table_name, changed_columns, left(changes::text, 60) AS changes FROM tenancy.my_audit_events ORDER BY seq; COMMIT;"
+step "The trail's hash chain verifies (as the DBA)" \
+  "SELECT organization_id, v.* FROM (VALUES ('$SHERWOOD'), ('$CONWAY')) o(organization_id), tenancy.audit_verify(organization_id) v;" \
+  "host=127.0.0.1 port=$PORT user=postgres dbname=clinic"
 say "The isolation report (as the DBA): no findings"
 psql -X "host=127.0.0.1 port=$PORT user=postgres dbname=clinic" -c "SELECT severity, object, finding FROM tenancy.isolation_report();" | sed 's/^/  /'
 

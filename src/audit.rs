@@ -297,15 +297,13 @@ unsafe fn row_values(
     tuple: *mut pg_sys::HeapTupleData,
     tupdesc: pg_sys::TupleDesc,
 ) -> Vec<(String, serde_json::Value)> {
-    let natts = (*tupdesc).natts as usize;
-    let attrs = (*tupdesc).attrs.as_slice(natts);
-    (0..natts)
-        .filter(|i| !attrs[*i].attisdropped)
-        .map(|i| {
-            let att = &attrs[i];
-            let name = std::ffi::CStr::from_ptr(att.attname.data.as_ptr())
-                .to_string_lossy()
-                .into_owned();
+    // PgTupleDesc hides the attribute array's layout, which changed in PG 18.
+    let desc = pgrx::PgTupleDesc::from_pg_unchecked(tupdesc);
+    desc.iter()
+        .enumerate()
+        .filter(|(_, att)| !att.is_dropped())
+        .map(|(i, att)| {
+            let name = att.name().to_string();
             (name, column_json(tuple, tupdesc, i + 1, att.atttypid))
         })
         .collect()
