@@ -38,6 +38,7 @@ listen_addresses = '127.0.0.1'
 unix_socket_directories = '$DIR'
 shared_preload_libraries = 'pg_tenancy'
 tenancy.phi_key_file = '$DIR/phi.keyring'
+tenancy.audit_database = 'clinic'
 CONF
 as_pg "$BIN/pg_ctl" start -w -D "$DIR/data" -l "$DIR/server.log" >/dev/null
 

@@ -121,7 +121,17 @@ pub fn event_hash(e: &EventContent<'_>) -> [u8; 32] {
     h.finalize().into()
 }
 
-fn role_name(oid: pg_sys::Oid) -> String {
+/// Who wrote an event, and when.
+pub struct Who {
+    pub actor: Option<String>,
+    pub actor_verified: bool,
+    pub session_role: String,
+    pub outer_role: String,
+    pub occurred_at: i64,
+}
+
+/// A role's name (or its oid when it was dropped).
+pub fn role_name(oid: pg_sys::Oid) -> String {
     // SAFETY: GetUserNameFromId with noerr=true returns NULL for a dropped role.
     unsafe {
         let p = pg_sys::GetUserNameFromId(oid, true);
@@ -133,8 +143,7 @@ fn role_name(oid: pg_sys::Oid) -> String {
     }
 }
 
-/// Appends one event to `org`'s chain. The payload is encrypted for `org` under the active
-/// PHI key, bound to the event id.
+/// Appends one event to `org`'s chain, written by the current session.
 pub fn write_event(
     org: &str,
     action: &str,
@@ -145,13 +154,44 @@ pub fn write_event(
 ) {
     let (actor, actor_verified) = crate::context::current_actor_and_verified();
     // SAFETY: plain reads of the current roles and clock.
-    let (session_role, outer_role, occurred_at) = unsafe {
-        (
-            role_name(pg_sys::GetSessionUserId()),
-            role_name(pg_sys::GetOuterUserId()),
-            pg_sys::GetCurrentTimestamp(),
-        )
+    let who = unsafe {
+        Who {
+            actor,
+            actor_verified,
+            session_role: role_name(pg_sys::GetSessionUserId()),
+            outer_role: role_name(pg_sys::GetOuterUserId()),
+            occurred_at: pg_sys::GetCurrentTimestamp(),
+        }
     };
+    write_event_as(
+        &who,
+        org,
+        action,
+        table_name,
+        row_key,
+        changed_columns,
+        payload,
+    );
+}
+
+/// Appends one event to `org`'s chain on behalf of `who`. The payload is encrypted for `org`
+/// under the active PHI key, bound to the event id.
+pub fn write_event_as(
+    who: &Who,
+    org: &str,
+    action: &str,
+    table_name: Option<&str>,
+    row_key: Option<&str>,
+    changed_columns: Option<Vec<String>>,
+    payload: Option<&serde_json::Value>,
+) {
+    let (actor, actor_verified, session_role, outer_role, occurred_at) = (
+        who.actor.clone(),
+        who.actor_verified,
+        who.session_role.clone(),
+        who.outer_role.clone(),
+        who.occurred_at,
+    );
     let result: SpiResult<()> = Spi::connect_mut(|client| {
         PLANS.with(|cell| -> SpiResult<()> {
             let mut slot = cell.borrow_mut();

@@ -104,6 +104,11 @@ unsafe extern "C-unwind" fn check_mirror(
 #[pg_guard]
 unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: *mut c_void) {
     use pg_sys::XactEvent::*;
+    match event {
+        XACT_EVENT_COMMIT | XACT_EVENT_PREPARE => crate::reveal_log::flush(true),
+        XACT_EVENT_ABORT => crate::reveal_log::flush(false),
+        _ => {}
+    }
     if matches!(
         event,
         XACT_EVENT_COMMIT
@@ -115,7 +120,6 @@ unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: 
         CONTEXT.with(|c| c.borrow_mut().take());
         HOLDABLE_CURSOR.with(|h| h.set(false));
         IN_STORING_COMMAND.with(|f| f.set(false));
-        crate::crypto::reset_reveals();
         WRITING_MIRROR.with(|w| w.set(false));
     }
 }

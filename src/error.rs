@@ -76,6 +76,8 @@ pub enum TenancyError {
     PhiWhileStoring,
     #[error("invalid audit action name")]
     BadAction,
+    #[error("PHI cannot be revealed here: reveals could not be audited")]
+    RevealNotAudited { reason: String },
 }
 
 impl TenancyError {
@@ -113,6 +115,7 @@ impl TenancyError {
             Self::PhiBadLabel => ERRCODE_INVALID_PARAMETER_VALUE,
             Self::PhiWhileStoring => ERRCODE_FEATURE_NOT_SUPPORTED,
             Self::BadAction => ERRCODE_INVALID_PARAMETER_VALUE,
+            Self::RevealNotAudited { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
         }
     }
 
@@ -127,6 +130,7 @@ impl TenancyError {
                 Some(format!("file \"{path}\": {reason}"))
             }
             Self::PhiMalformed { reason } => Some((*reason).to_string()),
+            Self::RevealNotAudited { reason } => Some(reason.clone()),
             Self::PhiAuthentication => Some(
                 "The envelope was altered, belongs to another tenant or column label, or was sealed with a different key."
                     .into(),
@@ -201,6 +205,9 @@ impl TenancyError {
                 "ANALYZE, CREATE INDEX, REINDEX and CLUSTER would store plaintext at rest; drop statistics or indexes on decrypted values.",
             ),
             Self::BadAction => Some("Action names are 1 to 64 letters, digits, '_', '.', ':' or '-'."),
+            Self::RevealNotAudited { .. } => Some(
+                "Set tenancy.audit_database to this database in postgresql.conf and restart; every reveal is recorded there.",
+            ),
         }
     }
 

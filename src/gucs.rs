@@ -46,6 +46,10 @@ static CONTEXT_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CStri
 /// the postmaster at start and by every backend on reload.
 static PHI_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
+/// `tenancy.audit_database`: the database whose `tenancy.audit_events` receives PHI reveal
+/// events from the background worker. Reveals are refused elsewhere. Postmaster context.
+static AUDIT_DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+
 /// Registers every setting. Runs in `_PG_init`, before any backend can use one.
 pub fn init() {
     GucRegistry::define_enum_guc(
@@ -92,8 +96,24 @@ pub fn init() {
             None,
         );
     }
+    // A postmaster-context setting can only be defined while preloading; loaded any other
+    // way, the library refuses to work anyway (preload.rs).
+    if crate::preload::is_preloaded() {
+        define_audit_database();
+    }
     crate::context::define_mirror_guc();
     reserve_prefix(c"tenancy");
+}
+
+fn define_audit_database() {
+    GucRegistry::define_string_guc(
+        c"tenancy.audit_database",
+        c"Database whose audit trail records PHI reveals (via a background worker); reveals are refused elsewhere.",
+        c"Reveal records survive ROLLBACK: a background worker writes them in their own transaction. Requires a restart.",
+        &AUDIT_DATABASE,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
 }
 
 /// Refuses unknown `tenancy.*` settings (typos, placeholders) from PG 15 on; older servers
@@ -116,6 +136,14 @@ pub fn tenant_id_format() -> TenantIdFormat {
 /// The current `tenancy.new_table_action`.
 pub fn new_table_action() -> NewTableAction {
     NEW_TABLE_ACTION.get()
+}
+
+/// The database that records reveal events, when configured.
+pub fn audit_database() -> Option<String> {
+    AUDIT_DATABASE
+        .get()
+        .map(|s| s.to_string_lossy().into_owned())
+        .filter(|s| !s.trim().is_empty())
 }
 
 /// The configured context key path, or `None` when signed mode is off.

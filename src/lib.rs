@@ -15,6 +15,7 @@ pub mod gucs;
 pub mod keyfile;
 pub mod policy;
 pub mod preload;
+pub mod reveal_log;
 pub mod token;
 
 ::pgrx::pg_module_magic!(name, version);
@@ -62,6 +63,7 @@ pub extern "C-unwind" fn _PG_init() {
     preload::init();
     gucs::init();
     context::init();
+    reveal_log::init();
 }
 
 /// Required by `cargo pgrx test`: cluster settings for the in-database test cluster.

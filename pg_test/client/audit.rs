@@ -333,3 +333,81 @@ fn test_a3_a_superusers_edit_deletion_or_reordering_is_found() {
     assert_eq!((ok, at), (false, Some(2)), "{problem:?}");
     assert!(problem.unwrap().contains("missing"));
 }
+
+/// Polls (bounded) until the reveal worker has written `want` REVEAL events for `label`.
+fn wait_for_reveal_events(su: &mut Client, label: &str, want: i64) -> i64 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let n = count(
+            su,
+            &format!("SELECT count(*) FROM tenancy.audit_events WHERE action = 'REVEAL' AND table_name = '{label}'"),
+        );
+        if n >= want || std::time::Instant::now() > deadline {
+            return n;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn test_a4_a_reveal_followed_by_rollback_stays_on_record() {
+    let mut c = cluster().connect("app", "app");
+    enter(&mut c, SHERWOOD, "nurse-1");
+    c.batch_execute(
+        "SELECT tenancy.phi_reveal(tenancy.phi_encrypt('555-0142', 'a4.phone'), 'a4.phone') FROM generate_series(1, 3)",
+    )
+    .unwrap();
+    c.batch_execute("ROLLBACK").unwrap();
+    let mut su = cluster().connect("postgres", "app");
+    assert_eq!(
+        wait_for_reveal_events(&mut su, "a4.phone", 1),
+        1,
+        "the reveal is on record"
+    );
+    // The tenant sees who revealed how much, and that the transaction rolled back.
+    enter(&mut c, SHERWOOD, "nurse-1");
+    let row = c
+        .query_one(
+            "SELECT actor, changes->>'count', changes->>'transaction' FROM tenancy.my_audit_events
+              WHERE action = 'REVEAL' AND table_name = 'a4.phone'",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(row.get::<_, Option<String>>(0).as_deref(), Some("nurse-1"));
+    assert_eq!(row.get::<_, Option<String>>(1).as_deref(), Some("3"));
+    assert_eq!(
+        row.get::<_, Option<String>>(2).as_deref(),
+        Some("rolled back")
+    );
+    c.batch_execute("COMMIT").unwrap();
+    let ok: bool = su
+        .query_one(
+            &format!("SELECT ok FROM tenancy.audit_verify('{SHERWOOD}')"),
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(ok, "the worker's events keep the chain");
+}
+
+#[test]
+fn test_reveals_are_refused_where_they_cannot_be_audited() {
+    // A second database of the same server is not the audit database.
+    let mut su = cluster().connect("postgres", "postgres");
+    su.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_tenancy")
+        .unwrap();
+    su.batch_execute(&format!("BEGIN; SELECT tenancy.set_org('{SHERWOOD}')"))
+        .unwrap();
+    let env: Vec<u8> = su
+        .query_one("SELECT tenancy.phi_encrypt('x')", &[])
+        .unwrap()
+        .get(0);
+    let err = db_error(su.query_one("SELECT tenancy.phi_reveal($1)", &[&env]));
+    assert_eq!(err.code().code(), "55000");
+    assert!(
+        err.detail().unwrap_or_default().contains("\"app\""),
+        "{:?}",
+        err.detail()
+    );
+    su.batch_execute("ROLLBACK").unwrap();
+}

@@ -232,6 +232,8 @@ impl Cluster {
         let mut lines = vec![
             "shared_preload_libraries = 'pg_tenancy'".to_string(),
             format!("tenancy.phi_key_file = '{}'", path.display()),
+            // Reveals are recorded (and only allowed) in the test database.
+            "tenancy.audit_database = 'app'".to_string(),
         ];
         lines.extend(conf.iter().map(|s| s.to_string()));
         let refs: Vec<&str> = lines.iter().map(String::as_str).collect();

@@ -42,6 +42,7 @@ fn test_create_drop_recreate_and_settings() {
         names,
         [
             "app.current_org_id",
+            "tenancy.audit_database",
             "tenancy.new_table_action",
             "tenancy.tenant_id_format"
         ]

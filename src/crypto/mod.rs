@@ -17,7 +17,7 @@ use crate::preload::{is_preloaded, require_preload};
 use envelope::{Content, EnvelopeError};
 use keyring::KeyRing;
 use pgrx::prelude::*;
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::rc::Rc;
 
 /// Longest accepted context label.
@@ -31,8 +31,6 @@ enum RingState {
 
 thread_local! {
     static RING: RefCell<RingState> = const { RefCell::new(RingState::NotConfigured) };
-    /// PHI values revealed in the current transaction (read by the audit of 5/8).
-    static REVEALS: Cell<u64> = const { Cell::new(0) };
 }
 
 /// Assign hook of `tenancy.phi_key_file`: (re)loads the key ring. Assign hooks must not
@@ -174,9 +172,10 @@ fn reveal(env: &[u8], want: Content, label: Option<&str>) -> Vec<u8> {
         TenancyError::PhiWhileStoring.report();
     }
     let org = tenant().or_raise();
+    // No reveal without its record: refuse when it could not be audited.
+    crate::reveal_log::check_reveal_allowed().or_raise();
     let (_, plain) = decrypt_for(&org, env, Some(want), label).or_raise();
-    // Every reveal passes here: the audit trail (5/8) records them from this counter.
-    REVEALS.with(|r| r.set(r.get() + 1));
+    crate::reveal_log::note(&org, label);
     plain
 }
 
@@ -321,14 +320,4 @@ fn phi_key_status() -> TableIterator<
             .collect(),
     });
     TableIterator::new(rows)
-}
-
-/// PHI values revealed so far in this transaction (for the audit trail).
-pub fn reveals_in_transaction() -> u64 {
-    REVEALS.with(Cell::get)
-}
-
-/// Resets the per-transaction reveal counter; called at transaction end.
-pub fn reset_reveals() {
-    REVEALS.with(|r| r.set(0));
 }

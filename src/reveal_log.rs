@@ -1,0 +1,273 @@
+//! PHI reveals on record even when the revealing transaction rolls back.
+//!
+//! A transactional INSERT would vanish with a ROLLBACK, yet the plaintext has already left
+//! the database. So at the end of every transaction that revealed PHI (commit or abort) the
+//! backend puts one record per (tenant, label) with its count into a queue in shared memory,
+//! and a background worker connected to `tenancy.audit_database` writes each as a `REVEAL`
+//! event into `tenancy.audit_events` in its own transaction. Reveals are refused in other
+//! databases and when no audit database is configured (fail closed).
+//!
+//! Limits: the queue lives in shared memory, so records not yet written are lost if the
+//! server crashes; a full queue refuses further reveals until the worker catches up.
+
+use crate::error::TenancyError;
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
+use pgrx::lwlock::PgLwLock;
+use pgrx::prelude::*;
+use pgrx::shmem::PGRXSharedMemory;
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+const QUEUE_LEN: usize = 512;
+const ORG_MAX: usize = crate::context::MAX_ID_LEN;
+const LABEL_MAX: usize = crate::crypto::MAX_LABEL_LEN;
+const ROLE_MAX: usize = 64;
+
+/// A short string in shared memory.
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct Fixed<const N: usize> {
+    len: u16,
+    present: bool,
+    bytes: [u8; N],
+}
+
+impl<const N: usize> Fixed<N> {
+    const NONE: Self = Self {
+        len: 0,
+        present: false,
+        bytes: [0; N],
+    };
+
+    fn from(s: Option<&str>) -> Self {
+        let mut f = Self::NONE;
+        if let Some(s) = s {
+            // Ids, labels and role names are validated shorter than N.
+            let b = &s.as_bytes()[..s.len().min(N)];
+            f.bytes[..b.len()].copy_from_slice(b);
+            f.len = b.len() as u16;
+            f.present = true;
+        }
+        f
+    }
+
+    fn get(&self) -> Option<String> {
+        self.present
+            .then(|| String::from_utf8_lossy(&self.bytes[..self.len as usize]).into_owned())
+    }
+}
+
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct RevealRecord {
+    org: Fixed<ORG_MAX>,
+    label: Fixed<LABEL_MAX>,
+    actor: Fixed<ORG_MAX>,
+    session_role: Fixed<ROLE_MAX>,
+    outer_role: Fixed<ROLE_MAX>,
+    actor_verified: bool,
+    committed: bool,
+    count: u64,
+    at: i64,
+    xid: u64,
+}
+
+impl RevealRecord {
+    const EMPTY: Self = Self {
+        org: Fixed::NONE,
+        label: Fixed::NONE,
+        actor: Fixed::NONE,
+        session_role: Fixed::NONE,
+        outer_role: Fixed::NONE,
+        actor_verified: false,
+        committed: false,
+        count: 0,
+        at: 0,
+        xid: 0,
+    };
+}
+
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct RevealQueue {
+    len: usize,
+    records: [RevealRecord; QUEUE_LEN],
+}
+
+impl Default for RevealQueue {
+    fn default() -> Self {
+        Self {
+            len: 0,
+            records: [RevealRecord::EMPTY; QUEUE_LEN],
+        }
+    }
+}
+
+// SAFETY: plain old data, no pointers; every access goes through the LWLock.
+unsafe impl PGRXSharedMemory for RevealQueue {}
+
+static QUEUE: PgLwLock<RevealQueue> = unsafe { PgLwLock::new(c"pg_tenancy_reveal_queue") };
+
+thread_local! {
+    /// Reveals of the current transaction by (tenant, label), with who and when, built while
+    /// the transaction is still valid (no catalog access is possible once it aborts).
+    static PENDING: RefCell<BTreeMap<(String, String), RevealRecord>> = const { RefCell::new(BTreeMap::new()) };
+}
+
+/// Sets up the shared queue and the worker; only from `_PG_init` under preload.
+pub fn init() {
+    if !crate::preload::is_preloaded() {
+        return;
+    }
+    pgrx::pg_shmem_init!(QUEUE);
+    if crate::gucs::audit_database().is_some() {
+        BackgroundWorkerBuilder::new("pg_tenancy reveal audit")
+            .set_function("pg_tenancy_reveal_worker_main")
+            .set_library("pg_tenancy")
+            .enable_spi_access()
+            .set_restart_time(Some(Duration::from_secs(1)))
+            .load();
+    }
+}
+
+/// Checks that a reveal may happen here (an audit database is configured and this is it).
+pub fn check_reveal_allowed() -> Result<(), TenancyError> {
+    let Some(db) = crate::gucs::audit_database() else {
+        return Err(TenancyError::RevealNotAudited {
+            reason: "tenancy.audit_database is not set".into(),
+        });
+    };
+    // SAFETY: MyDatabaseId is set for every backend connected to a database.
+    let here = unsafe { std::ffi::CStr::from_ptr(pg_sys::get_database_name(pg_sys::MyDatabaseId)) };
+    if here.to_bytes() != db.as_bytes() {
+        return Err(TenancyError::RevealNotAudited {
+            reason: format!("reveal events are written in database \"{db}\" only"),
+        });
+    }
+    let full = QUEUE.share().len >= QUEUE_LEN;
+    if full {
+        return Err(TenancyError::RevealNotAudited {
+            reason: "the reveal queue is full".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Counts one reveal of `label` for `org` in the current transaction.
+pub fn note(org: &str, label: Option<&str>) {
+    let label = label.unwrap_or("");
+    PENDING.with(|p| {
+        let mut pending = p.borrow_mut();
+        if let Some(r) = pending.get_mut(&(org.to_string(), label.to_string())) {
+            r.count += 1;
+            return;
+        }
+        let (actor, actor_verified) = crate::context::current_actor_and_verified();
+        // SAFETY: plain reads of the current roles, clock and transaction id.
+        let (session_role, outer_role, at, xid) = unsafe {
+            (
+                crate::audit::role_name(pg_sys::GetSessionUserId()),
+                crate::audit::role_name(pg_sys::GetOuterUserId()),
+                pg_sys::GetCurrentTimestamp(),
+                u32::from(pg_sys::GetTopTransactionIdIfAny()) as u64,
+            )
+        };
+        pending.insert(
+            (org.to_string(), label.to_string()),
+            RevealRecord {
+                org: Fixed::from(Some(org)),
+                label: Fixed::from(Some(label)),
+                actor: Fixed::from(actor.as_deref()),
+                session_role: Fixed::from(Some(&session_role)),
+                outer_role: Fixed::from(Some(&outer_role)),
+                actor_verified,
+                committed: false,
+                count: 1,
+                at,
+                xid,
+            },
+        );
+    });
+}
+
+/// Moves this transaction's reveal records into the shared queue. Called at commit, abort
+/// and PREPARE; touches no catalog.
+pub fn flush(committed: bool) {
+    let pending = PENDING.with(|p| std::mem::take(&mut *p.borrow_mut()));
+    if pending.is_empty() || !crate::preload::is_preloaded() {
+        return;
+    }
+    let mut q = QUEUE.exclusive();
+    for (_, mut record) in pending {
+        if q.len >= QUEUE_LEN {
+            // check_reveal_allowed refuses reveals once full; concurrent flushes can still fill it.
+            pgrx::log!("pg_tenancy: reveal queue full; a reveal record was dropped");
+            break;
+        }
+        record.committed = committed;
+        let i = q.len;
+        q.records[i] = record;
+        q.len += 1;
+    }
+}
+
+/// The worker: writes queued reveal records as audit events, oldest first.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn pg_tenancy_reveal_worker_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let db = crate::gucs::audit_database().unwrap_or_else(|| "postgres".into());
+    BackgroundWorker::connect_worker_to_spi(Some(&db), None);
+    while BackgroundWorker::wait_latch(Some(Duration::from_millis(100))) {
+        let batch: Vec<RevealRecord> = {
+            let q = QUEUE.share();
+            q.records[..q.len].to_vec()
+        };
+        if batch.is_empty() {
+            continue;
+        }
+        let ready = BackgroundWorker::transaction(|| {
+            Spi::get_one::<bool>("SELECT to_regclass('tenancy.audit_events') IS NOT NULL")
+                .ok()
+                .flatten()
+                .unwrap_or(false)
+        });
+        if !ready {
+            continue; // the extension is not installed in this database yet
+        }
+        BackgroundWorker::transaction(|| {
+            for r in &batch {
+                let who = crate::audit::Who {
+                    actor: r.actor.get(),
+                    actor_verified: r.actor_verified,
+                    session_role: r.session_role.get().unwrap_or_default(),
+                    outer_role: r.outer_role.get().unwrap_or_default(),
+                    occurred_at: r.at,
+                };
+                let payload = serde_json::json!({
+                    "label": r.label.get(),
+                    "count": r.count,
+                    "transaction": if r.committed { "committed" } else { "rolled back" },
+                    "xid": r.xid,
+                });
+                let label = r.label.get().filter(|l| !l.is_empty());
+                crate::audit::write_event_as(
+                    &who,
+                    &r.org.get().unwrap_or_default(),
+                    "REVEAL",
+                    label.as_deref(),
+                    None,
+                    None,
+                    Some(&payload),
+                );
+            }
+        });
+        // Written and committed: remove exactly what was written (new records may follow).
+        let mut q = QUEUE.exclusive();
+        let n = batch.len().min(q.len);
+        let len = q.len;
+        q.records.copy_within(n..len, 0);
+        q.len -= n;
+    }
+}
