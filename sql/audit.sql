@@ -37,7 +37,9 @@ COMMENT ON COLUMN tenancy.audit_events.hash IS 'SHA-256 over prev_hash and the e
 CREATE TABLE tenancy.audit_chain_heads (
   organization_id text PRIMARY KEY,
   last_seq        bigint NOT NULL DEFAULT 0,
-  last_hash       bytea NOT NULL DEFAULT '\x0000000000000000000000000000000000000000000000000000000000000000'
+  last_hash       bytea NOT NULL DEFAULT '\x0000000000000000000000000000000000000000000000000000000000000000',
+  purged_through_seq bigint NOT NULL DEFAULT 0,
+  purged_anchor   bytea
 );
 COMMENT ON TABLE tenancy.audit_chain_heads IS
   'Last event of each tenant''s hash chain; its row lock orders one tenant''s concurrent writers.';
@@ -60,6 +62,10 @@ GRANT SELECT ON tenancy.audit_events TO PUBLIC;
 CREATE FUNCTION tenancy.audit_append_only() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog AS $$
 BEGIN
+  -- tenancy.audit_purge() (superuser, itself recorded) is the one way to delete events.
+  IF TG_OP = 'DELETE' AND tenancy.in_maintenance() THEN
+    RETURN OLD;
+  END IF;
   RAISE EXCEPTION '% on tenancy.audit_events is not allowed: the audit trail is append-only', TG_OP
     USING ERRCODE = '42501',
           HINT = 'Events are written by pg_tenancy only; retention is tenancy.audit_purge() (superuser, recorded).';

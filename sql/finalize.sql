@@ -80,3 +80,10 @@ COMMENT ON FUNCTION tenancy.audit_verify(text) IS
   'Verify a tenant''s audit hash chain: ok, events checked, first broken position and why. Superuser, or the tenant itself.';
 COMMENT ON FUNCTION tenancy.audit_payload(bytea, bigint) IS
   'Decrypt an audit event payload of the current tenant.';
+ALTER FUNCTION tenancy.audit_history(text, timestamptz, timestamptz) SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+REVOKE EXECUTE ON FUNCTION tenancy.audit_history(text, timestamptz, timestamptz) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION tenancy.audit_purge(text, timestamptz) FROM PUBLIC;
+COMMENT ON FUNCTION tenancy.audit_history(text, timestamptz, timestamptz) IS
+  'One clinic''s audit history in a time range with decrypted payloads, for a support role the DBA grants EXECUTE to; records a SUPPORT_READ event in that clinic''s trail first.';
+COMMENT ON FUNCTION tenancy.audit_purge(text, timestamptz) IS
+  'Retention: delete a tenant''s events older than a time (a chain prefix), keep the chain verifiable from an anchor, record the purge. Superuser.';

@@ -475,8 +475,18 @@ fn audit_verify(
             None,
             &[org.into()],
         )?;
-        let mut expected_prev = vec![0u8; 32];
-        let mut expected_seq = 1i64;
+        // After a purge the chain starts at the anchor: the hash of the last purged event.
+        let anchor = client
+            .select(
+                "SELECT purged_through_seq, purged_anchor FROM tenancy.audit_chain_heads WHERE organization_id = $1",
+                None,
+                &[org.into()],
+            )?
+            .first()
+            .get_two::<i64, Vec<u8>>()
+            .unwrap_or((None, None));
+        let mut expected_prev = anchor.1.unwrap_or_else(|| vec![0u8; 32]);
+        let mut expected_seq = anchor.0.unwrap_or(0) + 1;
         let mut n = 0i64;
         for r in rows {
             n += 1;
@@ -603,4 +613,139 @@ mod tests {
         e.outer_role = "papp";
         assert_ne!(event_hash(&e), base);
     }
+}
+
+/// Deletes `org`'s events older than `before` (whole chain prefix only), keeping the hash of
+/// the last deleted event as the chain's new anchor, and records the purge as an event in the
+/// same trail. The only way to delete audit events. Superuser. Returns how many were deleted.
+#[pg_extern(volatile, parallel_unsafe)]
+fn audit_purge(org: &str, before: pgrx::datum::TimestampWithTimeZone) -> i64 {
+    // SAFETY: superuser() only reads the current role.
+    if !unsafe { pg_sys::superuser() } {
+        TenancyError::SuperuserOnly {
+            what: "audit_purge",
+        }
+        .report();
+    }
+    let (through, anchor) = Spi::connect_mut(|client| -> SpiResult<(i64, Option<Vec<u8>>)> {
+        // Lock the chain head: no event of this tenant is written meanwhile.
+        client.update(
+            "SELECT 1 FROM tenancy.audit_chain_heads WHERE organization_id = $1 FOR UPDATE",
+            None,
+            &[org.into()],
+        )?;
+        let row = client
+            .select(
+                "SELECT seq, hash FROM tenancy.audit_events
+                  WHERE organization_id = $1 AND seq = (SELECT max(seq) FROM tenancy.audit_events
+                                                         WHERE organization_id = $1 AND occurred_at < $2)",
+                None,
+                &[org.into(), before.into()],
+            )?
+            .first()
+            .get_two::<i64, Vec<u8>>()?;
+        Ok((row.0.unwrap_or(0), row.1))
+    })
+    .unwrap_or_else(|e| pgrx::error!("pg_tenancy: reading the audit trail failed: {e}"));
+    let Some(anchor) = anchor else {
+        return 0;
+    };
+    let deleted = crate::policy::with_maintenance(|| {
+        Spi::connect_mut(|client| -> SpiResult<i64> {
+            let n = client
+                .update(
+                    "DELETE FROM tenancy.audit_events WHERE organization_id = $1 AND seq <= $2",
+                    None,
+                    &[org.into(), through.into()],
+                )?
+                .len() as i64;
+            client.update(
+                "UPDATE tenancy.audit_chain_heads SET purged_through_seq = $2, purged_anchor = $3 WHERE organization_id = $1",
+                None,
+                &[org.into(), through.into(), anchor.clone().into()],
+            )?;
+            Ok(n)
+        })
+    })
+    .unwrap_or_else(|e| pgrx::error!("pg_tenancy: purging the audit trail failed: {e}"));
+    write_event(
+        org,
+        "AUDIT_PURGE",
+        None,
+        None,
+        None,
+        Some(
+            &serde_json::json!({ "deleted": deleted, "through_seq": through, "before": before.to_string() }),
+        ),
+    );
+    deleted
+}
+
+/// One clinic's audit history between `from` and `to`, payloads decrypted, for a support
+/// role: EXECUTE is granted by the DBA (revoked from PUBLIC). Writes a `SUPPORT_READ` event
+/// into that clinic's own trail first, naming the role that read it.
+#[pg_extern(volatile, parallel_unsafe)]
+#[allow(clippy::type_complexity)] // a result row is a tuple of its columns
+fn audit_history(
+    org: &str,
+    from: pgrx::datum::TimestampWithTimeZone,
+    to: pgrx::datum::TimestampWithTimeZone,
+) -> TableIterator<
+    'static,
+    (
+        name!(seq, i64),
+        name!(occurred_at, pgrx::datum::TimestampWithTimeZone),
+        name!(actor, Option<String>),
+        name!(action, String),
+        name!(table_name, Option<String>),
+        name!(changed_columns, Option<Vec<String>>),
+        name!(changes, Option<pgrx::JsonB>),
+    ),
+> {
+    write_event(
+        org,
+        "SUPPORT_READ",
+        None,
+        None,
+        None,
+        Some(&serde_json::json!({ "from": from.to_string(), "to": to.to_string() })),
+    );
+    let rows = Spi::connect(|client| -> SpiResult<Vec<_>> {
+        let t = client.select(
+            "SELECT seq, occurred_at, actor, action, table_name, changed_columns, payload, event_id
+               FROM tenancy.audit_events
+              WHERE organization_id = $1 AND occurred_at >= $2 AND occurred_at < $3 ORDER BY seq",
+            None,
+            &[org.into(), from.into(), to.into()],
+        )?;
+        let mut out = Vec::new();
+        for r in t {
+            let event_id = r.get::<i64>(8)?.unwrap_or(0);
+            let changes = r.get::<Vec<u8>>(7)?.map(|p| {
+                let (_, plain) = crypto::decrypt_for(
+                    org,
+                    &p,
+                    Some(Content::Jsonb),
+                    Some(&payload_label(event_id)),
+                )
+                .or_raise();
+                pgrx::JsonB(
+                    serde_json::from_slice(&plain).expect("authenticated payloads hold JSON"),
+                )
+            });
+            out.push((
+                r.get::<i64>(1)?.unwrap_or(0),
+                r.get::<pgrx::datum::TimestampWithTimeZone>(2)?
+                    .expect("occurred_at is NOT NULL"),
+                r.get::<String>(3)?,
+                r.get::<String>(4)?.unwrap_or_default(),
+                r.get::<String>(5)?,
+                r.get::<Vec<String>>(6)?,
+                changes,
+            ));
+        }
+        Ok(out)
+    })
+    .unwrap_or_else(|e| pgrx::error!("pg_tenancy: reading the audit trail failed: {e}"));
+    TableIterator::new(rows)
 }

@@ -217,7 +217,7 @@ fn quote_literal(s: &str) -> String {
 }
 
 /// Runs `f` with the drift guards standing aside, restoring them even on ERROR.
-fn with_maintenance<T>(f: impl FnOnce() -> T) -> T {
+pub fn with_maintenance<T>(f: impl FnOnce() -> T) -> T {
     struct Restore(bool);
     impl Drop for Restore {
         fn drop(&mut self) {

@@ -411,3 +411,103 @@ fn test_reveals_are_refused_where_they_cannot_be_audited() {
     );
     su.batch_execute("ROLLBACK").unwrap();
 }
+
+#[test]
+fn test_support_reads_one_clinics_history_and_is_recorded_doing_so() {
+    let mut su = cluster().connect("postgres", "app");
+    su.batch_execute(
+        "DO $$ BEGIN CREATE ROLE support LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+         GRANT EXECUTE ON FUNCTION tenancy.audit_history(text, timestamptz, timestamptz) TO support;",
+    )
+    .unwrap();
+    // The application role may not call it.
+    let mut app = cluster().connect("app", "app");
+    assert_eq!(
+        sqlstate(app.query(
+            &format!("SELECT * FROM tenancy.audit_history('{SHERWOOD}', '-infinity', 'infinity')"),
+            &[]
+        )),
+        "42501"
+    );
+    let mut support = cluster().connect("support", "app");
+    let rows = support
+        .query(
+            &format!("SELECT action, changes IS NOT NULL FROM tenancy.audit_history('{SHERWOOD}', '-infinity', 'infinity')"),
+            &[],
+        )
+        .unwrap();
+    assert!(
+        rows.iter()
+            .any(|r| r.get::<_, String>(0) == "INSERT" && r.get::<_, bool>(1)),
+        "decrypted history"
+    );
+    // The read itself is in the clinic's trail, naming the support role.
+    let reads = count(
+        &mut su,
+        &format!("SELECT count(*) FROM tenancy.audit_events WHERE organization_id = '{SHERWOOD}' AND action = 'SUPPORT_READ' AND outer_role = 'support'"),
+    );
+    assert!(reads >= 1);
+}
+
+#[test]
+fn test_retention_is_one_recorded_superuser_function_and_the_chain_still_verifies() {
+    let cluster = reference_cluster();
+    let mut su = cluster.connect("postgres", "app");
+    su.batch_execute(&format!(
+        "BEGIN; SELECT tenancy.set_org('{SHERWOOD}'); SELECT tenancy.log_action('old.1'); SELECT tenancy.log_action('old.2'); COMMIT;"
+    ))
+    .unwrap();
+    let cutoff: String = su
+        .query_one("SELECT (clock_timestamp())::text", &[])
+        .unwrap()
+        .get(0);
+    su.batch_execute(&format!(
+        "BEGIN; SELECT tenancy.set_org('{SHERWOOD}'); SELECT tenancy.log_action('new.1'); COMMIT;"
+    ))
+    .unwrap();
+    let before = count(
+        &mut su,
+        &format!("SELECT count(*) FROM tenancy.audit_events WHERE organization_id = '{SHERWOOD}'"),
+    );
+    // Not for the application role.
+    let mut app = cluster.connect("app", "app");
+    assert_eq!(
+        sqlstate(app.query_one(
+            &format!("SELECT tenancy.audit_purge('{SHERWOOD}', now())"),
+            &[]
+        )),
+        "42501"
+    );
+    let deleted = count(
+        &mut su,
+        &format!("SELECT tenancy.audit_purge('{SHERWOOD}', '{cutoff}')"),
+    );
+    assert!(deleted >= 2, "{deleted}");
+    let after = count(
+        &mut su,
+        &format!("SELECT count(*) FROM tenancy.audit_events WHERE organization_id = '{SHERWOOD}'"),
+    );
+    assert_eq!(after, before - deleted + 1, "the purge is itself recorded");
+    let actions = strings(&mut su, &format!("SELECT action FROM tenancy.audit_events WHERE organization_id = '{SHERWOOD}' ORDER BY seq"));
+    assert_eq!(actions, ["new.1", "AUDIT_PURGE"]);
+    let row = su
+        .query_one(
+            &format!("SELECT ok, problem FROM tenancy.audit_verify('{SHERWOOD}')"),
+            &[],
+        )
+        .unwrap();
+    assert!(
+        row.get::<_, bool>(0),
+        "{:?}",
+        row.get::<_, Option<String>>(1)
+    );
+    // Conway's trail is untouched.
+    let ok: bool = su
+        .query_one(
+            &format!("SELECT ok FROM tenancy.audit_verify('{CONWAY}')"),
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(ok);
+}
