@@ -36,13 +36,11 @@ COMMENT ON COLUMN tenancy.audit_events.hash IS 'SHA-256 over prev_hash and the e
 
 CREATE TABLE tenancy.audit_chain_heads (
   organization_id text PRIMARY KEY,
-  last_seq        bigint NOT NULL DEFAULT 0,
-  last_hash       bytea NOT NULL DEFAULT '\x0000000000000000000000000000000000000000000000000000000000000000',
   purged_through_seq bigint NOT NULL DEFAULT 0,
   purged_anchor   bytea
 );
 COMMENT ON TABLE tenancy.audit_chain_heads IS
-  'Last event of each tenant''s hash chain; its row lock orders one tenant''s concurrent writers.';
+  'One row per tenant chain: its lock orders one tenant''s concurrent writers; the purge anchor (hash of the last purged event).';
 
 SELECT pg_catalog.pg_extension_config_dump('tenancy.audit_events', '');
 SELECT pg_catalog.pg_extension_config_dump('tenancy.audit_chain_heads', '');

@@ -120,6 +120,7 @@ unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: 
         CONTEXT.with(|c| c.borrow_mut().take());
         HOLDABLE_CURSOR.with(|h| h.set(false));
         IN_STORING_COMMAND.with(|f| f.set(false));
+        crate::audit::forget_tips();
         WRITING_MIRROR.with(|w| w.set(false));
     }
 }
@@ -137,10 +138,11 @@ unsafe extern "C-unwind" fn subxact_callback(
         let mut slot = c.borrow_mut();
         match event {
             // The mirror is rolled back by the GUC machinery at the same point.
-            pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB
-                if slot.as_ref().is_some_and(|ctx| ctx.level >= level) =>
-            {
-                *slot = None;
+            pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB => {
+                crate::audit::forget_tips();
+                if slot.as_ref().is_some_and(|ctx| ctx.level >= level) {
+                    *slot = None;
+                }
             }
             pg_sys::SubXactEvent::SUBXACT_EVENT_COMMIT_SUB => {
                 if let Some(ctx) = slot.as_mut().filter(|ctx| ctx.level >= level) {
