@@ -422,7 +422,8 @@ fn audit_trigger<'a>(
         Some(serde_json::Value::String(s)) => s.clone(),
         _ => return Err(TenancyError::NoTenant),
     };
-    let key = primary_key(&rel, current);
+    // SAFETY: the trigger's relation is open and valid for the duration of the call.
+    let key = unsafe { primary_key(data.tg_relation, current) };
     let (changed, payload) = match (&old, &new) {
         (Some(o), Some(n)) => {
             let changed: Vec<usize> = (0..n.len()).filter(|i| o[*i].1 != n[*i].1).collect();
@@ -454,22 +455,27 @@ fn audit_trigger<'a>(
     Ok(None)
 }
 
-/// The primary key of the row as JSON text (`{"col": "value", ...}`), or all columns' names
-/// when the table has none.
-fn primary_key(rel: &pgrx::PgRelation, row: &[(String, serde_json::Value)]) -> String {
-    let cols: Vec<String> = Spi::get_one_with_args::<Vec<String>>(
-        "SELECT array_agg(a.attname::text ORDER BY k.ord) FROM pg_index i
-           CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY k(attnum, ord)
-           JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-          WHERE i.indrelid = $1 AND i.indisprimary",
-        &[rel.oid().into()],
-    )
-    .ok()
-    .flatten()
-    .unwrap_or_default();
+/// The primary key of the row as JSON text (`{"col": "value", ...}`; `{}` without one), from
+/// the relcache's primary-key attribute set: no catalog query per row.
+unsafe fn primary_key(rel: pg_sys::Relation, row: &[(String, serde_json::Value)]) -> String {
+    let pk = pg_sys::RelationGetIndexAttrBitmap(
+        rel,
+        pg_sys::IndexAttrBitmapKind::INDEX_ATTR_BITMAP_PRIMARY_KEY,
+    );
+    let desc = pgrx::PgTupleDesc::from_pg_unchecked((*rel).rd_att);
+    let names: Vec<String> = desc
+        .iter()
+        .filter(|att| {
+            pg_sys::bms_is_member(
+                i32::from(att.attnum) - pg_sys::FirstLowInvalidHeapAttributeNumber,
+                pk,
+            )
+        })
+        .map(|att| att.name().to_string())
+        .collect();
     let key: serde_json::Map<String, serde_json::Value> = row
         .iter()
-        .filter(|(n, _)| cols.contains(n))
+        .filter(|(n, _)| names.contains(n))
         .cloned()
         .collect();
     serde_json::Value::Object(key).to_string()
