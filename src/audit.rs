@@ -153,6 +153,23 @@ pub struct Who {
     pub occurred_at: i64,
 }
 
+impl Who {
+    /// The current session's actor, roles and clock.
+    pub fn current() -> Who {
+        let (actor, actor_verified) = crate::context::current_actor_and_verified();
+        // SAFETY: plain reads of the current roles and clock.
+        unsafe {
+            Who {
+                actor,
+                actor_verified,
+                session_role: role_name(pg_sys::GetSessionUserId()),
+                outer_role: role_name(pg_sys::GetOuterUserId()),
+                occurred_at: pg_sys::GetCurrentTimestamp(),
+            }
+        }
+    }
+}
+
 /// A role's name (or its oid when it was dropped).
 pub fn role_name(oid: pg_sys::Oid) -> String {
     // SAFETY: GetUserNameFromId with noerr=true returns NULL for a dropped role.
@@ -175,19 +192,8 @@ pub fn write_event(
     changed_columns: Option<Vec<String>>,
     payload: Option<&serde_json::Value>,
 ) {
-    let (actor, actor_verified) = crate::context::current_actor_and_verified();
-    // SAFETY: plain reads of the current roles and clock.
-    let who = unsafe {
-        Who {
-            actor,
-            actor_verified,
-            session_role: role_name(pg_sys::GetSessionUserId()),
-            outer_role: role_name(pg_sys::GetOuterUserId()),
-            occurred_at: pg_sys::GetCurrentTimestamp(),
-        }
-    };
     write_event_as(
-        &who,
+        &Who::current(),
         org,
         action,
         table_name,

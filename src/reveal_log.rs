@@ -163,28 +163,21 @@ pub fn note(org: &str, label: Option<&str>) {
             r.count += 1;
             return;
         }
-        let (actor, actor_verified) = crate::context::current_actor_and_verified();
-        // SAFETY: plain reads of the current roles, clock and transaction id.
-        let (session_role, outer_role, at, xid) = unsafe {
-            (
-                crate::audit::role_name(pg_sys::GetSessionUserId()),
-                crate::audit::role_name(pg_sys::GetOuterUserId()),
-                pg_sys::GetCurrentTimestamp(),
-                u32::from(pg_sys::GetTopTransactionIdIfAny()) as u64,
-            )
-        };
+        let who = crate::audit::Who::current();
+        // SAFETY: a plain read of the transaction id (0 when none is assigned yet).
+        let xid = unsafe { u32::from(pg_sys::GetTopTransactionIdIfAny()) } as u64;
         pending.insert(
             (org.to_string(), label.to_string()),
             RevealRecord {
                 org: Fixed::from(Some(org)),
                 label: Fixed::from(Some(label)),
-                actor: Fixed::from(actor.as_deref()),
-                session_role: Fixed::from(Some(&session_role)),
-                outer_role: Fixed::from(Some(&outer_role)),
-                actor_verified,
+                actor: Fixed::from(who.actor.as_deref()),
+                session_role: Fixed::from(Some(&who.session_role)),
+                outer_role: Fixed::from(Some(&who.outer_role)),
+                actor_verified: who.actor_verified,
                 committed: false,
                 count: 1,
-                at,
+                at: who.occurred_at,
                 xid,
             },
         );
