@@ -27,7 +27,8 @@ fi
 CURRENT_STEP="apt packages"
 step "$CURRENT_STEP"
 PKGS=(sudo postgresql-15 postgresql-contrib postgresql-server-dev-15 libclang-dev clang bison flex
-      zlib1g-dev libreadline-dev libicu-dev pkg-config pgbouncer make gcc xz-utils bzip2 ca-certificates)
+      zlib1g-dev libreadline-dev libicu-dev pkg-config pgbouncer make gcc xz-utils bzip2 ca-certificates
+      python3)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
