@@ -1,7 +1,7 @@
 //! Rows A1-A3 and A5-A7 of ATTACKS.md and the audit trail's exactness, on the reference
 //! schema protected with `audit => true` (all fifteen tables audit into the sixteenth).
 
-use crate::harness::{count, db_error, sqlstate, strings, Cluster};
+use crate::harness::{connect_port, count, db_error, sqlstate, strings, Cluster};
 use crate::rls::{reference_cluster, CONWAY, SHERWOOD};
 use postgres::Client;
 use std::sync::OnceLock;
@@ -99,14 +99,7 @@ fn test_audit_rows_match_the_changes_exactly() {
     );
     c.batch_execute("COMMIT").unwrap();
     let mut su = cluster().connect("postgres", "app");
-    let ok: bool = su
-        .query_one(
-            &format!("SELECT ok FROM tenancy.audit_verify('{SHERWOOD}')"),
-            &[],
-        )
-        .unwrap()
-        .get(0);
-    assert!(ok);
+    assert_chain_ok(&mut su, SHERWOOD);
 }
 
 #[test]
@@ -227,13 +220,7 @@ fn test_operator_actions_and_concurrent_writers_keep_the_chain() {
     let writers: Vec<_> = (0..2)
         .map(|w| {
             std::thread::spawn(move || {
-                let mut c = postgres::Config::new()
-                    .host("127.0.0.1")
-                    .port(port)
-                    .user("app")
-                    .dbname("app")
-                    .connect(postgres::NoTls)
-                    .unwrap();
+                let mut c = connect_port(port, "app", "app");
                 for i in 0..40 {
                     c.batch_execute(&format!(
                         "BEGIN; SELECT tenancy.set_org('{SHERWOOD}', 'w{w}');
@@ -249,17 +236,7 @@ fn test_operator_actions_and_concurrent_writers_keep_the_chain() {
         w.join().unwrap();
     }
     let mut su = cluster().connect("postgres", "app");
-    let row = su
-        .query_one(
-            &format!("SELECT ok, events, problem FROM tenancy.audit_verify('{SHERWOOD}')"),
-            &[],
-        )
-        .unwrap();
-    assert!(
-        row.get::<_, bool>(0),
-        "{:?}",
-        row.get::<_, Option<String>>(2)
-    );
+    assert_chain_ok(&mut su, SHERWOOD);
     let actions = count(&mut su, &format!("SELECT count(*) FROM tenancy.audit_events WHERE organization_id = '{SHERWOOD}' AND action = 'export.csv'"));
     assert_eq!(actions, 80);
     let mut c = cluster().connect("app", "app");
@@ -380,14 +357,7 @@ fn test_a4_a_reveal_followed_by_rollback_stays_on_record() {
         Some("rolled back")
     );
     c.batch_execute("COMMIT").unwrap();
-    let ok: bool = su
-        .query_one(
-            &format!("SELECT ok FROM tenancy.audit_verify('{SHERWOOD}')"),
-            &[],
-        )
-        .unwrap()
-        .get(0);
-    assert!(ok, "the worker's events keep the chain");
+    assert_chain_ok(&mut su, SHERWOOD);
 }
 
 #[test]
@@ -490,24 +460,22 @@ fn test_retention_is_one_recorded_superuser_function_and_the_chain_still_verifie
     assert_eq!(after, before - deleted + 1, "the purge is itself recorded");
     let actions = strings(&mut su, &format!("SELECT action FROM tenancy.audit_events WHERE organization_id = '{SHERWOOD}' ORDER BY seq"));
     assert_eq!(actions, ["new.1", "AUDIT_PURGE"]);
+    assert_chain_ok(&mut su, SHERWOOD);
+    // Conway's trail is untouched.
+    assert_chain_ok(&mut su, CONWAY);
+}
+
+/// Asserts that `org`'s audit chain verifies, showing the problem when it does not.
+fn assert_chain_ok(su: &mut Client, org: &str) {
     let row = su
         .query_one(
-            &format!("SELECT ok, problem FROM tenancy.audit_verify('{SHERWOOD}')"),
+            &format!("SELECT ok, problem FROM tenancy.audit_verify('{org}')"),
             &[],
         )
         .unwrap();
     assert!(
         row.get::<_, bool>(0),
-        "{:?}",
+        "{org}: {:?}",
         row.get::<_, Option<String>>(1)
     );
-    // Conway's trail is untouched.
-    let ok: bool = su
-        .query_one(
-            &format!("SELECT ok FROM tenancy.audit_verify('{CONWAY}')"),
-            &[],
-        )
-        .unwrap()
-        .get(0);
-    assert!(ok);
 }

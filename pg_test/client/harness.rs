@@ -387,3 +387,14 @@ pub fn count(c: &mut postgres::Client, sql: &str) -> i64 {
         .unwrap_or_else(|e| panic!("{sql}: {e}"))
         .get(0)
 }
+
+/// A connection to the server on `port` as `user`, for threads that only carry the port.
+pub fn connect_port(port: u16, user: &str, db: &str) -> Client {
+    postgres::Config::new()
+        .host("127.0.0.1")
+        .port(port)
+        .user(user)
+        .dbname(db)
+        .connect(NoTls)
+        .unwrap_or_else(|e| panic!("connect as {user}: {e}"))
+}

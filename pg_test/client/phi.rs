@@ -2,7 +2,7 @@
 //! writer, against a server whose key ring is a real file made by scripts/phi_keyring.py.
 
 use crate::harness::{
-    count, db_error, keyring_tool, pg_major, set_server_file_mode, sqlstate, Cluster,
+    connect_port, count, db_error, keyring_tool, pg_major, set_server_file_mode, sqlstate, Cluster,
 };
 use postgres::Client;
 use std::sync::OnceLock;
@@ -507,13 +507,7 @@ fn test_rotation_under_a_concurrent_writer_loses_nothing() {
     // The application keeps writing (and updating) while the rotation runs.
     let port = cluster.port;
     let writer = std::thread::spawn(move || {
-        let mut w = postgres::Config::new()
-            .host("127.0.0.1")
-            .port(port)
-            .user("app")
-            .dbname("app")
-            .connect(postgres::NoTls)
-            .unwrap();
+        let mut w = connect_port(port, "app", "app");
         for i in 0..200 {
             let org = if i % 2 == 0 { A } else { B };
             w.batch_execute(&format!(
