@@ -3,7 +3,7 @@
 CREATE SEQUENCE tenancy.audit_event_id;
 
 CREATE TABLE tenancy.audit_events (
-  organization_id text NOT NULL,
+  organization_id text COLLATE "C" NOT NULL,
   seq             bigint NOT NULL,
   event_id        bigint NOT NULL,
   occurred_at     timestamptz NOT NULL,
@@ -19,8 +19,7 @@ CREATE TABLE tenancy.audit_events (
   payload         bytea,
   prev_hash       bytea NOT NULL,
   hash            bytea NOT NULL,
-  PRIMARY KEY (organization_id, seq),
-  UNIQUE (organization_id, event_id)
+  PRIMARY KEY (organization_id, seq)
 );
 COMMENT ON TABLE tenancy.audit_events IS
   'Append-only audit trail: one row per audited change, operator action and PHI reveal; scoped to its tenant by RLS; payload AES-256-GCM encrypted; hash-chained per tenant (tenancy.audit_verify).';
@@ -35,7 +34,7 @@ COMMENT ON COLUMN tenancy.audit_events.payload IS 'Encrypted jsonb: INSERT the n
 COMMENT ON COLUMN tenancy.audit_events.hash IS 'SHA-256 over prev_hash and the event''s content (docs/audit.md).';
 
 CREATE TABLE tenancy.audit_chain_heads (
-  organization_id text PRIMARY KEY,
+  organization_id text COLLATE "C" PRIMARY KEY,
   purged_through_seq bigint NOT NULL DEFAULT 0,
   purged_anchor   bytea
 );

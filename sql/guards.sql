@@ -18,8 +18,9 @@ LANGUAGE sql STABLE SET search_path = pg_catalog AS $$
     WHEN (SELECT count(*) FROM pg_trigger WHERE tgrelid = c.oid AND tgenabled = 'A'
             AND tgname IN ('tenancy_tenant_immutable', 'tenancy_no_truncate')) < 2
       THEN 'a tenancy trigger is missing or not enabled ALWAYS'
-    WHEN p.audited AND NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = c.oid AND tgenabled = 'A' AND tgname = 'tenancy_audit')
-      THEN 'the audit trigger is missing or not enabled ALWAYS'
+    WHEN p.audited AND (SELECT count(*) FROM pg_trigger WHERE tgrelid = c.oid AND tgenabled = 'A'
+            AND tgname IN ('tenancy_audit_insert', 'tenancy_audit_update', 'tenancy_audit_delete')) < 3
+      THEN 'an audit trigger is missing or not enabled ALWAYS'
   END
   FROM pg_class c
   JOIN pg_namespace n ON n.oid = c.relnamespace

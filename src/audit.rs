@@ -10,7 +10,7 @@ use crate::crypto::{self, envelope::Content};
 use crate::error::{Raise, TenancyError};
 use pgrx::prelude::*;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiResult};
-use pgrx::PgOid;
+use pgrx::{PgMemoryContexts, PgOid};
 use sha2::{Digest, Sha256};
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -36,7 +36,7 @@ struct Plans {
     head: OwnedPreparedStatement,
     lock: OwnedPreparedStatement,
     tip: OwnedPreparedStatement,
-    next: OwnedPreparedStatement,
+    ids: OwnedPreparedStatement,
     insert: OwnedPreparedStatement,
 }
 
@@ -75,23 +75,62 @@ fn prepare(client: &SpiClient<'_>) -> SpiResult<Plans> {
                 &[text()],
             )?
             .keep(),
-        next: client
-            .prepare_mut("SELECT nextval('tenancy.audit_event_id'), txid_current()", &[])?
+        // Event ids for a whole batch in one round trip.
+        ids: client
+            .prepare_mut(
+                "SELECT array_agg(nextval('tenancy.audit_event_id')), txid_current() FROM generate_series(1, $1)",
+                &[o(INT4OID)],
+            )?
             .keep(),
+        // A whole batch in one statement: one executor start, not one per event.
         insert: client
             .prepare_mut(
                 "INSERT INTO tenancy.audit_events (organization_id, seq, event_id, occurred_at, txid, actor,
                     actor_verified, session_role, outer_role, action, table_name, row_key, changed_columns,
                     payload, prev_hash, hash)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8::name, $9::name, $10, $11, $12, $13, $14, $15, $16)",
+                 SELECT u.o, u.s, u.e, $4, $5, $6, $7, $8::name, $9::name, u.a, u.t, u.k, u.c::text[],
+                        u.p, u.ph, u.h
+                   FROM unnest($1, $2, $3, $10, $11, $12, $13, $14, $15, $16)
+                        AS u(o, s, e, a, t, k, c, p, ph, h)",
                 &[
-                    text(), o(INT8OID), o(INT8OID), o(TIMESTAMPTZOID), o(INT8OID), text(), o(BOOLOID),
-                    text(), text(), text(), text(), text(), o(TEXTARRAYOID), o(BYTEAOID),
-                    o(BYTEAOID), o(BYTEAOID),
+                    o(TEXTARRAYOID), o(INT8ARRAYOID), o(INT8ARRAYOID), o(TIMESTAMPTZOID), o(INT8OID),
+                    text(), o(BOOLOID), text(), text(), o(TEXTARRAYOID), o(TEXTARRAYOID),
+                    o(TEXTARRAYOID), o(TEXTARRAYOID), o(BYTEAARRAYOID), o(BYTEAARRAYOID),
+                    o(BYTEAARRAYOID),
                 ],
             )?
             .keep(),
     })
+}
+
+/// One event to append, before its place in its tenant's chain is known.
+pub struct NewEvent {
+    pub org: String,
+    pub action: String,
+    pub table_name: Option<String>,
+    pub row_key: Option<String>,
+    pub changed_columns: Option<Vec<String>>,
+    pub payload: Option<serde_json::Value>,
+}
+
+/// A text[] literal of `items` (every element quoted), for one cell of a batch.
+fn array_literal(items: &[String]) -> String {
+    let mut s = String::from("{");
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        s.push('"');
+        for ch in item.chars() {
+            if ch == '"' || ch == '\\' {
+                s.push('\\');
+            }
+            s.push(ch);
+        }
+        s.push('"');
+    }
+    s.push('}');
+    s
 }
 
 /// Everything hashed for one event, in a fixed order.
@@ -192,35 +231,27 @@ pub fn write_event(
     changed_columns: Option<Vec<String>>,
     payload: Option<&serde_json::Value>,
 ) {
-    write_event_as(
+    append_events(
         &Who::current(),
-        org,
-        action,
-        table_name,
-        row_key,
-        changed_columns,
-        payload,
+        &[NewEvent {
+            org: org.to_string(),
+            action: action.to_string(),
+            table_name: table_name.map(str::to_string),
+            row_key: row_key.map(str::to_string),
+            changed_columns,
+            payload: payload.cloned(),
+        }],
     );
 }
 
-/// Appends one event to `org`'s chain on behalf of `who`. The payload is encrypted for `org`
-/// under the active PHI key, bound to the event id.
-pub fn write_event_as(
-    who: &Who,
-    org: &str,
-    action: &str,
-    table_name: Option<&str>,
-    row_key: Option<&str>,
-    changed_columns: Option<Vec<String>>,
-    payload: Option<&serde_json::Value>,
-) {
-    let (actor, actor_verified, session_role, outer_role, occurred_at) = (
-        who.actor.clone(),
-        who.actor_verified,
-        who.session_role.clone(),
-        who.outer_role.clone(),
-        who.occurred_at,
-    );
+/// Appends `events` (in order) to their tenants' chains on behalf of `who`, in one INSERT.
+/// Each payload is encrypted for its tenant under the active PHI key, bound to its event id.
+/// Chain heads this transaction does not hold yet are locked in a fixed (sorted) order, so
+/// two batches spanning the same tenants cannot deadlock on each other.
+pub fn append_events(who: &Who, events: &[NewEvent]) {
+    if events.is_empty() {
+        return;
+    }
     let result: SpiResult<()> = Spi::connect_mut(|client| {
         PLANS.with(|cell| -> SpiResult<()> {
             let mut slot = cell.borrow_mut();
@@ -228,71 +259,109 @@ pub fn write_event_as(
                 *slot = Some(prepare(client)?);
             }
             let plans = slot.as_ref().expect("prepared just above");
-            let tip = TIPS.with(|t| t.borrow().get(org).cloned());
-            let (last_seq, prev_hash) = match tip {
-                Some(tip) => tip,
-                None => {
-                    client.update(&plans.head, None, &[org.into()])?;
-                    client.update(&plans.lock, None, &[org.into()])?;
-                    let row = client.update(&plans.tip, None, &[org.into()])?.first();
-                    (
-                        row.get::<i64>(1)?.unwrap_or(0),
-                        row.get::<Vec<u8>>(2)?.unwrap_or_else(|| vec![0u8; 32]),
-                    )
-                }
-            };
-            let row = client.update(&plans.next, None, &[])?.first();
-            let event_id = row.get::<i64>(1)?.unwrap_or(0);
-            let txid = row.get::<i64>(2)?.unwrap_or(0);
-            let seq = last_seq + 1;
-            let sealed = payload.map(|p| {
-                let bytes = serde_json::to_vec(p).expect("JSON serialises");
-                crypto::encrypt_for(org, Content::Jsonb, Some(&payload_label(event_id)), &bytes)
-                    .or_raise()
+            let mut missing: Vec<&str> = TIPS.with(|t| {
+                let tips = t.borrow();
+                events
+                    .iter()
+                    .map(|e| e.org.as_str())
+                    .filter(|org| !tips.contains_key(*org))
+                    .collect()
             });
-            let content = EventContent {
-                org,
-                seq,
-                event_id,
-                occurred_at,
-                txid,
-                actor: actor.as_deref(),
-                actor_verified,
-                session_role: &session_role,
-                outer_role: &outer_role,
-                action,
-                table_name,
-                row_key,
-                changed_columns: changed_columns.as_deref(),
-                payload: sealed.as_deref(),
-                prev_hash: &prev_hash,
-            };
-            let hash = event_hash(&content).to_vec();
-            let ts = pgrx::datum::TimestampWithTimeZone::try_from(occurred_at)
+            missing.sort_unstable();
+            missing.dedup();
+            for org in missing {
+                client.update(&plans.head, None, &[org.into()])?;
+                client.update(&plans.lock, None, &[org.into()])?;
+                let row = client.update(&plans.tip, None, &[org.into()])?.first();
+                let tip = (
+                    row.get::<i64>(1)?.unwrap_or(0),
+                    row.get::<Vec<u8>>(2)?.unwrap_or_else(|| vec![0u8; 32]),
+                );
+                TIPS.with(|t| t.borrow_mut().insert(org.to_string(), tip));
+            }
+            let n = i32::try_from(events.len()).expect("batches are small");
+            let row = client.update(&plans.ids, None, &[n.into()])?.first();
+            let ids = row.get::<Vec<i64>>(1)?.unwrap_or_default();
+            let txid = row.get::<i64>(2)?.unwrap_or(0);
+            assert_eq!(ids.len(), events.len(), "one event id per event");
+            let mut orgs = Vec::with_capacity(events.len());
+            let mut seqs = Vec::with_capacity(events.len());
+            let mut actions = Vec::with_capacity(events.len());
+            let mut tables = Vec::with_capacity(events.len());
+            let mut keys = Vec::with_capacity(events.len());
+            let mut changed = Vec::with_capacity(events.len());
+            let mut payloads = Vec::with_capacity(events.len());
+            let mut prevs = Vec::with_capacity(events.len());
+            let mut hashes = Vec::with_capacity(events.len());
+            TIPS.with(|t| {
+                let mut tips = t.borrow_mut();
+                for (e, &event_id) in events.iter().zip(&ids) {
+                    let tip = tips.get_mut(&e.org).expect("every chain head is held");
+                    let seq = tip.0 + 1;
+                    let sealed = e.payload.as_ref().map(|p| {
+                        let bytes = serde_json::to_vec(p).expect("JSON serialises");
+                        crypto::encrypt_for(
+                            &e.org,
+                            Content::Jsonb,
+                            Some(&payload_label(event_id)),
+                            &bytes,
+                        )
+                        .or_raise()
+                    });
+                    let hash = event_hash(&EventContent {
+                        org: &e.org,
+                        seq,
+                        event_id,
+                        occurred_at: who.occurred_at,
+                        txid,
+                        actor: who.actor.as_deref(),
+                        actor_verified: who.actor_verified,
+                        session_role: &who.session_role,
+                        outer_role: &who.outer_role,
+                        action: &e.action,
+                        table_name: e.table_name.as_deref(),
+                        row_key: e.row_key.as_deref(),
+                        changed_columns: e.changed_columns.as_deref(),
+                        payload: sealed.as_deref(),
+                        prev_hash: &tip.1,
+                    })
+                    .to_vec();
+                    orgs.push(e.org.clone());
+                    seqs.push(seq);
+                    actions.push(e.action.clone());
+                    tables.push(e.table_name.clone());
+                    keys.push(e.row_key.clone());
+                    changed.push(e.changed_columns.as_deref().map(array_literal));
+                    payloads.push(sealed);
+                    prevs.push(std::mem::replace(&mut tip.1, hash.clone()));
+                    hashes.push(hash);
+                    tip.0 = seq;
+                }
+            });
+            let ts = pgrx::datum::TimestampWithTimeZone::try_from(who.occurred_at)
                 .expect("the clock is a valid timestamp");
             client.update(
                 &plans.insert,
                 None,
                 &[
-                    org.into(),
-                    seq.into(),
-                    event_id.into(),
+                    orgs.into(),
+                    seqs.into(),
+                    ids.into(),
                     ts.into(),
                     txid.into(),
-                    actor.clone().into(),
-                    actor_verified.into(),
-                    session_role.as_str().into(),
-                    outer_role.as_str().into(),
-                    action.into(),
-                    table_name.into(),
-                    row_key.into(),
-                    changed_columns.clone().into(),
-                    sealed.clone().into(),
-                    prev_hash.clone().into(),
-                    hash.clone().into(),
+                    who.actor.clone().into(),
+                    who.actor_verified.into(),
+                    who.session_role.as_str().into(),
+                    who.outer_role.as_str().into(),
+                    actions.into(),
+                    tables.into(),
+                    keys.into(),
+                    changed.into(),
+                    payloads.into(),
+                    prevs.into(),
+                    hashes.into(),
                 ],
             )?;
-            TIPS.with(|t| t.borrow_mut().insert(org.to_string(), (seq, hash)));
             Ok(())
         })
     });
@@ -348,143 +417,270 @@ fn log_action(action: &str, details: default!(Option<pgrx::JsonB>, "NULL")) -> b
     true
 }
 
-/// Renders a column value as JSON text through its type's output function.
-unsafe fn column_json(
-    tuple: *mut pg_sys::HeapTupleData,
+/// Events of one statement are appended in batches of this many (one INSERT each), so memory
+/// stays bounded however many rows the statement changes.
+const BATCH: usize = 1000;
+
+type Row = Vec<(String, serde_json::Value)>;
+
+/// Reads rows of one relation's row type as (column, JSON text value) pairs, with every
+/// column's output function looked up once per statement, not once per value.
+struct RowReader {
     tupdesc: pg_sys::TupleDesc,
-    attno: usize,
-    typoid: pg_sys::Oid,
-) -> serde_json::Value {
-    match pgrx::heap_getattr_raw(
-        tuple,
-        NonZeroUsize::new(attno).expect("attno from 1"),
-        tupdesc,
-    ) {
-        None => serde_json::Value::Null,
-        Some(datum) => {
-            let mut out = pg_sys::Oid::INVALID;
-            let mut varlena = false;
-            pg_sys::getTypeOutputInfo(typoid, &mut out, &mut varlena);
-            let c = pg_sys::OidOutputFunctionCall(out, datum);
-            serde_json::Value::String(std::ffi::CStr::from_ptr(c).to_string_lossy().into_owned())
-        }
+    /// (attribute number, name, output function, part of the primary key), live columns only.
+    columns: Vec<(usize, String, pg_sys::FmgrInfo, bool)>,
+}
+
+impl RowReader {
+    /// SAFETY: `rel` is open for the duration of the reader's use.
+    unsafe fn new(rel: pg_sys::Relation) -> RowReader {
+        let tupdesc = (*rel).rd_att;
+        let pk = pg_sys::RelationGetIndexAttrBitmap(
+            rel,
+            pg_sys::IndexAttrBitmapKind::INDEX_ATTR_BITMAP_PRIMARY_KEY,
+        );
+        // PgTupleDesc hides the attribute array's layout, which changed in PG 18.
+        let desc = pgrx::PgTupleDesc::from_pg_unchecked(tupdesc);
+        let columns = desc
+            .iter()
+            .enumerate()
+            .filter(|(_, att)| !att.is_dropped())
+            .map(|(i, att)| {
+                let mut out = pg_sys::Oid::INVALID;
+                let mut varlena = false;
+                pg_sys::getTypeOutputInfo(att.atttypid, &mut out, &mut varlena);
+                let mut finfo: pg_sys::FmgrInfo = std::mem::zeroed();
+                pg_sys::fmgr_info(out, &mut finfo);
+                let in_pk = pg_sys::bms_is_member(
+                    i32::from(att.attnum) - pg_sys::FirstLowInvalidHeapAttributeNumber,
+                    pk,
+                );
+                (i + 1, att.name().to_string(), finfo, in_pk)
+            })
+            .collect();
+        RowReader { tupdesc, columns }
+    }
+
+    /// SAFETY: `tuple` is a valid tuple of the reader's row type.
+    unsafe fn read(&mut self, tuple: *mut pg_sys::HeapTupleData) -> Row {
+        let tupdesc = self.tupdesc;
+        self.columns
+            .iter_mut()
+            .map(|(attno, name, finfo, _)| {
+                let attno = NonZeroUsize::new(*attno).expect("attno from 1");
+                let value = match pgrx::heap_getattr_raw(tuple, attno, tupdesc) {
+                    None => serde_json::Value::Null,
+                    Some(datum) => {
+                        let c = pg_sys::OutputFunctionCall(finfo, datum);
+                        let v = std::ffi::CStr::from_ptr(c).to_string_lossy().into_owned();
+                        pg_sys::pfree(c.cast());
+                        serde_json::Value::String(v)
+                    }
+                };
+                (name.clone(), value)
+            })
+            .collect()
+    }
+
+    /// The primary key of `row` as JSON text (`{"col": "value", ...}`; `{}` without one).
+    fn key(&self, row: &Row) -> String {
+        let key: serde_json::Map<String, serde_json::Value> = row
+            .iter()
+            .zip(&self.columns)
+            .filter(|(_, c)| c.3)
+            .map(|(v, _)| v.clone())
+            .collect();
+        serde_json::Value::Object(key).to_string()
     }
 }
 
-/// The row as (column name, JSON value) pairs, skipping dropped columns.
-unsafe fn row_values(
-    tuple: *mut pg_sys::HeapTupleData,
-    tupdesc: pg_sys::TupleDesc,
-) -> Vec<(String, serde_json::Value)> {
-    // PgTupleDesc hides the attribute array's layout, which changed in PG 18.
-    let desc = pgrx::PgTupleDesc::from_pg_unchecked(tupdesc);
-    desc.iter()
-        .enumerate()
-        .filter(|(_, att)| !att.is_dropped())
-        .map(|(i, att)| {
-            let name = att.name().to_string();
-            (name, column_json(tuple, tupdesc, i + 1, att.atttypid))
-        })
-        .collect()
+/// The event for one changed row (None for a no-op UPDATE). Its tenant is the row's tenant
+/// column, never the context.
+fn change_event(
+    table: &str,
+    tenant_column: &str,
+    reader: &RowReader,
+    old: Option<Row>,
+    new: Option<Row>,
+) -> Result<Option<NewEvent>, TenancyError> {
+    let (action, current) = match (&old, &new) {
+        (Some(_), Some(n)) => ("UPDATE", n),
+        (None, Some(n)) => ("INSERT", n),
+        (Some(o), None) => ("DELETE", o),
+        (None, None) => return Ok(None),
+    };
+    let org = match current.iter().find(|(n, _)| n == tenant_column) {
+        Some((_, serde_json::Value::String(s))) => s.clone(),
+        _ => return Err(TenancyError::NoTenant),
+    };
+    let row_key = reader.key(current);
+    let (changed, payload) = match (old, new) {
+        (Some(o), Some(n)) => {
+            let changed: Vec<usize> = (0..n.len()).filter(|i| o[*i].1 != n[*i].1).collect();
+            if changed.is_empty() {
+                return Ok(None); // a no-op UPDATE writes nothing
+            }
+            let pick = |row: &Row| {
+                serde_json::Value::Object(changed.iter().map(|i| row[*i].clone()).collect())
+            };
+            (
+                changed.iter().map(|i| n[*i].0.clone()).collect::<Vec<_>>(),
+                serde_json::json!({ "old": pick(&o), "new": pick(&n) }),
+            )
+        }
+        (Some(row), None) | (None, Some(row)) => (
+            row.iter().map(|(n, _)| n.clone()).collect(),
+            serde_json::Value::Object(row.into_iter().collect()),
+        ),
+        (None, None) => unreachable!("handled above"),
+    };
+    Ok(Some(NewEvent {
+        org,
+        action: action.into(),
+        table_name: Some(table.into()),
+        row_key: Some(row_key),
+        changed_columns: Some(changed),
+        payload: Some(payload),
+    }))
 }
 
-/// Row trigger (AFTER INSERT OR UPDATE OR DELETE, FOR EACH ROW) that audits a table. Its
-/// argument is the tenant column; the event is filed under that column's value.
+/// A read position in one transition table.
+struct TransitionScan {
+    store: *mut pg_sys::Tuplestorestate,
+    slot: *mut pg_sys::TupleTableSlot,
+}
+
+impl TransitionScan {
+    /// SAFETY: `store` is a transition table of the firing trigger, of row type `tupdesc`.
+    unsafe fn new(store: *mut pg_sys::Tuplestorestate, tupdesc: pg_sys::TupleDesc) -> Option<Self> {
+        if store.is_null() {
+            return None;
+        }
+        // Our own read pointer, as a NamedTuplestoreScan does: other triggers read it too.
+        let ptr = pg_sys::tuplestore_alloc_read_pointer(store, 0);
+        pg_sys::tuplestore_select_read_pointer(store, ptr);
+        pg_sys::tuplestore_rescan(store);
+        let slot = pg_sys::MakeSingleTupleTableSlot(tupdesc, &pg_sys::TTSOpsMinimalTuple);
+        Some(TransitionScan { store, slot })
+    }
+
+    /// The next row, read in the current memory context.
+    unsafe fn next(&mut self, reader: &mut RowReader) -> Option<Row> {
+        if !pg_sys::tuplestore_gettupleslot(self.store, true, false, self.slot) {
+            return None;
+        }
+        let mut should_free = false;
+        let tuple = pg_sys::ExecFetchSlotHeapTuple(self.slot, false, &mut should_free);
+        Some(reader.read(tuple))
+    }
+
+    /// Lets go of the current row. A row read back from a spilled transition table is
+    /// allocated in the memory context current at the read and owned by the slot: the slot
+    /// must drop it before that context is reset.
+    unsafe fn release(&mut self) {
+        pg_sys::ExecClearTuple(self.slot);
+    }
+}
+
+impl Drop for TransitionScan {
+    fn drop(&mut self) {
+        // SAFETY: the slot was made by MakeSingleTupleTableSlot and is not used after this.
+        unsafe { pg_sys::ExecDropSingleTupleTableSlot(self.slot) };
+    }
+}
+
+/// The audit trigger. Attached by `tenancy.protect(..., audit => true)` as three statement
+/// triggers (AFTER INSERT / UPDATE / DELETE ... REFERENCING the transition tables ... FOR EACH
+/// STATEMENT): it reads the statement's changed rows and appends their events in batches.
+/// It also works as a row trigger (AFTER ... FOR EACH ROW), one event per call; the statement
+/// form is the faster for bulk statements (docs/audit.md has the measurements). Its
+/// argument is the tenant column; each event is filed under that column's value.
 #[pg_trigger]
 fn audit_trigger<'a>(
     trigger: &'a pgrx::PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, pgrx::AllocatedByPostgres>>, TenancyError> {
+    use pgrx::trigger_support::{PgTriggerLevel, PgTriggerOperation as Op};
     let data = trigger.trigger_data();
     let tenant_column = trigger
         .extra_args()
         .ok()
         .and_then(|a| a.into_iter().next())
         .unwrap_or_else(|| "organization_id".into());
-    let rel = trigger.relation().expect("a row trigger has a relation");
+    let rel = trigger.relation().expect("a trigger has a relation");
     let table = format!("{}.{}", rel.namespace(), rel.name());
-    // SAFETY: trigger data and its tuples are valid for the duration of the call.
-    let tupdesc = unsafe { (*data.tg_relation).rd_att };
-    use pgrx::trigger_support::PgTriggerOperation as Op;
-    let op = trigger.op().expect("a row trigger has an operation");
-    // SAFETY: the trigger's tuples are valid for the duration of the call.
-    let (action, old, new) = unsafe {
-        match op {
-            Op::Insert => ("INSERT", None, Some(row_values(data.tg_trigtuple, tupdesc))),
-            Op::Delete => ("DELETE", Some(row_values(data.tg_trigtuple, tupdesc)), None),
-            Op::Update => (
-                "UPDATE",
-                Some(row_values(data.tg_trigtuple, tupdesc)),
-                Some(row_values(data.tg_newtuple, tupdesc)),
-            ),
-            Op::Truncate => return Ok(None),
-        }
-    };
-    let current = new.as_ref().or(old.as_ref()).expect("one row is present");
-    let org = match current
-        .iter()
-        .find(|(n, _)| *n == tenant_column)
-        .map(|(_, v)| v)
-    {
-        Some(serde_json::Value::String(s)) => s.clone(),
-        _ => return Err(TenancyError::NoTenant),
-    };
-    // SAFETY: the trigger's relation is open and valid for the duration of the call.
-    let key = unsafe { primary_key(data.tg_relation, current) };
-    let (changed, payload) = match (&old, &new) {
-        (Some(o), Some(n)) => {
-            let changed: Vec<usize> = (0..n.len()).filter(|i| o[*i].1 != n[*i].1).collect();
-            if changed.is_empty() {
-                return Ok(None); // a no-op UPDATE writes nothing
-            }
-            let pick = |row: &Vec<(String, serde_json::Value)>| {
-                serde_json::Value::Object(changed.iter().map(|i| row[*i].clone()).collect())
+    let op = trigger.op().expect("a trigger has an operation");
+    if matches!(op, Op::Truncate) {
+        return Ok(None); // protected tables refuse TRUNCATE before it happens
+    }
+    let who = Who::current();
+    // SAFETY: the trigger's relation, tuples and transition tables are valid for the call.
+    unsafe {
+        let mut reader = RowReader::new(data.tg_relation);
+        if matches!(trigger.level(), PgTriggerLevel::Row) {
+            let (old, new) = match op {
+                Op::Insert => (None, Some(reader.read(data.tg_trigtuple))),
+                Op::Delete => (Some(reader.read(data.tg_trigtuple)), None),
+                _ => (
+                    Some(reader.read(data.tg_trigtuple)),
+                    Some(reader.read(data.tg_newtuple)),
+                ),
             };
-            (
-                changed.iter().map(|i| n[*i].0.clone()).collect::<Vec<_>>(),
-                serde_json::json!({ "old": pick(o), "new": pick(n) }),
-            )
+            if let Some(event) = change_event(&table, &tenant_column, &reader, old, new)? {
+                append_events(&who, &[event]);
+            }
+            return Ok(None);
         }
-        (_, Some(row)) | (Some(row), None) => (
-            row.iter().map(|(n, _)| n.clone()).collect(),
-            serde_json::Value::Object(row.iter().cloned().collect()),
-        ),
-        (None, None) => unreachable!("a row trigger has a row"),
-    };
-    write_event(
-        &org,
-        action,
-        Some(&table),
-        Some(&key),
-        Some(changed),
-        Some(&payload),
-    );
-    Ok(None)
-}
-
-/// The primary key of the row as JSON text (`{"col": "value", ...}`; `{}` without one), from
-/// the relcache's primary-key attribute set: no catalog query per row.
-unsafe fn primary_key(rel: pg_sys::Relation, row: &[(String, serde_json::Value)]) -> String {
-    let pk = pg_sys::RelationGetIndexAttrBitmap(
-        rel,
-        pg_sys::IndexAttrBitmapKind::INDEX_ATTR_BITMAP_PRIMARY_KEY,
-    );
-    let desc = pgrx::PgTupleDesc::from_pg_unchecked((*rel).rd_att);
-    let names: Vec<String> = desc
-        .iter()
-        .filter(|att| {
-            pg_sys::bms_is_member(
-                i32::from(att.attnum) - pg_sys::FirstLowInvalidHeapAttributeNumber,
-                pk,
-            )
-        })
-        .map(|att| att.name().to_string())
-        .collect();
-    let key: serde_json::Map<String, serde_json::Value> = row
-        .iter()
-        .filter(|(n, _)| names.contains(n))
-        .cloned()
-        .collect();
-    serde_json::Value::Object(key).to_string()
+        let tupdesc = (*data.tg_relation).rd_att;
+        let (mut olds, mut news) = match op {
+            Op::Insert => (None, TransitionScan::new(data.tg_newtable, tupdesc)),
+            Op::Delete => (TransitionScan::new(data.tg_oldtable, tupdesc), None),
+            _ => (
+                TransitionScan::new(data.tg_oldtable, tupdesc),
+                TransitionScan::new(data.tg_newtable, tupdesc),
+            ),
+        };
+        if olds.is_none() && news.is_none() {
+            return Err(TenancyError::AuditTriggerMisdefined {
+                reason: "a statement-level audit trigger needs REFERENCING OLD TABLE / NEW TABLE",
+            });
+        }
+        // For UPDATE, the old and new transition tables hold each row's old and new version
+        // at the same position (PostgreSQL appends both as it updates the row).
+        let mut batch_cxt = PgMemoryContexts::new("pg_tenancy audit batch");
+        let mut batch = Vec::with_capacity(BATCH);
+        loop {
+            let done = batch_cxt.switch_to(|_| -> Result<bool, TenancyError> {
+                while batch.len() < BATCH {
+                    let old = olds.as_mut().map(|s| s.next(&mut reader));
+                    let new = news.as_mut().map(|s| s.next(&mut reader));
+                    let (old, new) = match (old, new) {
+                        (Some(None), Some(None)) | (Some(None), None) | (None, Some(None)) => {
+                            return Ok(true)
+                        }
+                        (Some(None), _) | (_, Some(None)) => {
+                            return Err(TenancyError::AuditTriggerMisdefined {
+                                reason: "the old and new transition tables differ in length",
+                            })
+                        }
+                        (o, n) => (o.flatten(), n.flatten()),
+                    };
+                    if let Some(event) = change_event(&table, &tenant_column, &reader, old, new)? {
+                        batch.push(event);
+                    }
+                }
+                Ok(false)
+            })?;
+            append_events(&who, &batch);
+            batch.clear();
+            olds.iter_mut()
+                .chain(news.iter_mut())
+                .for_each(|s| s.release());
+            batch_cxt.reset();
+            if done {
+                return Ok(None);
+            }
+        }
+    }
 }
 
 /// Verifies `org`'s hash chain: one row with the number of events checked and, when broken,

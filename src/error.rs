@@ -78,6 +78,8 @@ pub enum TenancyError {
     BadAction,
     #[error("PHI cannot be revealed here: reveals could not be audited")]
     RevealNotAudited { reason: String },
+    #[error("tenancy.audit_trigger() is attached the wrong way")]
+    AuditTriggerMisdefined { reason: &'static str },
 }
 
 impl TenancyError {
@@ -116,6 +118,7 @@ impl TenancyError {
             Self::PhiWhileStoring => ERRCODE_FEATURE_NOT_SUPPORTED,
             Self::BadAction => ERRCODE_INVALID_PARAMETER_VALUE,
             Self::RevealNotAudited { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            Self::AuditTriggerMisdefined { .. } => ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
         }
     }
 
@@ -131,6 +134,7 @@ impl TenancyError {
             }
             Self::PhiMalformed { reason } => Some((*reason).to_string()),
             Self::RevealNotAudited { reason } => Some(reason.clone()),
+            Self::AuditTriggerMisdefined { reason } => Some((*reason).to_string()),
             Self::PhiAuthentication => Some(
                 "The envelope was altered, belongs to another tenant or column label, or was sealed with a different key."
                     .into(),
@@ -183,6 +187,9 @@ impl TenancyError {
                 Some("Tenant columns are uuid (tenancy.current_org_id()) or text.")
             }
             Self::NotProtected { .. } => Some("See tenancy.protected_tables for what is protected."),
+            Self::AuditTriggerMisdefined { .. } => {
+                Some("Let tenancy.protect('<table>', audit => true) attach the audit triggers.")
+            }
             Self::SuperuserOnly { .. } => Some("Run it as the superuser that installed pg_tenancy."),
             Self::PhiNotConfigured => Some(
                 "Set tenancy.phi_key_file in postgresql.conf to the key ring file and reload.",

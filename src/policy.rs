@@ -59,7 +59,7 @@ fn load_target(rel: pg_sys::Oid, column: &str) -> Target {
                     c.relispartition,
                     ARRAY(SELECT polname::text FROM pg_policy WHERE polrelid = c.oid AND polname IN ('tenancy_tenant_floor', 'tenancy_tenant_rows')
                           UNION ALL
-                          SELECT tgname::text FROM pg_trigger WHERE tgrelid = c.oid AND tgname IN ('tenancy_tenant_immutable', 'tenancy_no_truncate', 'tenancy_audit') AND tgparentid = 0)
+                          SELECT tgname::text FROM pg_trigger WHERE tgrelid = c.oid AND tgname IN ('tenancy_tenant_immutable', 'tenancy_no_truncate', 'tenancy_audit_insert', 'tenancy_audit_update', 'tenancy_audit_delete') AND tgparentid = 0)
                FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1",
             None,
             &[rel.into(), column.into()],
@@ -111,6 +111,18 @@ fn load_target(rel: pg_sys::Oid, column: &str) -> Target {
         existing: row.7.unwrap_or_default(),
     }
 }
+
+/// The audit triggers: (name, event, transition tables). PostgreSQL allows transition tables
+/// only on single-event triggers, hence three.
+pub const AUDIT_TRIGGERS: [(&str, &str, &str); 3] = [
+    ("tenancy_audit_insert", "INSERT", "NEW TABLE AS tenancy_new"),
+    (
+        "tenancy_audit_update",
+        "UPDATE",
+        "OLD TABLE AS tenancy_old NEW TABLE AS tenancy_new",
+    ),
+    ("tenancy_audit_delete", "DELETE", "OLD TABLE AS tenancy_old"),
+];
 
 /// The statements that protect one table (not its children).
 fn protect_statements(t: &Target, column: &str, set_default: bool, audit: bool) -> Vec<String> {
@@ -186,21 +198,20 @@ fn protect_statements(t: &Target, column: &str, set_default: bool, audit: bool) 
         s.push(format!("CREATE INDEX ON {table} ({col})"));
     }
     if audit {
-        // Every change becomes an audit event, filed under the row's tenant column.
-        if !t.is_partition {
+        // Every change becomes an audit event, filed under the row's tenant column. Statement
+        // triggers are not cloned to partitions, so every table gets its own.
+        for (name, event, referencing) in AUDIT_TRIGGERS {
             recreate(
                 &mut s,
                 "TRIGGER",
-                "tenancy_audit",
+                name,
                 format!(
-                    "CREATE TRIGGER tenancy_audit AFTER INSERT OR UPDATE OR DELETE ON {table} FOR EACH ROW EXECUTE FUNCTION tenancy.audit_trigger({})",
+                    "CREATE TRIGGER {name} AFTER {event} ON {table} REFERENCING {referencing} FOR EACH STATEMENT EXECUTE FUNCTION tenancy.audit_trigger({})",
                     quote_literal(column)
                 ),
             );
+            s.push(format!("ALTER TABLE {table} ENABLE ALWAYS TRIGGER {name}"));
         }
-        s.push(format!(
-            "ALTER TABLE {table} ENABLE ALWAYS TRIGGER tenancy_audit"
-        ));
     }
     s.push(format!(
         "INSERT INTO tenancy.protected_tables (schema_name, table_name, tenant_column, tenant_type, audited) VALUES ({}, {}, {}, {}, {audit}) ON CONFLICT (schema_name, table_name) DO UPDATE SET tenant_column = EXCLUDED.tenant_column, tenant_type = EXCLUDED.tenant_type, audited = tenancy.protected_tables.audited OR EXCLUDED.audited, protected_at = now(), protected_by = session_user",
@@ -401,10 +412,9 @@ fn unprotect_one(rel: pg_sys::Oid, stmts: &mut Vec<String>) -> bool {
         ),
     ];
     if audited {
-        mine.insert(
-            6,
-            format!("DROP TRIGGER IF EXISTS tenancy_audit ON {table}"),
-        );
+        for (name, _, _) in AUDIT_TRIGGERS {
+            mine.insert(6, format!("DROP TRIGGER IF EXISTS {name} ON {table}"));
+        }
     }
     run_all(&mine);
     log_action("unprotect", rel, "");

@@ -245,14 +245,16 @@ pub extern "C-unwind" fn pg_tenancy_reveal_worker_main(_arg: pg_sys::Datum) {
                     "xid": r.xid,
                 });
                 let label = r.label.get().filter(|l| !l.is_empty());
-                crate::audit::write_event_as(
+                crate::audit::append_events(
                     &who,
-                    &r.org.get().unwrap_or_default(),
-                    "REVEAL",
-                    label.as_deref(),
-                    None,
-                    None,
-                    Some(&payload),
+                    &[crate::audit::NewEvent {
+                        org: r.org.get().unwrap_or_default(),
+                        action: "REVEAL".into(),
+                        table_name: label,
+                        row_key: None,
+                        changed_columns: None,
+                        payload: Some(payload),
+                    }],
                 );
             }
         });
