@@ -36,17 +36,19 @@ struct Plans {
     head: OwnedPreparedStatement,
     lock: OwnedPreparedStatement,
     tip: OwnedPreparedStatement,
-    ids: OwnedPreparedStatement,
+    insert_one: OwnedPreparedStatement,
     insert: OwnedPreparedStatement,
 }
+
+const INSERT_COLUMNS: &str = "INSERT INTO tenancy.audit_events (organization_id, seq, event_id, occurred_at,
+    txid, actor, actor_verified, session_role, outer_role, action, table_name, row_key, changed_columns,
+    payload, prev_hash, hash)";
 
 fn text() -> PgOid {
     PgOid::BuiltIn(pg_sys::BuiltinOid::TEXTOID)
 }
 
 fn prepare(client: &SpiClient<'_>) -> SpiResult<Plans> {
-    use pg_sys::BuiltinOid::*;
-    let o = PgOid::BuiltIn;
     Ok(Plans {
         head: client
             .prepare_mut(
@@ -75,32 +77,70 @@ fn prepare(client: &SpiClient<'_>) -> SpiResult<Plans> {
                 &[text()],
             )?
             .keep(),
-        // Event ids for a whole batch in one round trip.
-        ids: client
+        // One event (the common OLTP case): a plain VALUES row, the cheapest plan.
+        insert_one: client
             .prepare_mut(
-                "SELECT array_agg(nextval('tenancy.audit_event_id')), txid_current() FROM generate_series(1, $1)",
-                &[o(INT4OID)],
+                &format!(
+                    "{INSERT_COLUMNS} VALUES ($1[1], $2[1], $3[1], $4, $5, $6, $7, $8::name, $9::name, $10[1], $11[1],
+                        $12[1], $13[1]::text[], $14[1], $15[1], $16[1])"
+                ),
+                &array_params(),
             )?
             .keep(),
         // A whole batch in one statement: one executor start, not one per event.
         insert: client
             .prepare_mut(
-                "INSERT INTO tenancy.audit_events (organization_id, seq, event_id, occurred_at, txid, actor,
-                    actor_verified, session_role, outer_role, action, table_name, row_key, changed_columns,
-                    payload, prev_hash, hash)
-                 SELECT u.o, u.s, u.e, $4, $5, $6, $7, $8::name, $9::name, u.a, u.t, u.k, u.c::text[],
-                        u.p, u.ph, u.h
-                   FROM unnest($1, $2, $3, $10, $11, $12, $13, $14, $15, $16)
-                        AS u(o, s, e, a, t, k, c, p, ph, h)",
-                &[
-                    o(TEXTARRAYOID), o(INT8ARRAYOID), o(INT8ARRAYOID), o(TIMESTAMPTZOID), o(INT8OID),
-                    text(), o(BOOLOID), text(), text(), o(TEXTARRAYOID), o(TEXTARRAYOID),
-                    o(TEXTARRAYOID), o(TEXTARRAYOID), o(BYTEAARRAYOID), o(BYTEAARRAYOID),
-                    o(BYTEAARRAYOID),
-                ],
+                &format!(
+                    "{INSERT_COLUMNS}
+                     SELECT u.o, u.s, u.e, $4, $5, $6, $7, $8::name, $9::name, u.a, u.t, u.k, u.c::text[],
+                            u.p, u.ph, u.h
+                       FROM unnest($1, $2, $3, $10, $11, $12, $13, $14, $15, $16)
+                            AS u(o, s, e, a, t, k, c, p, ph, h)"
+                ),
+                &array_params(),
             )?
             .keep(),
     })
+}
+
+/// The parameter types of both insert plans: per-event columns as arrays, the writer's
+/// columns (time, transaction, actor, roles) once.
+fn array_params() -> [PgOid; 16] {
+    use pg_sys::BuiltinOid::*;
+    let o = PgOid::BuiltIn;
+    [
+        o(TEXTARRAYOID),
+        o(INT8ARRAYOID),
+        o(INT8ARRAYOID),
+        o(TIMESTAMPTZOID),
+        o(INT8OID),
+        text(),
+        o(BOOLOID),
+        text(),
+        text(),
+        o(TEXTARRAYOID),
+        o(TEXTARRAYOID),
+        o(TEXTARRAYOID),
+        o(TEXTARRAYOID),
+        o(BYTEAARRAYOID),
+        o(BYTEAARRAYOID),
+        o(BYTEAARRAYOID),
+    ]
+}
+
+/// The next value of `tenancy.audit_event_id`, without a query.
+fn next_event_id() -> i64 {
+    // SAFETY: catalog lookups by name, then the builtin nextval(regclass) on an existing
+    // sequence (both lookups raise if the extension's objects are missing).
+    unsafe {
+        let ns = pg_sys::get_namespace_oid(c"tenancy".as_ptr(), false);
+        let seq = pg_sys::get_relname_relid(c"audit_event_id".as_ptr(), ns);
+        if seq == pg_sys::InvalidOid {
+            pgrx::error!("pg_tenancy: sequence tenancy.audit_event_id is missing");
+        }
+        pgrx::direct_function_call::<i64>(pg_sys::nextval_oid, &[seq.into_datum()])
+            .expect("nextval returns a value")
+    }
 }
 
 /// One event to append, before its place in its tenant's chain is known.
@@ -270,8 +310,11 @@ pub fn append_events(who: &Who, events: &[NewEvent]) {
             missing.sort_unstable();
             missing.dedup();
             for org in missing {
-                client.update(&plans.head, None, &[org.into()])?;
-                client.update(&plans.lock, None, &[org.into()])?;
+                // The head row exists but for a tenant's very first event.
+                if client.update(&plans.lock, None, &[org.into()])?.is_empty() {
+                    client.update(&plans.head, None, &[org.into()])?;
+                    client.update(&plans.lock, None, &[org.into()])?;
+                }
                 let row = client.update(&plans.tip, None, &[org.into()])?.first();
                 let tip = (
                     row.get::<i64>(1)?.unwrap_or(0),
@@ -279,11 +322,10 @@ pub fn append_events(who: &Who, events: &[NewEvent]) {
                 );
                 TIPS.with(|t| t.borrow_mut().insert(org.to_string(), tip));
             }
-            let n = i32::try_from(events.len()).expect("batches are small");
-            let row = client.update(&plans.ids, None, &[n.into()])?.first();
-            let ids = row.get::<Vec<i64>>(1)?.unwrap_or_default();
-            let txid = row.get::<i64>(2)?.unwrap_or(0);
-            assert_eq!(ids.len(), events.len(), "one event id per event");
+            let ids: Vec<i64> = events.iter().map(|_| next_event_id()).collect();
+            // txid_current(): the top-level transaction id with its epoch.
+            // SAFETY: assigns the transaction id if it has none yet, as txid_current() does.
+            let txid = unsafe { pg_sys::GetTopFullTransactionId() }.value as i64;
             let mut orgs = Vec::with_capacity(events.len());
             let mut seqs = Vec::with_capacity(events.len());
             let mut actions = Vec::with_capacity(events.len());
@@ -340,8 +382,13 @@ pub fn append_events(who: &Who, events: &[NewEvent]) {
             });
             let ts = pgrx::datum::TimestampWithTimeZone::try_from(who.occurred_at)
                 .expect("the clock is a valid timestamp");
+            let plan = if events.len() == 1 {
+                &plans.insert_one
+            } else {
+                &plans.insert
+            };
             client.update(
-                &plans.insert,
+                plan,
                 None,
                 &[
                     orgs.into(),

@@ -1,0 +1,590 @@
+#!/usr/bin/env python3
+"""pg_tenancy benchmarks (issue 7/8): every comparison runs its variants interleaved, on the
+same data, in one run, and reports medians and ratios. Writes bench/RESULTS.md.
+
+Run it through scripts/bench.sh (which builds and installs a release build first):
+
+  scripts/bench.sh            full size: 1,000 clinics, 1,000,000 patients, 2,000,000 bookings
+  scripts/bench.sh --quick    smoke size: 50 clinics, 20,000 patients, 40,000 bookings
+
+It starts its own PostgreSQL 15 cluster (127.0.0.1, port 54339, data under
+/tmp/pg_tenancy-bench) and stops it at the end.
+"""
+import argparse
+import base64
+import hashlib
+import hmac
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+BIN = "/usr/lib/postgresql/15/bin"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+AS_PG = ["sudo", "-n", "-u", "postgres"] if os.geteuid() == 0 else []
+
+
+def org(n):
+    return "00000000-0000-4000-8000-%012d" % n
+
+
+def log(msg):
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class Cluster:
+    def __init__(self, port, dir_):
+        self.port, self.dir = port, dir_
+        self.data = os.path.join(dir_, "data")
+
+    def start(self):
+        if os.path.exists(os.path.join(self.data, "postmaster.pid")):
+            subprocess.run(AS_PG + [f"{BIN}/pg_ctl", "stop", "-m", "fast", "-D", self.data],
+                           capture_output=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        os.makedirs(self.dir)
+        if AS_PG:
+            shutil.chown(self.dir, "postgres")
+        subprocess.run(AS_PG + [f"{BIN}/initdb", "-A", "trust", "-U", "postgres", "--locale=C",
+                                "-E", "UTF8", "-D", self.data], check=True, capture_output=True)
+        ring = os.path.join(self.dir, "phi.keyring")
+        owner = ["--owner", "postgres"] if AS_PG else []
+        subprocess.run([sys.executable, os.path.join(ROOT, "scripts/phi_keyring.py"), "new", ring]
+                       + owner, check=True, capture_output=True)
+        conf = f"""
+port = {self.port}
+listen_addresses = '127.0.0.1'
+unix_socket_directories = '{self.dir}'
+shared_preload_libraries = 'pg_tenancy'
+tenancy.phi_key_file = '{ring}'
+tenancy.audit_database = 'bench'
+shared_buffers = '2GB'
+work_mem = '16MB'
+maintenance_work_mem = '512MB'
+max_wal_size = '16GB'
+checkpoint_timeout = '30min'
+synchronous_commit = off
+max_connections = 50
+"""
+        subprocess.run(AS_PG + ["sh", "-c", f"cat >> '{self.data}/postgresql.conf'"],
+                       input=conf.encode(), check=True)
+        subprocess.run(AS_PG + [f"{BIN}/pg_ctl", "start", "-w", "-D", self.data, "-l",
+                                os.path.join(self.dir, "server.log")], check=True,
+                       capture_output=True)
+
+    def stop(self):
+        subprocess.run(AS_PG + [f"{BIN}/pg_ctl", "stop", "-m", "fast", "-D", self.data],
+                       capture_output=True)
+
+    def reload(self):
+        subprocess.run(AS_PG + [f"{BIN}/pg_ctl", "reload", "-D", self.data], check=True,
+                       capture_output=True)
+        time.sleep(1)
+
+    def psql(self, sql, user="postgres", db="bench", timing=False):
+        """Runs SQL through psql; with timing, returns the list of statement times in ms."""
+        script = ("\\timing on\n" if timing else "") + sql
+        r = subprocess.run(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-At",
+                            f"host=127.0.0.1 port={self.port} user={user} dbname={db}"],
+                           input=script.encode(), capture_output=True)
+        out = r.stdout.decode()
+        if r.returncode != 0:
+            raise RuntimeError(f"psql failed: {r.stderr.decode()[-2000:]}\nSQL: {sql[:500]}")
+        if timing:
+            return [float(m) for m in re.findall(r"^Time: ([0-9.]+) ms", out, re.M)]
+        return out.strip()
+
+    def pgbench(self, scripts, clients, secs, user="app"):
+        """One pgbench run of weighted scripts (interleaved per transaction); returns
+        {script name: average latency in ms}."""
+        args = ["pgbench", "-n", "-h", "127.0.0.1", "-p", str(self.port), "-U", user,
+                "-c", str(clients), "-j", str(min(clients, 2)), "-T", str(secs)]
+        for path in scripts:
+            args += ["-f", f"{path}@1"]
+        r = subprocess.run(args + ["bench"], capture_output=True)
+        out = r.stdout.decode() + r.stderr.decode()
+        if r.returncode != 0:
+            raise RuntimeError(f"pgbench failed: {out[-3000:]}")
+        result = {}
+        for block in out.split("SQL script ")[1:]:
+            name = os.path.basename(re.search(r": (\S+)", block).group(1))
+            lat = re.search(r"latency average = ([0-9.]+) ms", block)
+            result[name] = float(lat.group(1))
+        return result
+
+
+def median(xs):
+    return statistics.median(xs)
+
+
+class Report:
+    def __init__(self):
+        self.lines = []
+
+    def section(self, title, text=""):
+        self.lines += ["", f"## {title}", ""] + ([text, ""] if text else [])
+
+    def table(self, header, rows):
+        self.lines.append("| " + " | ".join(header) + " |")
+        self.lines.append("|" + "---|" * len(header))
+        for r in rows:
+            self.lines.append("| " + " | ".join(str(c) for c in r) + " |")
+        self.lines.append("")
+
+    def text(self, t):
+        self.lines += [t, ""]
+
+
+def load(c, clinics, patients_per, bookings_per):
+    log(f"loading {clinics} clinics, {clinics * patients_per} patients, "
+        f"{clinics * bookings_per} bookings")
+    c.psql("CREATE ROLE app LOGIN; CREATE DATABASE bench", db="postgres")
+    c.psql("CREATE EXTENSION pg_tenancy; CREATE EXTENSION pgcrypto")
+    with open(os.path.join(ROOT, "scripts/family_practice.sql")) as f:
+        c.psql(f.read())
+    parts = []
+    for n in range(1, clinics + 1):
+        o = org(n)
+        parts.append(f"""BEGIN; SELECT tenancy.set_org('{o}');
+INSERT INTO clinic.organizations (id, name, slug) VALUES ('{o}', 'Clinic {n}', 'clinic-{n}');
+INSERT INTO clinic.locations (organization_id, id, name) VALUES ('{o}', '{o}', 'Main street');
+INSERT INTO clinic.services (organization_id, id, name) VALUES ('{o}', '{o}', 'Check-up');
+INSERT INTO clinic.patients (organization_id, id, first_name, last_name, phone)
+  SELECT '{o}', ('10000000-0000-4000-8000-' || lpad(({n - 1} * {patients_per} + g)::text, 12, '0'))::uuid,
+         tenancy.phi_encrypt('First' || g, 'patients.first_name'),
+         tenancy.phi_encrypt('Last' || g, 'patients.last_name'),
+         tenancy.phi_encrypt('555-' || lpad(g::text, 4, '0'), 'patients.phone')
+    FROM generate_series(1, {patients_per}) g;
+INSERT INTO clinic.bookings (organization_id, id, patient_id, service_id, location_id, starts_at, status, reason_for_visit)
+  SELECT '{o}', ('20000000-0000-4000-8000-' || lpad(({n - 1} * {bookings_per} + g)::text, 12, '0'))::uuid,
+         ('10000000-0000-4000-8000-' || lpad(({n - 1} * {patients_per} + 1 + g % {patients_per})::text, 12, '0'))::uuid,
+         '{o}', '{o}', timestamptz '2026-01-01 08:00+00' + (g % 365) * interval '1 day' + (g % 20) * interval '30 min',
+         'confirmed', tenancy.phi_encrypt('visit ' || g, 'bookings.reason_for_visit')
+    FROM generate_series(1, {bookings_per}) g;
+COMMIT;
+""")
+        if len(parts) == 50 or n == clinics:
+            c.psql("".join(parts))
+            parts = []
+    log("protecting the reference schema (audit => true)")
+    c.psql("SELECT count(*) FROM tenancy.protect_all('clinic', root => 'clinic.organizations', audit => true)")
+    c.psql("""GRANT USAGE ON SCHEMA clinic TO app;
+GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA clinic TO app;
+CREATE SCHEMA bench; GRANT USAGE ON SCHEMA bench TO app;""")
+    # Copies of bookings and patients: protected by pg_tenancy without audit (RLS cost only),
+    # unprotected (the floor), and with the seeds' own hand-written policy.
+    for t in ("patients", "bookings"):
+        for v in ("tenancy", "floor", "seeds"):
+            c.psql(f"""CREATE TABLE bench.{t}_{v} (LIKE clinic.{t} INCLUDING DEFAULTS INCLUDING INDEXES);
+INSERT INTO bench.{t}_{v} SELECT * FROM clinic.{t};
+GRANT SELECT, INSERT, UPDATE, DELETE ON bench.{t}_{v} TO app;""")
+        c.psql(f"SELECT count(*) FROM tenancy.protect('bench.{t}_tenancy')")
+        c.psql(f"""ALTER TABLE bench.{t}_seeds ENABLE ROW LEVEL SECURITY;
+ALTER TABLE bench.{t}_seeds FORCE ROW LEVEL SECURITY;
+CREATE POLICY seeds_tenant ON bench.{t}_seeds FOR ALL TO PUBLIC
+  USING (organization_id = current_setting('app.current_organization_id')::uuid)
+  WITH CHECK (organization_id = current_setting('app.current_organization_id')::uuid);""")
+    c.psql("VACUUM ANALYZE")
+
+
+def write_script(dir_, name, body):
+    path = os.path.join(dir_, name)
+    with open(path, "w") as f:
+        f.write(body)
+    return path
+
+
+PICK = """\\set n random(1, {clinics})
+\\set p random(1, {patients_per})
+\\set day random(0, 364)
+"""
+ORG = "('00000000-0000-4000-8000-' || lpad(:n::text, 12, '0'))"
+PID = "('10000000-0000-4000-8000-' || lpad(((:n - 1) * {patients_per} + :p)::text, 12, '0'))::uuid"
+DAY = "(timestamptz '2026-01-01 00:00+00' + :day * interval '1 day')"
+
+
+def enter(variant):
+    return {
+        "tenancy": f"SELECT tenancy.set_org({ORG}::uuid);\n",
+        "floor": "",
+        # The floor with the same number of statements (round trips) as the other two.
+        "floorrt": f"SELECT {ORG}::uuid;\n",
+        "seeds": f"SELECT set_config('app.current_organization_id', {ORG}, true);\n",
+    }[variant]
+
+
+def where(variant):
+    return f" AND organization_id = {ORG}::uuid" if variant.startswith("floor") else ""
+
+
+def table(variant):
+    return "floor" if variant.startswith("floor") else variant
+
+
+def rls_scripts(tmp, cfg, variants=("tenancy", "floor", "floorrt", "seeds")):
+    out = {}
+    for v in variants:
+        t = table(v)
+        out[("point", v)] = write_script(tmp, f"point_{v}.sql", PICK.format(**cfg) + "BEGIN;\n" + enter(v)
+                                         + f"SELECT id, created_at FROM bench.patients_{t} WHERE id = {PID.format(**cfg)}{where(v)};\nCOMMIT;\n")
+        out[("day", v)] = write_script(tmp, f"day_{v}.sql", PICK.format(**cfg) + "BEGIN;\n" + enter(v)
+                                       + f"SELECT id, starts_at, status FROM bench.bookings_{t} WHERE starts_at >= {DAY} AND starts_at < {DAY} + interval '1 day'{where(v)};\nCOMMIT;\n")
+        out[("insert", v)] = write_script(tmp, f"insert_{v}.sql", PICK.format(**cfg) + "BEGIN;\n" + enter(v)
+                                          + f"INSERT INTO bench.bookings_{t} (organization_id, patient_id, service_id, location_id, starts_at) VALUES ({ORG}::uuid, {PID.format(**cfg)}, {ORG}::uuid, {ORG}::uuid, {DAY});\nCOMMIT;\n")
+    return out
+
+
+def bench_rls(c, rep, cfg, tmp, rounds, secs, clients):
+    log("1. RLS cost")
+    scripts = rls_scripts(tmp, cfg)
+    rows = []
+    for q in ("point", "day", "insert"):
+        lat = {v: [] for v in ("tenancy", "floor", "floorrt", "seeds")}
+        for _ in range(rounds):
+            res = c.pgbench([scripts[(q, v)] for v in lat], clients, secs)
+            for v in lat:
+                lat[v].append(res[f"{q}_{v}.sql"])
+        m = {v: median(lat[v]) for v in lat}
+        rows.append([q, f"{m['floor']:.3f}", f"{m['floorrt']:.3f}", f"{m['seeds']:.3f}", f"{m['tenancy']:.3f}",
+                     f"**{m['floor'] / m['tenancy']:.3f}x**", f"**{m['floorrt'] / m['tenancy']:.3f}x**", ">= 0.95x",
+                     f"**{m['seeds'] / m['tenancy']:.3f}x**", ">= 1.0x"])
+    rep.section("1. RLS cost", f"pgbench, {clients} clients, {rounds} rounds of {secs} s; the three variants of "
+                "each query run as weighted scripts of ONE pgbench run, so they interleave per transaction. "
+                "Every transaction is BEGIN; enter the tenant (pg_tenancy: `tenancy.set_org`; seeds: "
+                "`set_config('app.current_organization_id', ...)`; floor: nothing, the query names the tenant; "
+                "'floor + one constant statement': `SELECT '<org>'::uuid` in place of set_org, so it makes the same "
+                "number of round trips as the other two); "
+                "the query; COMMIT. Median latency per transaction (ms); TPS ratio = inverse latency ratio. "
+                "Tables: copies of `clinic.patients` / `clinic.bookings` without audit, so only RLS differs.")
+    rep.table(["query", "floor: WHERE organization_id = $1, no RLS", "floor + one constant statement",
+               "seeds' policy (current_setting)", "pg_tenancy policies", "TPS vs floor",
+               "TPS vs floor, same round trips", "target", "TPS vs seeds", "target"], rows)
+    plans = []
+    for q, sql in (("point", f"SELECT id, created_at FROM bench.patients_tenancy WHERE id = '10000000-0000-4000-8000-000000000001'"),
+                   ("day", "SELECT id, starts_at, status FROM bench.bookings_tenancy WHERE starts_at >= '2026-03-01' AND starts_at < '2026-03-02'")):
+        plan = c.psql(f"BEGIN; SELECT tenancy.set_org('{org(1)}');\nEXPLAIN (COSTS OFF) {sql};\nCOMMIT;", user="app")
+        plans.append(f"{q}:\n" + "\n".join(plan.splitlines()[1:]))
+    rep.text("Plans as the application role (pg_tenancy variant):\n\n```\n" + "\n\n".join(plans) + "\n```")
+
+
+def bench_set_org(c, rep, cfg, tmp, rounds, secs, clients):
+    log("2. tenant context per transaction")
+    body = "SELECT id, created_at FROM bench.patients_floor WHERE id = {pid} AND organization_id = {org}::uuid;\nCOMMIT;\n".format(
+        pid=PID.format(**cfg), org=ORG)
+    pick = PICK.format(**cfg)
+    with_ = write_script(tmp, "ctx_set_org.sql", pick + "BEGIN;\n" + enter("tenancy") + body)
+    without = write_script(tmp, "ctx_none.sql", pick + "BEGIN;\n" + body)
+    lat = {"ctx_set_org.sql": [], "ctx_none.sql": []}
+    for _ in range(rounds):
+        res = c.pgbench([with_, without], clients, secs)
+        for k in lat:
+            lat[k].append(res[k])
+    m = {k: median(v) for k, v in lat.items()}
+    rows = [["set_org (unsigned)", f"{m['ctx_none.sql']:.3f}", f"{m['ctx_set_org.sql']:.3f}",
+             f"**{m['ctx_none.sql'] / m['ctx_set_org.sql']:.3f}x**", ">= 0.97x"]]
+    # Signed mode: a context key file, tokens minted as the application tier would.
+    key = os.urandom(32)
+    keyfile = os.path.join(c.dir, "context.key")
+    with open(keyfile, "w") as f:
+        f.write(key.hex() + "\n")
+    os.chmod(keyfile, 0o600)
+    if AS_PG:
+        shutil.chown(keyfile, "postgres")
+    c.psql(f"ALTER SYSTEM SET tenancy.context_key_file = '{keyfile}'")
+    c.reload()
+    expiry = int(time.time()) + 86400
+    o = org(1)
+    mac = hmac.new(key, f"pg_tenancy.context.v1\n{o}\n\n{expiry}".encode(), hashlib.sha256).digest()
+    token = f"v1.{expiry}." + base64.urlsafe_b64encode(mac).decode().rstrip("=")
+    fixed = "SELECT id, created_at FROM bench.patients_floor WHERE id = '10000000-0000-4000-8000-000000000001' AND organization_id = '{o}';\nCOMMIT;\n".format(o=o)
+    signed = write_script(tmp, "ctx_signed.sql", f"BEGIN;\nSELECT tenancy.set_org('{o}'::uuid, NULL, '{token}');\n" + fixed)
+    none1 = write_script(tmp, "ctx_none1.sql", "BEGIN;\n" + fixed)
+    lat = {"ctx_signed.sql": [], "ctx_none1.sql": []}
+    for _ in range(rounds):
+        res = c.pgbench([signed, none1], clients, secs)
+        for k in lat:
+            lat[k].append(res[k])
+    s = {k: median(v) for k, v in lat.items()}
+    rows.append(["set_org with a signed token", f"{s['ctx_none1.sql']:.3f}", f"{s['ctx_signed.sql']:.3f}",
+                 f"**{s['ctx_none1.sql'] / s['ctx_signed.sql']:.3f}x**", "(reported)"])
+    c.psql("ALTER SYSTEM RESET tenancy.context_key_file")
+    c.reload()
+    rep.section("2. Tenant context per transaction", f"pgbench, {clients} clients, {rounds} rounds of {secs} s, "
+                "both variants interleaved in one run: BEGIN; [set_org;] point lookup on the unprotected copy; COMMIT.")
+    rep.table(["variant", "without set_org (ms)", "with (ms)", "TPS ratio", "target"], rows)
+
+
+def bench_crypto(c, rep, cfg, rounds, short_n, long_n, pgp_n):
+    log("3. encryption")
+    key = "'0123456789abcdef0123456789abcdef'::bytea"
+    c.psql(f"""CREATE TABLE bench.short_plain AS SELECT 'value-' || g AS v FROM generate_series(1, {short_n}) g;
+CREATE TABLE bench.long_plain AS
+  SELECT translate(encode(gen_random_bytes(1024) || gen_random_bytes(1024) || gen_random_bytes(1024), 'base64'), E'\\n', '') AS v
+    FROM generate_series(1, {long_n}) g;""")
+    o = org(1)
+    # Ciphertexts to decrypt, made once.
+    c.psql(f"""BEGIN; SELECT tenancy.set_org('{o}');
+CREATE TABLE bench.short_phi AS SELECT tenancy.phi_encrypt(v, 'bench') AS c FROM bench.short_plain;
+CREATE TABLE bench.long_phi AS SELECT tenancy.phi_encrypt(v, 'bench') AS c FROM bench.long_plain;
+COMMIT;
+CREATE TABLE bench.short_raw AS SELECT encrypt(convert_to(v, 'UTF8'), {key}, 'aes') AS c FROM bench.short_plain;
+CREATE TABLE bench.long_raw AS SELECT encrypt(convert_to(v, 'UTF8'), {key}, 'aes') AS c FROM bench.long_plain;
+CREATE TABLE bench.short_pgp AS SELECT pgp_sym_encrypt(v, 'secret') AS c FROM bench.short_plain LIMIT {pgp_n};
+CREATE TABLE bench.long_pgp AS SELECT pgp_sym_encrypt(v, 'secret') AS c FROM bench.long_plain LIMIT {min(pgp_n, long_n)};
+VACUUM ANALYZE bench.short_plain, bench.long_plain, bench.short_phi, bench.long_phi, bench.short_raw, bench.long_raw, bench.short_pgp, bench.long_pgp;""")
+    cases = []
+    for size, n, pn in (("short", short_n, pgp_n), ("long", long_n, min(pgp_n, long_n))):
+        cases += [
+            (size, "bare loop", n, f"SELECT count(v || '') FROM bench.{size}_plain"),
+            (size, "phi_encrypt", n, f"SELECT count(tenancy.phi_encrypt(v, 'bench')) FROM bench.{size}_plain"),
+            (size, "raw encrypt aes", n, f"SELECT count(encrypt(convert_to(v, 'UTF8'), {key}, 'aes')) FROM bench.{size}_plain"),
+            (size, "pgp_sym_encrypt", pn, f"SELECT count(pgp_sym_encrypt(v, 'secret')) FROM (SELECT v FROM bench.{size}_plain LIMIT {pn}) s"),
+            (size, "bare loop (ciphertext)", n, f"SELECT count(c || ''::bytea) FROM bench.{size}_phi"),
+            (size, "phi_reveal", n, f"SELECT count(tenancy.phi_reveal(c, 'bench')) FROM bench.{size}_phi"),
+            (size, "raw decrypt aes", n, f"SELECT count(decrypt(c, {key}, 'aes')) FROM bench.{size}_raw"),
+            (size, "pgp_sym_decrypt", pn, f"SELECT count(pgp_sym_decrypt(c, 'secret')) FROM bench.{size}_pgp"),
+        ]
+    times = {(s, name): [] for s, name, _, _ in cases}
+    for i in range(rounds + 1):
+        # One session per round, all variants in it: BEGIN/set_org so phi_* have their tenant.
+        # Round 0 warms the caches and is not counted.
+        sql = f"BEGIN; SELECT tenancy.set_org('{o}');\n" + "".join(q + ";\n" for _, _, _, q in cases) + "COMMIT;\n"
+        t = c.psql(sql, user="postgres", timing=True)[2:-1]  # drop BEGIN, set_org, COMMIT
+        for (s, name, _, _), ms in zip(cases, t):
+            if i > 0:
+                times[(s, name)].append(ms)
+    bytes_per = {"short": len("value-500000"), "long": 4096}
+    rows = []
+    for s, name, n, _ in cases:
+        ms = median(times[(s, name)])
+        loop = median(times[(s, "bare loop" if "encrypt" in name or name == "bare loop" else "bare loop (ciphertext)")])
+        ns = ms * 1e6 / n
+        net = max(ms - (loop if "loop" not in name else 0), 1e-9) * 1e6 / n
+        mbs = (bytes_per[s] / (net / 1e9)) / 1e6 if "loop" not in name else None
+        rows.append([s, name, n, f"{ns:,.0f}", f"{net:,.0f}" if "loop" not in name else "", f"{mbs:,.1f}" if mbs else ""])
+    per = {(r[0], r[1]): float(r[3].replace(",", "")) for r in rows}
+    ratios = []
+    for s in ("short", "long"):
+        ratios.append([s, "phi_encrypt vs pgp_sym_encrypt", f"**{per[(s, 'pgp_sym_encrypt')] / per[(s, 'phi_encrypt')]:,.0f}x** faster", ">= 100x"])
+        ratios.append([s, "phi_reveal vs pgp_sym_decrypt", f"**{per[(s, 'pgp_sym_decrypt')] / per[(s, 'phi_reveal')]:,.0f}x** faster", ">= 100x"])
+        ratios.append([s, "phi_encrypt vs raw encrypt aes", f"**{per[(s, 'raw encrypt aes')] / per[(s, 'phi_encrypt')]:.2f}x**", ">= 1.0x"])
+        ratios.append([s, "phi_reveal vs raw decrypt aes", f"**{per[(s, 'raw decrypt aes')] / per[(s, 'phi_reveal')]:.2f}x**", ">= 1.0x"])
+    rep.section("3. Encryption", f"One backend, {rounds} rounds; every round runs all variants in one session, "
+                f"in turn (median of rounds). Short values are 'value-N' (about 12 bytes), long ones 4 KB. "
+                f"pgp_sym_* run on {pgp_n:,} values (their per-value time is what is compared). "
+                "Net = minus the bare loop over the same rows (reading and copying each value); "
+                "ratios compare the gross per-value times, loop included.")
+    rep.table(["size", "function", "values", "ns/value", "net ns/value", "net MB/s"], rows)
+    rep.table(["size", "comparison", "measured", "target"], ratios)
+
+
+AUDIT_TABLE = """CREATE TABLE bench.{name} (organization_id uuid NOT NULL, id bigint NOT NULL, patient text,
+  starts_at timestamptz NOT NULL DEFAULT now(), status text NOT NULL DEFAULT 'requested', note text,
+  PRIMARY KEY (organization_id, id));
+GRANT SELECT, INSERT, UPDATE, DELETE ON bench.{name} TO app;
+"""
+
+
+def bench_audit(c, rep, cfg, tmp, rounds, secs, clients, bulk_n):
+    log("4. audit")
+    sql = "".join(AUDIT_TABLE.format(name=n) for n in ("audit_none", "audit_tenancy", "audit_plpgsql", "audit_row"))
+    sql += """SELECT count(*) FROM tenancy.protect('bench.audit_none');
+SELECT count(*) FROM tenancy.protect('bench.audit_tenancy', audit => true);
+SELECT count(*) FROM tenancy.protect('bench.audit_plpgsql');
+SELECT count(*) FROM tenancy.protect('bench.audit_row');
+CREATE TRIGGER audit_row AFTER INSERT OR UPDATE OR DELETE ON bench.audit_row FOR EACH ROW EXECUTE FUNCTION tenancy.audit_trigger('organization_id');
+-- The conventional trigger (supa_audit style): the whole row as jsonb, unencrypted.
+CREATE TABLE bench.plpgsql_log (id bigserial PRIMARY KEY, ts timestamptz NOT NULL DEFAULT now(), op text NOT NULL,
+  table_name name NOT NULL, record jsonb, old_record jsonb);
+CREATE FUNCTION bench.plpgsql_audit() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS $$
+BEGIN
+  INSERT INTO bench.plpgsql_log (op, table_name, record, old_record)
+  VALUES (TG_OP, TG_TABLE_NAME, CASE WHEN TG_OP <> 'DELETE' THEN to_jsonb(NEW) END,
+          CASE WHEN TG_OP <> 'INSERT' THEN to_jsonb(OLD) END);
+  RETURN NULL;
+END $$;
+CREATE TRIGGER plpgsql_audit AFTER INSERT OR UPDATE OR DELETE ON bench.audit_plpgsql FOR EACH ROW EXECUTE FUNCTION bench.plpgsql_audit();
+CREATE SEQUENCE bench.oltp_id;
+GRANT USAGE ON SEQUENCE bench.oltp_id TO app;
+"""
+    c.psql(sql)
+    variants = ("none", "tenancy", "plpgsql")
+    pick = PICK.format(**cfg)
+    scripts = [write_script(tmp, f"oltp_{v}.sql", pick + "BEGIN;\n" + enter("tenancy")
+                            + f"INSERT INTO bench.audit_{v} (organization_id, id, patient, note) VALUES ({ORG}::uuid, nextval('bench.oltp_id'), 'patient ' || :p, 'first visit') RETURNING id \\gset\n"
+                            + f"UPDATE bench.audit_{v} SET status = 'confirmed' WHERE id = :id;\nCOMMIT;\n")
+               for v in variants]
+    lat = {v: [] for v in variants}
+    for _ in range(rounds):
+        res = c.pgbench(scripts, clients, secs)
+        for v in variants:
+            lat[v].append(res[f"oltp_{v}.sql"])
+    m = {v: median(lat[v]) for v in variants}
+    # Worst case for the per-tenant chain lock: every client in the same tenant.
+    one = [write_script(tmp, f"oltp1_{v}.sql", open(path).read().replace(f"\\set n random(1, {cfg['clinics']})", "\\set n 1"))
+           for v, path in zip(variants, scripts)]
+    lat1 = {v: [] for v in variants}
+    for _ in range(rounds):
+        res = c.pgbench(one, clients, secs)
+        for v in variants:
+            lat1[v].append(res[f"oltp1_{v}.sql"])
+    m1 = {v: median(lat1[v]) for v in variants}
+    rep.section("4. Audit", f"OLTP: pgbench, {clients} clients, {rounds} rounds of {secs} s, the three variants "
+                "interleaved in one run; each transaction enters a tenant, inserts one row and updates it. "
+                "All tables are protected by pg_tenancy (RLS), so only the audit differs.")
+    rep.table(["", "no audit (ms)", "PL/pgSQL to_jsonb trigger (ms)", "pg_tenancy audit (ms)",
+               "TPS vs no audit", "target", "TPS vs PL/pgSQL"],
+              [["OLTP insert + update, tenant drawn at random", f"{m['none']:.3f}", f"{m['plpgsql']:.3f}", f"{m['tenancy']:.3f}",
+                f"**{m['none'] / m['tenancy']:.3f}x**", ">= 0.8x", f"**{m['plpgsql'] / m['tenancy']:.3f}x**"],
+               ["the same, every client in one tenant", f"{m1['none']:.3f}", f"{m1['plpgsql']:.3f}", f"{m1['tenancy']:.3f}",
+                f"**{m1['none'] / m1['tenancy']:.3f}x**", ">= 0.8x", f"**{m1['plpgsql'] / m1['tenancy']:.3f}x**"]])
+    # Bulk: 100k-row INSERT, UPDATE, DELETE per variant, interleaved, VACUUM between rounds.
+    log("4. audit, bulk")
+    bulk = {(op, v): [] for op in ("INSERT", "UPDATE", "DELETE") for v in ("none", "tenancy", "plpgsql", "row")}
+    o = org(2)
+    for _ in range(rounds):
+        c.psql("VACUUM bench.audit_none, bench.audit_tenancy, bench.audit_plpgsql, bench.audit_row, bench.plpgsql_log, tenancy.audit_events")
+        stmts = []
+        for op in ("INSERT", "UPDATE", "DELETE"):
+            for v in ("none", "tenancy", "plpgsql", "row"):
+                stmts.append({
+                    "INSERT": f"INSERT INTO bench.audit_{v} (organization_id, id, patient, note) SELECT '{o}', 1000000000 + g, 'patient ' || g, 'note ' || g FROM generate_series(1, {bulk_n}) g",
+                    "UPDATE": f"UPDATE bench.audit_{v} SET status = 'confirmed' WHERE organization_id = '{o}'",
+                    "DELETE": f"DELETE FROM bench.audit_{v} WHERE organization_id = '{o}'",
+                }[op])
+        t = c.psql(f"BEGIN; SELECT tenancy.set_org('{o}');\n" + ";\n".join(stmts) + ";\nCOMMIT;\n", user="app", timing=True)[2:-1]
+        i = 0
+        for op in ("INSERT", "UPDATE", "DELETE"):
+            for v in ("none", "tenancy", "plpgsql", "row"):
+                bulk[(op, v)].append(t[i])
+                i += 1
+    rows = []
+    for op in ("INSERT", "UPDATE", "DELETE"):
+        b = {v: median(bulk[(op, v)]) for v in ("none", "tenancy", "plpgsql", "row")}
+        rows.append([f"{bulk_n:,}-row {op}", f"{b['none']:.0f}", f"{b['plpgsql']:.0f}", f"{b['tenancy']:.0f}",
+                     f"{b['row']:.0f}", f"**{b['tenancy'] / b['none']:.2f}x**", "<= 2x",
+                     f"**{b['plpgsql'] / b['tenancy']:.2f}x**", f"{b['row'] / b['tenancy']:.2f}x"])
+    rep.text(f"Bulk: one transaction per round (committed), the statements of all variants in turn; "
+             f"VACUUM between rounds; median of {rounds} rounds (ms).")
+    rep.table(["statement", "no audit", "PL/pgSQL trigger", "pg_tenancy (statement triggers)",
+               "pg_tenancy as a row trigger", "pg_tenancy / no audit", "target", "PL/pgSQL / pg_tenancy",
+               "row form / statement form"], rows)
+
+
+def bench_scale(c, rep, cfg, tmp, rounds, secs, clinic_counts, client_counts, rows_n):
+    log("5. scale")
+    lines = []
+    # 1 at 10 .. 10,000 clinics: the same number of rows split over more tenants.
+    for k in clinic_counts:
+        per = max(rows_n // k, 1)
+        for v in ("tenancy", "floor"):
+            c.psql(f"""CREATE TABLE bench.scale_{k}_{v} (organization_id uuid NOT NULL, id bigint NOT NULL, payload text, PRIMARY KEY (organization_id, id));
+INSERT INTO bench.scale_{k}_{v} SELECT ('00000000-0000-4000-8000-' || lpad((1 + g % {k})::text, 12, '0'))::uuid, g, md5(g::text) FROM generate_series(0, {per * k - 1}) g;
+GRANT SELECT ON bench.scale_{k}_{v} TO app;""")
+        c.psql(f"SELECT count(*) FROM tenancy.protect('bench.scale_{k}_tenancy'); VACUUM ANALYZE bench.scale_{k}_tenancy, bench.scale_{k}_floor")
+        sc = []
+        for v in ("tenancy", "floor"):
+            sc.append(write_script(tmp, f"scale_{k}_{v}.sql", f"\\set n random(1, {k})\n\\set i random(0, {per - 1})\nBEGIN;\n" + enter(v)
+                                   + f"SELECT payload FROM bench.scale_{k}_{v} WHERE id = :i * {k} + :n - 1{where(v)};\nCOMMIT;\n"))
+        lat = {v: [] for v in ("tenancy", "floor")}
+        for _ in range(rounds):
+            res = c.pgbench(sc, 2, secs)
+            for v in lat:
+                lat[v].append(res[f"scale_{k}_{v}.sql"])
+        lines.append([f"{k:,} clinics ({per:,} rows each), 2 clients", f"{median(lat['floor']) / median(lat['tenancy']):.3f}x"])
+    # 1 and 8 clients on the point lookup.
+    scripts = rls_scripts(tmp, cfg, ("tenancy", "floor"))  # the point lookup only
+    for n in client_counts:
+        lat = {v: [] for v in ("tenancy", "floor")}
+        for _ in range(rounds):
+            res = c.pgbench([scripts[("point", v)] for v in lat], n, secs)
+            for v in lat:
+                lat[v].append(res[f"point_{v}.sql"])
+        lines.append([f"point lookup, {cfg['clinics']:,} clinics, {n} client(s)", f"{median(lat['floor']) / median(lat['tenancy']):.3f}x"])
+    # Encryption across tenants: set_org + 10 phi_encrypt per transaction, 10 vs 10,000 tenants.
+    enc = []
+    for k in clinic_counts:
+        enc.append(write_script(tmp, f"enc_{k}.sql", f"\\set n random(1, {k})\nBEGIN;\nSELECT tenancy.set_org({ORG}::uuid);\n"
+                                "SELECT count(tenancy.phi_encrypt('value-' || g, 'bench')) FROM generate_series(1, 10) g;\nCOMMIT;\n"))
+    lat = {k: [] for k in clinic_counts}
+    for _ in range(rounds):
+        res = c.pgbench(enc, 2, secs)
+        for k in clinic_counts:
+            lat[k].append(res[f"enc_{k}.sql"])
+    base = median(lat[clinic_counts[0]])
+    for k in clinic_counts:
+        lines.append([f"set_org + 10 x phi_encrypt, tenant drawn from {k:,}", f"{base / median(lat[k]):.3f}x of the {clinic_counts[0]}-tenant rate"])
+    rep.section("5. Scale", f"pgbench, {rounds} rounds of {secs} s. RLS: TPS ratio pg_tenancy / floor (point lookup) as tenants and clients grow. "
+                "Flat is the goal.")
+    rep.table(["case", "ratio"], lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smoke size (about 5 minutes)")
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "RESULTS.md"))
+    ap.add_argument("--port", type=int, default=54339)
+    ap.add_argument("--dir", default="/tmp/pg_tenancy-bench")
+    ap.add_argument("--only", default="rls,context,crypto,audit,scale",
+                    help="comma-separated sections to run (default: all)")
+    a = ap.parse_args()
+    if a.quick:
+        cfg = dict(clinics=50, patients_per=400, bookings_per=800)
+        rounds, secs, short_n, long_n, pgp_n, bulk_n = 3, 3, 100_000, 2_000, 2_000, 20_000
+        clinic_counts, rows_n = (10, 1000), 100_000
+    else:
+        cfg = dict(clinics=1000, patients_per=1000, bookings_per=2000)
+        rounds, secs, short_n, long_n, pgp_n, bulk_n = 3, 10, 1_000_000, 10_000, 10_000, 100_000
+        clinic_counts, rows_n = (10, 10_000), 1_000_000
+    started = time.time()
+    c = Cluster(a.port, a.dir)
+    c.start()
+    tmp = tempfile.mkdtemp(prefix="pg_tenancy-bench-")
+    rep = Report()
+    try:
+        load(c, **cfg)
+        only = a.only.split(",")
+        if "rls" in only:
+            bench_rls(c, rep, cfg, tmp, rounds, secs, 4)
+        if "context" in only:
+            bench_set_org(c, rep, cfg, tmp, rounds, secs, 4)
+        if "crypto" in only:
+            bench_crypto(c, rep, cfg, rounds, short_n, long_n, pgp_n)
+        if "audit" in only:
+            bench_audit(c, rep, cfg, tmp, rounds, secs, 4, bulk_n)
+        if "scale" in only:
+            bench_scale(c, rep, cfg, tmp, rounds, secs, clinic_counts, (1, 8), rows_n)
+    finally:
+        c.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    head = [
+        "# pg_tenancy benchmark results",
+        "",
+        f"Command: `scripts/bench.sh{' --quick' if a.quick else ''}` "
+        f"({cfg['clinics']:,} clinics, {cfg['clinics'] * cfg['patients_per']:,} patients, "
+        f"{cfg['clinics'] * cfg['bookings_per']:,} bookings); took {(time.time() - started) / 60:.1f} min.",
+        f"Machine: {os.cpu_count()} cores ({cpu}), {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') // 2**30} GiB, "
+        f"{platform.system()} {platform.release()}. PostgreSQL: "
+        + subprocess.run([f"{BIN}/postgres", "--version"], capture_output=True).stdout.decode().strip()
+        + "; pg_tenancy release build; pgbench "
+        + subprocess.run(["pgbench", "--version"], capture_output=True).stdout.decode().split()[-1]
+        + f". Server settings: shared_buffers 2GB, synchronous_commit off (so commit flushes do not hide CPU cost), "
+        f"run at {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+        "",
+        "Ratios are what to read: absolute times on a shared 2-core machine move from run to run. "
+        "A TPS ratio above 1 means pg_tenancy is faster than the compared variant.",
+    ]
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    with open(a.out, "w") as f:
+        f.write("\n".join(head + rep.lines) + "\n")
+    log(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
