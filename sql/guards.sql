@@ -53,7 +53,8 @@ DECLARE
   rel regclass;
   t record;
 BEGIN
-  IF tenancy.in_maintenance() THEN
+  -- protect()/unprotect() at work, or a superuser restoring a dump (tenancy.restore_mode).
+  IF tenancy.in_maintenance() OR coalesce(current_setting('tenancy.restore_mode', true), 'off') = 'on' THEN
     RETURN;
   END IF;
   PERFORM tenancy.check_audit_trail_guards();
@@ -103,7 +104,7 @@ BEGIN
         END IF;
         IF problem IS NOT NULL THEN
           RAISE EXCEPTION '% refused on protected table %: %', cmd.command_tag, rel, problem
-            USING ERRCODE = '42501', HINT = format('Use SELECT tenancy.unprotect(%L) as a superuser; it is recorded.', rel::text);
+            USING ERRCODE = '42501', HINT = format('Use SELECT tenancy.unprotect(%L) as a superuser; it is recorded. Restoring a dump? Run pg_restore as a superuser with PGOPTIONS=''-c tenancy.restore_mode=on''.', rel::text);
         END IF;
         -- ATTACH PARTITION / INHERIT: a new child of a protected table is protected too.
         FOR t IN SELECT i.inhrelid::regclass AS child FROM pg_inherits i
@@ -127,7 +128,8 @@ DECLARE
   t record;
   problem text;
 BEGIN
-  IF tenancy.in_maintenance() THEN
+  -- protect()/unprotect() at work, or a superuser restoring a dump (tenancy.restore_mode).
+  IF tenancy.in_maintenance() OR coalesce(current_setting('tenancy.restore_mode', true), 'off') = 'on' THEN
     RETURN;
   END IF;
   PERFORM tenancy.check_audit_trail_guards();
@@ -142,7 +144,7 @@ BEGIN
     problem := tenancy.protection_problem(t.rel);
     IF problem IS NOT NULL THEN
       RAISE EXCEPTION 'DROP refused on protected table %: %', t.rel, problem
-        USING ERRCODE = '42501', HINT = format('Use SELECT tenancy.unprotect(%L) as a superuser; it is recorded.', t.rel::text);
+        USING ERRCODE = '42501', HINT = format('Use SELECT tenancy.unprotect(%L) as a superuser; it is recorded. Restoring a dump? Run pg_restore as a superuser with PGOPTIONS=''-c tenancy.restore_mode=on''.', t.rel::text);
     END IF;
   END LOOP;
 END $$;

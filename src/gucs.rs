@@ -33,6 +33,10 @@ pub enum NewTableAction {
 static NEW_TABLE_ACTION: GucSetting<NewTableAction> =
     GucSetting::<NewTableAction>::new(NewTableAction::Protect);
 
+/// `tenancy.restore_mode`: on while a superuser restores a dump, so the drift guards let
+/// pg_restore rebuild protected tables piece by piece. Superuser-only.
+static RESTORE_MODE: GucSetting<bool> = GucSetting::<bool>::new(false);
+
 /// `tenancy.tenant_id_format`: `uuid` (default) or `text`. Superuser-settable so a DBA can
 /// choose per database (`ALTER DATABASE ... SET`) while the application cannot.
 static TENANT_ID_FORMAT: GucSetting<TenantIdFormat> =
@@ -65,6 +69,14 @@ pub fn init() {
         c"What happens to a new table with the tenant column in a protected schema: protect or refuse.",
         c"protect runs tenancy.protect() on it at creation; refuse makes the CREATE fail.",
         &NEW_TABLE_ACTION,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"tenancy.restore_mode",
+        c"Lets a superuser's pg_restore rebuild protected tables: the drift guards stand down in this session.",
+        c"Set it for the restoring session only (PGOPTIONS='-c tenancy.restore_mode=on' pg_restore ...), then check SELECT * FROM tenancy.isolation_report().",
+        &RESTORE_MODE,
         GucContext::Suset,
         GucFlags::default(),
     );

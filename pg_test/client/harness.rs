@@ -37,7 +37,8 @@ fn pg_config_path() -> PathBuf {
     cfg.path().expect("pg_config path")
 }
 
-fn bindir() -> PathBuf {
+/// The server's binaries (initdb, pg_ctl, pg_dump, pg_restore) for the version under test.
+pub fn bindir() -> PathBuf {
     let out = Command::new(pg_config_path())
         .arg("--bindir")
         .output()
@@ -229,6 +230,13 @@ impl Cluster {
         let secrets = server_private_dir();
         let path = secrets.path().join("phi.keyring");
         keyring_tool(&["new", path.to_str().unwrap()]);
+        let mut cluster = Cluster::start_with_keyring(&path, conf);
+        cluster._secrets = Some(secrets);
+        cluster
+    }
+
+    /// Like [`Cluster::start_with_phi`] with an existing key ring (another server's).
+    pub fn start_with_keyring(path: &Path, conf: &[&str]) -> Cluster {
         let mut lines = vec![
             "shared_preload_libraries = 'pg_tenancy'".to_string(),
             format!("tenancy.phi_key_file = '{}'", path.display()),
@@ -238,12 +246,10 @@ impl Cluster {
         lines.extend(conf.iter().map(|s| s.to_string()));
         let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
         let mut cluster = Cluster::start(&refs);
-        cluster.phi_key_file = Some(path);
-        cluster._secrets = Some(secrets);
+        cluster.phi_key_file = Some(path.to_path_buf());
         cluster
     }
 
-    /// `pg_reload_conf()` as superuser.
     pub fn reload(&self) {
         self.connect("postgres", "postgres")
             .batch_execute("SELECT pg_reload_conf()")

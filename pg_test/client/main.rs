@@ -8,5 +8,6 @@ mod lifecycle;
 mod phi;
 mod regress;
 mod report;
+mod restore;
 mod rls;
 mod signed;
