@@ -2,7 +2,8 @@
 # README command 2: every test on PostgreSQL 13, 15, 17 and 18 (or the majors given).
 #
 # Per version: `cargo pgrx test pgNN` runs the unit tests, the in-database #[pg_test]s and the
-# client tests of pg_test/ (real servers, the application role, the golden pg_regress files).
+# client tests of pg_test/ (real servers, the application role, the golden pg_regress files);
+# then the reference-schema client tests run again on a database made at 0.1.0 and updated.
 # As root, Postgres itself runs as the `postgres` OS user (--runas).
 # Usage: scripts/test.sh [MAJOR ...]
 set -uo pipefail
@@ -28,6 +29,13 @@ for v in "${VERSIONS[@]}"; do
   start=$(date +%s)
   cargo pgrx test "pg$v" "${RUNAS[@]}" 2>&1 | tee "$log"
   rc=${PIPESTATUS[0]}
+  # Again, the reference-schema tests on a database filled under the released 0.1.0 and
+  # updated with ALTER EXTENSION pg_tenancy UPDATE.
+  printf '\n==> [test] PostgreSQL %s, reference schema updated from 0.1.0\n' "$v"
+  PG_TENANCY_TEST_UPGRADE_FROM=0.1.0 PGRX_FEATURES="pg$v pg_test" \
+    cargo test --test client --no-default-features --features "pg$v pg_test" -- rls:: audit:: restore:: 2>&1 | tee -a "$log"
+  rc2=${PIPESTATUS[0]}
+  [ "$rc" -ne 0 ] || rc=$rc2
   secs=$(( $(date +%s) - start ))
   pass=$(grep -E '^test result:' "$log" | sed -E 's/.* ([0-9]+) passed.*/\1/' | awk '{s+=$1} END {print s+0}')
   fail=$(grep -E '^test result:' "$log" | sed -E 's/.* ([0-9]+) failed.*/\1/' | awk '{s+=$1} END {print s+0}')

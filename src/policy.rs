@@ -59,7 +59,7 @@ fn load_target(rel: pg_sys::Oid, column: &str) -> Target {
                     c.relispartition,
                     ARRAY(SELECT polname::text FROM pg_policy WHERE polrelid = c.oid AND polname IN ('tenancy_tenant_floor', 'tenancy_tenant_rows')
                           UNION ALL
-                          SELECT tgname::text FROM pg_trigger WHERE tgrelid = c.oid AND tgname IN ('tenancy_tenant_immutable', 'tenancy_no_truncate', 'tenancy_audit_insert', 'tenancy_audit_update', 'tenancy_audit_delete') AND tgparentid = 0)
+                          SELECT tgname::text FROM pg_trigger WHERE tgrelid = c.oid AND tgname IN ('tenancy_tenant_immutable', 'tenancy_no_truncate', 'tenancy_audit', 'tenancy_audit_insert', 'tenancy_audit_update', 'tenancy_audit_delete') AND tgparentid = 0)
                FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1",
             None,
             &[rel.into(), column.into()],
@@ -196,6 +196,10 @@ fn protect_statements(t: &Target, column: &str, set_default: bool, audit: bool) 
     ));
     if !t.has_tenant_index {
         s.push(format!("CREATE INDEX ON {table} ({col})"));
+    }
+    if t.existing.iter().any(|e| e == "tenancy_audit") {
+        // 0.1.0's row trigger, replaced by the statement triggers below.
+        s.push(format!("DROP TRIGGER tenancy_audit ON {table}"));
     }
     if audit {
         // Every change becomes an audit event, filed under the row's tenant column. Statement

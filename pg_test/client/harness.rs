@@ -92,7 +92,30 @@ pub fn install_extension() {
             .args(["--features", &features])
             .current_dir(env!("CARGO_MANIFEST_DIR"));
         check("cargo pgrx install", cmd.output());
+        // The released install scripts, so that tests can create an old version and update it.
+        let out = Command::new(pg_config_path())
+            .arg("--sharedir")
+            .output()
+            .expect("run pg_config");
+        let extdir = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim()).join("extension");
+        let released = Path::new(env!("CARGO_MANIFEST_DIR")).join("sql/released");
+        for entry in std::fs::read_dir(&released).expect("sql/released") {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "sql") {
+                std::fs::copy(&path, extdir.join(path.file_name().unwrap()))
+                    .unwrap_or_else(|e| panic!("install {}: {e}", path.display()));
+            }
+        }
     });
+}
+
+/// The version `reference_cluster()` creates the extension at before updating it to the
+/// current one, when `PG_TENANCY_TEST_UPGRADE_FROM` names one (scripts/test.sh runs the
+/// reference-schema tests a second time that way).
+pub fn upgrade_from() -> Option<String> {
+    std::env::var("PG_TENANCY_TEST_UPGRADE_FROM")
+        .ok()
+        .filter(|v| !v.is_empty())
 }
 
 fn free_port() -> u16 {

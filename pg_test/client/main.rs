@@ -11,3 +11,4 @@ mod report;
 mod restore;
 mod rls;
 mod signed;
+mod upgrade;

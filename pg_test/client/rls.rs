@@ -2,7 +2,7 @@
 //! `protect_all` call, with two clinics loaded: Sherwood (A) and Conway (B). Every attack
 //! runs as `app` unless the row is about another role.
 
-use crate::harness::{count, db_error, pg_major, sqlstate, strings, Cluster};
+use crate::harness::{count, db_error, pg_major, sqlstate, strings, upgrade_from, Cluster};
 use postgres::Client;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -57,15 +57,18 @@ fn seed(org: &str) -> String {
 /// A preloaded server with the reference schema owned by `owner`, protected with one call
 /// plus the root, and both clinics seeded.
 pub fn reference_cluster() -> Cluster {
+    let from = upgrade_from();
     let c = Cluster::start_with_phi(&[]);
     let schema = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/scripts/family_practice.sql"
     ))
     .unwrap();
-    c.connect("postgres", "app")
-        .batch_execute("CREATE EXTENSION pg_tenancy")
-        .unwrap();
+    let create = match &from {
+        Some(v) => format!("CREATE EXTENSION pg_tenancy VERSION '{v}'"),
+        None => "CREATE EXTENSION pg_tenancy".into(),
+    };
+    c.connect("postgres", "app").batch_execute(&create).unwrap();
     let mut owner = c.connect("owner", "app");
     owner.batch_execute(&schema).unwrap();
     let mut su = c.connect("postgres", "app");
@@ -74,6 +77,9 @@ pub fn reference_cluster() -> Cluster {
         &[],
     )
     .unwrap();
+    if from.is_some() {
+        crate::upgrade::make_0_1_0_audit_triggers(&mut su);
+    }
     owner
         .batch_execute(
             "GRANT USAGE ON SCHEMA clinic TO app;
@@ -82,6 +88,11 @@ pub fn reference_cluster() -> Cluster {
         .unwrap();
     owner.batch_execute(&seed(SHERWOOD)).unwrap();
     owner.batch_execute(&seed(CONWAY)).unwrap();
+    if from.is_some() {
+        // Filled under the old version, then updated: the tests run against the result.
+        su.batch_execute("ALTER EXTENSION pg_tenancy UPDATE")
+            .unwrap();
+    }
     owner.batch_execute("ANALYZE").unwrap();
     c
 }
