@@ -48,10 +48,10 @@ SELECT pg_catalog.pg_extension_config_dump('tenancy.audit_event_id', '');
 ALTER TABLE tenancy.audit_events ENABLE ROW LEVEL SECURITY;
 ALTER TABLE tenancy.audit_events FORCE ROW LEVEL SECURITY;
 CREATE POLICY tenancy_tenant_floor ON tenancy.audit_events AS RESTRICTIVE FOR ALL TO PUBLIC
-  USING (organization_id = (SELECT tenancy.current_org_id_text()))
-  WITH CHECK (organization_id = (SELECT tenancy.current_org_id_text()));
+  USING (organization_id = tenancy.current_org_id_text())
+  WITH CHECK (organization_id = tenancy.current_org_id_text());
 CREATE POLICY tenancy_tenant_rows ON tenancy.audit_events AS PERMISSIVE FOR SELECT TO PUBLIC
-  USING (organization_id = (SELECT tenancy.current_org_id_text()));
+  USING (organization_id = tenancy.current_org_id_text());
 
 REVOKE ALL ON tenancy.audit_events, tenancy.audit_chain_heads, tenancy.audit_event_id FROM PUBLIC;
 GRANT SELECT ON tenancy.audit_events TO PUBLIC;

@@ -11,10 +11,10 @@ ALTER TABLE tenancy.audit_events DROP CONSTRAINT audit_events_organization_id_ev
 ALTER TABLE tenancy.audit_events ALTER COLUMN organization_id TYPE text COLLATE "C";
 ALTER TABLE tenancy.audit_chain_heads ALTER COLUMN organization_id TYPE text COLLATE "C";
 CREATE POLICY tenancy_tenant_floor ON tenancy.audit_events AS RESTRICTIVE FOR ALL TO PUBLIC
-  USING (organization_id = (SELECT tenancy.current_org_id_text()))
-  WITH CHECK (organization_id = (SELECT tenancy.current_org_id_text()));
+  USING (organization_id = tenancy.current_org_id_text())
+  WITH CHECK (organization_id = tenancy.current_org_id_text());
 CREATE POLICY tenancy_tenant_rows ON tenancy.audit_events AS PERMISSIVE FOR SELECT TO PUBLIC
-  USING (organization_id = (SELECT tenancy.current_org_id_text()));
+  USING (organization_id = tenancy.current_org_id_text());
 
 
 -- A tenant's own events, payloads decrypted (requires its context; RLS scopes the rows).
@@ -156,10 +156,11 @@ BEGIN
   END LOOP;
 END $$;
 
--- Audited tables: the 0.1.0 row trigger (tenancy_audit) becomes the three statement
--- triggers; protect() drops the old one and records itself in tenancy.protection_log.
+-- Every protected table again through protect(), which re-creates its objects as 0.2.0
+-- makes them: the policies call tenancy.current_org_id() directly (no InitPlan), and the
+-- 0.1.0 row audit trigger (tenancy_audit) becomes the three statement triggers. protect()
+-- records itself in tenancy.protection_log.
 SELECT count(*)
   FROM tenancy.protected_tables p,
        LATERAL tenancy.protect(format('%I.%I', p.schema_name, p.table_name), p.tenant_column::text,
-                               set_default => false, audit => true) s
- WHERE p.audited;
+                               set_default => false, audit => p.audited) s;

@@ -5,6 +5,8 @@ mod audit;
 mod context;
 mod harness;
 mod lifecycle;
+#[cfg(feature = "pg15")]
+mod node;
 mod phi;
 mod regress;
 mod report;

@@ -9,10 +9,10 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-const KEY_HEX: &str = "8f2a1c9d4e7b3a6f0c5d8e1b2a4f7c9e3d6b0a8f1e4c7d2b5a9e0f3c6d1b4a7e";
+pub const KEY_HEX: &str = "8f2a1c9d4e7b3a6f0c5d8e1b2a4f7c9e3d6b0a8f1e4c7d2b5a9e0f3c6d1b4a7e";
 
 /// What a Node or Python service does, per docs/context.md.
-fn mint(key_hex: &str, org: &str, actor: &str, expiry: u64) -> String {
+pub fn mint(key_hex: &str, org: &str, actor: &str, expiry: u64) -> String {
     let key = hex::decode(key_hex).unwrap();
     let mut mac = Hmac::<Sha256>::new_from_slice(&key).unwrap();
     mac.update(format!("pg_tenancy.context.v1\n{org}\n{actor}\n{expiry}").as_bytes());
@@ -22,7 +22,7 @@ fn mint(key_hex: &str, org: &str, actor: &str, expiry: u64) -> String {
     )
 }
 
-fn now() -> u64 {
+pub fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
