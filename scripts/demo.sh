@@ -59,12 +59,30 @@ VALUES ('5e000000-0000-4000-8000-0000000000a1', tenancy.phi_encrypt('Ada', 'pati
         tenancy.phi_encrypt('Lovelace', 'patients.last_name'), tenancy.phi_encrypt('555-0101', 'patients.phone')),
        ('5e000000-0000-4000-8000-0000000000a2', tenancy.phi_encrypt('Ben', 'patients.first_name'),
         tenancy.phi_encrypt('Okri', 'patients.last_name'), tenancy.phi_encrypt('555-0102', 'patients.phone'));
+-- A visit: location, service, provider, a booking (reason encrypted), the appointment, a note.
+INSERT INTO clinic.locations (id, name) VALUES ('5e000000-0000-4000-8000-0000000000b1', 'Sherwood high street');
+INSERT INTO clinic.services (id, name) VALUES ('5e000000-0000-4000-8000-0000000000b2', 'Check-up');
+INSERT INTO clinic.providers (id, display_name) VALUES ('5e000000-0000-4000-8000-0000000000b3', 'Dr. Jones');
+INSERT INTO clinic.bookings (id, patient_id, service_id, location_id, starts_at, status, reason_for_visit)
+VALUES ('5e000000-0000-4000-8000-0000000000b4', '5e000000-0000-4000-8000-0000000000a1', '5e000000-0000-4000-8000-0000000000b2',
+        '5e000000-0000-4000-8000-0000000000b1', '2026-12-01 09:00+00', 'confirmed',
+        tenancy.phi_encrypt('persistent cough', 'bookings.reason_for_visit'));
+INSERT INTO clinic.appointments (id, booking_id, provider_id)
+VALUES ('5e000000-0000-4000-8000-0000000000b5', '5e000000-0000-4000-8000-0000000000b4', '5e000000-0000-4000-8000-0000000000b3');
+INSERT INTO clinic.clinical_notes (appointment_id, body)
+VALUES ('5e000000-0000-4000-8000-0000000000b5', tenancy.phi_encrypt('Chest clear; review in two weeks.', 'clinical_notes.body'));
 COMMIT;
 BEGIN; SELECT tenancy.set_org('$CONWAY');
 INSERT INTO clinic.organizations (id, name, slug) VALUES ('$CONWAY', 'Conway Family Clinic', 'conway');
 INSERT INTO clinic.patients (first_name, last_name, phone)
 VALUES (tenancy.phi_encrypt('Cy', 'patients.first_name'), tenancy.phi_encrypt('Twombly', 'patients.last_name'),
         tenancy.phi_encrypt('555-0199', 'patients.phone'));
+INSERT INTO clinic.locations (id, name) VALUES ('c0000000-0000-4000-8000-0000000000b1', 'Conway old mill');
+INSERT INTO clinic.services (id, name) VALUES ('c0000000-0000-4000-8000-0000000000b2', 'Vaccination');
+INSERT INTO clinic.bookings (patient_id, service_id, location_id, starts_at, reason_for_visit)
+SELECT id, 'c0000000-0000-4000-8000-0000000000b2', 'c0000000-0000-4000-8000-0000000000b1', '2026-12-02 10:30+00',
+       tenancy.phi_encrypt('flu shot', 'bookings.reason_for_visit')
+  FROM clinic.patients;
 COMMIT;
 SQL
 
@@ -84,7 +102,9 @@ step "Forging the context variable with SET LOCAL is refused" \
 step "Switching tenant inside a transaction is refused" \
   "BEGIN; SELECT tenancy.set_org('$CONWAY'); SELECT tenancy.set_org('$SHERWOOD'); COMMIT;"
 step "Conway cannot write a row into Sherwood" \
-  "BEGIN; SELECT tenancy.set_org('$CONWAY'); INSERT INTO clinic.patients (organization_id, first_name, last_name) VALUES ('$SHERWOOD', '\\x00', '\\x00'); COMMIT;"
+  "BEGIN; SELECT tenancy.set_org('$CONWAY'); INSERT INTO clinic.patients (organization_id, first_name, last_name) VALUES ('$SHERWOOD', tenancy.phi_encrypt('Eve', 'patients.first_name'), tenancy.phi_encrypt('Mallory', 'patients.last_name')); COMMIT;"
+step "Sherwood's visit: booking reason and clinical note, revealed for Sherwood" \
+  "BEGIN; SELECT tenancy.set_org('$SHERWOOD'); SELECT b.starts_at, tenancy.phi_reveal(b.reason_for_visit, 'bookings.reason_for_visit') AS reason, tenancy.phi_reveal(n.body, 'clinical_notes.body') AS note FROM clinic.bookings b JOIN clinic.appointments a ON a.booking_id = b.id JOIN clinic.clinical_notes n ON n.appointment_id = a.id; COMMIT;"
 step "PHI is stored encrypted: what a dump or a superuser sees" \
   "SELECT organization_id, substring(phone FROM 1 FOR 12) AS phone_envelope_start, length(phone) AS bytes FROM clinic.patients ORDER BY 1, 2;" \
   "host=127.0.0.1 port=$PORT user=postgres dbname=clinic"
