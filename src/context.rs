@@ -486,6 +486,37 @@ mod tests {
     const A: &str = "11111111-1111-4111-8111-111111111111";
 
     #[test]
+    fn test_fuzz_tenant_ids_accepted_only_when_well_formed() {
+        let mut rng = crate::fuzz::Rng::new(0x5eed_0003);
+        let valid = "6f1c1f9e-8d3a-4c7e-9f1e-0a6b5d4c3b2a";
+        for i in 0..200_000 {
+            let input = if i % 2 == 0 {
+                String::from_utf8_lossy(&rng.mutate(valid.as_bytes())).into_owned()
+            } else {
+                rng.string(140)
+            };
+            if let Ok(id) = parse_org(Some(&input), TenantIdFormat::Uuid) {
+                assert_eq!(
+                    id,
+                    uuid::Uuid::try_parse(&input)
+                        .unwrap()
+                        .hyphenated()
+                        .to_string()
+                );
+            }
+            if let Ok(id) = parse_org(Some(&input), TenantIdFormat::Text) {
+                assert!((1..=128).contains(&id.len()), "{id:?}");
+                assert!(
+                    id.chars()
+                        .all(|c| c.is_ascii_graphic() && !"'\"\\\\".contains(c)),
+                    "{id:?}"
+                );
+            }
+            let _ = parse_actor(Some(&input));
+        }
+    }
+
+    #[test]
     fn test_uuid_ids_are_canonicalised() {
         let upper = "6F1C1F9E-8D3A-4C7E-9F1E-0A6B5D4C3B2A";
         assert_eq!(

@@ -11,6 +11,8 @@ pub mod audit;
 pub mod context;
 pub mod crypto;
 pub mod error;
+#[cfg(test)]
+mod fuzz;
 pub mod gucs;
 pub mod keyfile;
 pub mod policy;

@@ -127,6 +127,22 @@ mod tests {
     const ORG: &str = "6f1c1f9e-8d3a-4c7e-9f1e-0a6b5d4c3b2a";
 
     #[test]
+    fn test_fuzz_mutated_and_random_tokens_are_refused_without_panic() {
+        let valid = mint(KEY, ORG, Some("u1"), 2_000_000_000);
+        let mut rng = crate::fuzz::Rng::new(0x5eed_0002);
+        for i in 0..200_000 {
+            let input = if i % 2 == 0 {
+                String::from_utf8_lossy(&rng.mutate(valid.as_bytes())).into_owned()
+            } else {
+                rng.string(80)
+            };
+            if verify(KEY, &input, ORG, Some("u1"), 1_900_000_000).is_ok() {
+                assert_eq!(input, valid, "a changed token verified");
+            }
+        }
+    }
+
+    #[test]
     fn test_minted_token_verifies() {
         let t = mint(KEY, ORG, Some("user-1"), 2_000);
         assert!(verify(KEY, &t, ORG, Some("user-1"), 1_000).is_ok());

@@ -417,6 +417,18 @@ pub fn count(c: &mut postgres::Client, sql: &str) -> i64 {
         .get(0)
 }
 
+/// A connection to the server on `port`, or None while it is down (restarting).
+pub fn try_connect_port(port: u16, user: &str, db: &str) -> Option<Client> {
+    postgres::Config::new()
+        .host("127.0.0.1")
+        .port(port)
+        .user(user)
+        .dbname(db)
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .connect(NoTls)
+        .ok()
+}
+
 /// A connection to the server on `port` as `user`, for threads that only carry the port.
 pub fn connect_port(port: u16, user: &str, db: &str) -> Client {
     postgres::Config::new()

@@ -4,6 +4,7 @@
 mod audit;
 mod context;
 mod harness;
+mod hostile;
 mod lifecycle;
 #[cfg(feature = "pg15")]
 mod node;

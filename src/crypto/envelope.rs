@@ -168,6 +168,40 @@ mod tests {
         Aes256Gcm::new_from_slice(key).unwrap()
     }
 
+    #[test]
+    fn test_fuzz_two_hundred_thousand_mutated_envelopes_never_open_or_panic() {
+        let c = cipher(&[9u8; 32]);
+        let valid = seal(
+            &c,
+            1,
+            [3u8; 12],
+            Content::Text,
+            "org-a",
+            Some("l"),
+            b"a secret",
+        );
+        let mut rng = crate::fuzz::Rng::new(0x5eed_0001);
+        let (mut malformed, mut refused) = (0, 0);
+        for _ in 0..200_000 {
+            let input = rng.mutate(&valid);
+            match parse_header(&input) {
+                Err(EnvelopeError::Malformed(_)) => malformed += 1,
+                Err(EnvelopeError::Authentication) => refused += 1,
+                Ok(h) => match open(&c, &input, &h, "org-a", Some("l")) {
+                    Ok(plain) => {
+                        assert_eq!(input, valid, "a changed envelope opened");
+                        assert_eq!(plain, b"a secret");
+                    }
+                    Err(_) => refused += 1,
+                },
+            }
+        }
+        assert!(
+            malformed > 10_000 && refused > 10_000,
+            "{malformed} {refused}"
+        );
+    }
+
     /// Published AES-256-GCM vectors (McGrew & Viega, "The Galois/Counter Mode of Operation",
     /// test cases 13, 14 and 16): ciphertext || tag.
     #[test]
