@@ -112,7 +112,24 @@ static QUEUE: PgLwLock<RevealQueue> = unsafe { PgLwLock::new(c"pg_tenancy_reveal
 thread_local! {
     /// Reveals of the current transaction by (tenant, label), with who and when, built while
     /// the transaction is still valid (no catalog access is possible once it aborts).
-    static PENDING: RefCell<BTreeMap<(String, String), RevealRecord>> = const { RefCell::new(BTreeMap::new()) };
+    /// Keyed by "tenant NUL label" (looked up through KEY, so a reveal allocates nothing).
+    static PENDING: RefCell<BTreeMap<String, RevealRecord>> = const { RefCell::new(BTreeMap::new()) };
+    static KEY: RefCell<String> = const { RefCell::new(String::new()) };
+    /// Whether this backend's database is the audit database: fixed for the backend's life
+    /// (a postmaster setting and the connected database), so looked up once.
+    static HERE_ALLOWED: RefCell<Option<Result<(), String>>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` on the pending-map key of (`org`, `label`), built in a reused buffer.
+fn with_key<R>(org: &str, label: &str, f: impl FnOnce(&str) -> R) -> R {
+    KEY.with(|k| {
+        let mut key = k.borrow_mut();
+        key.clear();
+        key.push_str(org);
+        key.push('\0');
+        key.push_str(label);
+        f(&key)
+    })
 }
 
 /// Sets up the shared queue and the worker; only from `_PG_init` under preload.
@@ -131,19 +148,35 @@ pub fn init() {
     }
 }
 
-/// Checks that a reveal may happen here (an audit database is configured and this is it).
-pub fn check_reveal_allowed() -> Result<(), TenancyError> {
-    let Some(db) = crate::gucs::audit_database() else {
-        return Err(TenancyError::RevealNotAudited {
-            reason: "tenancy.audit_database is not set".into(),
-        });
-    };
-    // SAFETY: MyDatabaseId is set for every backend connected to a database.
-    let here = unsafe { std::ffi::CStr::from_ptr(pg_sys::get_database_name(pg_sys::MyDatabaseId)) };
-    if here.to_bytes() != db.as_bytes() {
-        return Err(TenancyError::RevealNotAudited {
-            reason: format!("reveal events are written in database \"{db}\" only"),
-        });
+/// Checks that a reveal of `label` for `org` may happen here: an audit database is configured,
+/// this is it, and the reveal has a place in the queue (a record of this transaction for the
+/// same tenant and label already holds one; only a new record needs a free slot).
+pub fn check_reveal_allowed(org: &str, label: Option<&str>) -> Result<(), TenancyError> {
+    let here = HERE_ALLOWED.with(|h| {
+        h.borrow_mut()
+            .get_or_insert_with(|| {
+                let Some(db) = crate::gucs::audit_database() else {
+                    return Err("tenancy.audit_database is not set".to_string());
+                };
+                // SAFETY: MyDatabaseId is set for every backend connected to a database.
+                let here = unsafe {
+                    std::ffi::CStr::from_ptr(pg_sys::get_database_name(pg_sys::MyDatabaseId))
+                };
+                if here.to_bytes() != db.as_bytes() {
+                    return Err(format!("reveal events are written in database \"{db}\" only"));
+                }
+                Ok(())
+            })
+            .clone()
+    });
+    if let Err(reason) = here {
+        return Err(TenancyError::RevealNotAudited { reason });
+    }
+    let counted = with_key(org, label.unwrap_or(""), |key| {
+        PENDING.with(|p| p.borrow().contains_key(key))
+    });
+    if counted {
+        return Ok(());
     }
     let full = QUEUE.share().len >= QUEUE_LEN;
     if full {
@@ -157,17 +190,25 @@ pub fn check_reveal_allowed() -> Result<(), TenancyError> {
 /// Counts one reveal of `label` for `org` in the current transaction.
 pub fn note(org: &str, label: Option<&str>) {
     let label = label.unwrap_or("");
+    let counted = with_key(org, label, |key| {
+        PENDING.with(|p| match p.borrow_mut().get_mut(key) {
+            Some(r) => {
+                r.count += 1;
+                true
+            }
+            None => false,
+        })
+    });
+    if counted {
+        return;
+    }
     PENDING.with(|p| {
         let mut pending = p.borrow_mut();
-        if let Some(r) = pending.get_mut(&(org.to_string(), label.to_string())) {
-            r.count += 1;
-            return;
-        }
         let who = crate::audit::Who::current();
         // SAFETY: a plain read of the transaction id (0 when none is assigned yet).
         let xid = unsafe { u32::from(pg_sys::GetTopTransactionIdIfAny()) } as u64;
         pending.insert(
-            (org.to_string(), label.to_string()),
+            format!("{org}\0{label}"),
             RevealRecord {
                 org: Fixed::from(Some(org)),
                 label: Fixed::from(Some(label)),
