@@ -19,7 +19,7 @@ LANGUAGE sql STABLE SET search_path = pg_catalog AS $$
             AND tgname IN ('tenancy_tenant_immutable', 'tenancy_no_truncate')) < 2
       THEN 'a tenancy trigger is missing or not enabled ALWAYS'
     WHEN p.audited AND (SELECT count(*) FROM pg_trigger WHERE tgrelid = c.oid AND tgenabled = 'A'
-            AND tgname IN ('tenancy_audit_insert', 'tenancy_audit_update', 'tenancy_audit_delete')) < 3
+            AND tgname IN ('tenancy_audit_lock', 'tenancy_audit_insert', 'tenancy_audit_update', 'tenancy_audit_delete')) < 4
       THEN 'an audit trigger is missing or not enabled ALWAYS'
   END
   FROM pg_class c

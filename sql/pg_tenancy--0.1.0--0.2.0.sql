@@ -41,7 +41,7 @@ LANGUAGE sql STABLE SET search_path = pg_catalog AS $$
             AND tgname IN ('tenancy_tenant_immutable', 'tenancy_no_truncate')) < 2
       THEN 'a tenancy trigger is missing or not enabled ALWAYS'
     WHEN p.audited AND (SELECT count(*) FROM pg_trigger WHERE tgrelid = c.oid AND tgenabled = 'A'
-            AND tgname IN ('tenancy_audit_insert', 'tenancy_audit_update', 'tenancy_audit_delete')) < 3
+            AND tgname IN ('tenancy_audit_lock', 'tenancy_audit_insert', 'tenancy_audit_update', 'tenancy_audit_delete')) < 4
       THEN 'an audit trigger is missing or not enabled ALWAYS'
   END
   FROM pg_class c
@@ -154,6 +154,79 @@ BEGIN
         USING ERRCODE = '42501', HINT = format('Use SELECT tenancy.unprotect(%L) as a superuser; it is recorded. Restoring a dump? Run pg_restore as a superuser with PGOPTIONS=''-c tenancy.restore_mode=on''.', t.rel::text);
     END IF;
   END LOOP;
+END $$;
+
+-- One batch of key rotation for a column (superuser: RLS does not apply), one tenant at a time.
+-- The tenant's audit chain head is locked before any of its rows, the order every writer of the
+-- tenant uses, so rotation cannot deadlock with the application (it did when a batch spanned
+-- tenants and locked rows first). Rows already under the active key are skipped, so it is
+-- resumable and safe to repeat; locked rows are skipped and picked up by a later batch.
+CREATE OR REPLACE FUNCTION tenancy.phi_rotate_column(
+  table_name text, column_name text, tenant_column text DEFAULT 'organization_id',
+  label text DEFAULT NULL, batch_size integer DEFAULT 1000)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog AS $$
+DECLARE
+  active bigint;
+  done bigint;
+  org text;
+BEGIN
+  IF NOT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
+    RAISE EXCEPTION 'only a superuser may call tenancy.phi_rotate_column()' USING ERRCODE = '42501';
+  END IF;
+  SELECT key_id INTO active FROM tenancy.phi_key_status() WHERE phi_key_status.active;
+  IF active IS NULL THEN
+    RAISE EXCEPTION 'no active PHI key is loaded' USING ERRCODE = '55000',
+      HINT = 'SELECT * FROM tenancy.phi_key_status() shows the key ring state.';
+  END IF;
+  EXECUTE format(
+    'SELECT s.%2$I::text FROM %1$s s WHERE s.%3$I IS NOT NULL AND tenancy.phi_key_id(s.%3$I) <> $1 LIMIT 1',
+    table_name::regclass, tenant_column, column_name)
+  INTO org USING active;
+  IF org IS NULL THEN
+    RETURN 0;
+  END IF;
+  INSERT INTO tenancy.audit_chain_heads (organization_id) VALUES (org) ON CONFLICT DO NOTHING;
+  PERFORM 1 FROM tenancy.audit_chain_heads h WHERE h.organization_id = org FOR UPDATE;
+  EXECUTE format(
+    'UPDATE %1$s t SET %2$I = tenancy.phi_rotate_for_tenant(t.%2$I, t.%3$I::text, $1)
+      WHERE t.ctid = ANY (ARRAY(SELECT s.ctid FROM %1$s s
+                                 WHERE s.%3$I::text = $4 AND s.%2$I IS NOT NULL AND tenancy.phi_key_id(s.%2$I) <> $2
+                                 LIMIT $3 FOR UPDATE SKIP LOCKED))',
+    table_name::regclass, column_name, tenant_column)
+  USING label, active, batch_size, org;
+  GET DIAGNOSTICS done = ROW_COUNT;
+  RETURN done;
+END $$;
+
+-- The whole column, committing after each batch; CALL it outside a transaction block. A batch
+-- of 0 with values still under an old key means their rows were locked: wait and go on.
+CREATE OR REPLACE PROCEDURE tenancy.phi_rotate_all(
+  table_name text, column_name text, tenant_column text DEFAULT 'organization_id',
+  label text DEFAULT NULL, batch_size integer DEFAULT 1000)
+-- No SET clause: a procedure with one cannot COMMIT. Every name below is qualified.
+LANGUAGE plpgsql AS $$
+DECLARE
+  n bigint;
+  total bigint := 0;
+  remaining boolean;
+BEGIN
+  LOOP
+    n := tenancy.phi_rotate_column(table_name, column_name, tenant_column, label, batch_size);
+    total := total + n;
+    COMMIT;
+    IF n = 0 THEN
+      EXECUTE pg_catalog.format(
+        'SELECT EXISTS (SELECT 1 FROM %1$s s WHERE s.%2$I IS NOT NULL AND tenancy.phi_key_id(s.%2$I) <>
+                          (SELECT k.key_id FROM tenancy.phi_key_status() k WHERE k.active))',
+        table_name::pg_catalog.regclass, column_name) INTO remaining;
+      EXIT WHEN NOT remaining;
+      PERFORM pg_catalog.pg_sleep(0.1);
+    ELSE
+      RAISE NOTICE 'pg_tenancy: % rotated % values so far', column_name, total;
+    END IF;
+  END LOOP;
+  RAISE NOTICE 'pg_tenancy: % rotated, % values in all', column_name, total;
 END $$;
 
 -- Every protected table again through protect(), which re-creates its objects as 0.2.0

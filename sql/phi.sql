@@ -4,9 +4,11 @@ CREATE DOMAIN tenancy.phi AS bytea CHECK (tenancy.phi_is_envelope(VALUE));
 COMMENT ON DOMAIN tenancy.phi IS
   'A PHI column: bytea that must be a pg_tenancy envelope (tenancy.phi_encrypt output); plaintext is refused.';
 
--- One batch of key rotation for a column, across tenants (superuser: RLS does not apply).
--- Rows already under the active key are skipped, so it is resumable and safe to repeat;
--- locked rows are skipped and picked up by the next batch.
+-- One batch of key rotation for a column (superuser: RLS does not apply), one tenant at a time.
+-- The tenant's audit chain head is locked before any of its rows, the order every writer of the
+-- tenant uses, so rotation cannot deadlock with the application (it did when a batch spanned
+-- tenants and locked rows first). Rows already under the active key are skipped, so it is
+-- resumable and safe to repeat; locked rows are skipped and picked up by a later batch.
 CREATE FUNCTION tenancy.phi_rotate_column(
   table_name text, column_name text, tenant_column text DEFAULT 'organization_id',
   label text DEFAULT NULL, batch_size integer DEFAULT 1000)
@@ -15,6 +17,7 @@ LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog AS $$
 DECLARE
   active bigint;
   done bigint;
+  org text;
 BEGIN
   IF NOT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
     RAISE EXCEPTION 'only a superuser may call tenancy.phi_rotate_column()' USING ERRCODE = '42501';
@@ -25,19 +28,29 @@ BEGIN
       HINT = 'SELECT * FROM tenancy.phi_key_status() shows the key ring state.';
   END IF;
   EXECUTE format(
+    'SELECT s.%2$I::text FROM %1$s s WHERE s.%3$I IS NOT NULL AND tenancy.phi_key_id(s.%3$I) <> $1 LIMIT 1',
+    table_name::regclass, tenant_column, column_name)
+  INTO org USING active;
+  IF org IS NULL THEN
+    RETURN 0;
+  END IF;
+  INSERT INTO tenancy.audit_chain_heads (organization_id) VALUES (org) ON CONFLICT DO NOTHING;
+  PERFORM 1 FROM tenancy.audit_chain_heads h WHERE h.organization_id = org FOR UPDATE;
+  EXECUTE format(
     'UPDATE %1$s t SET %2$I = tenancy.phi_rotate_for_tenant(t.%2$I, t.%3$I::text, $1)
       WHERE t.ctid = ANY (ARRAY(SELECT s.ctid FROM %1$s s
-                                 WHERE s.%2$I IS NOT NULL AND tenancy.phi_key_id(s.%2$I) <> $2
+                                 WHERE s.%3$I::text = $4 AND s.%2$I IS NOT NULL AND tenancy.phi_key_id(s.%2$I) <> $2
                                  LIMIT $3 FOR UPDATE SKIP LOCKED))',
     table_name::regclass, column_name, tenant_column)
-  USING label, active, batch_size;
+  USING label, active, batch_size, org;
   GET DIAGNOSTICS done = ROW_COUNT;
   RETURN done;
 END $$;
 COMMENT ON FUNCTION tenancy.phi_rotate_column(text, text, text, text, integer) IS
   'Re-encrypt up to batch_size values of a PHI column under the active key (one short transaction). Returns how many; 0 when done. Superuser.';
 
--- The whole column, committing after each batch; CALL it outside a transaction block.
+-- The whole column, committing after each batch; CALL it outside a transaction block. A batch
+-- of 0 with values still under an old key means their rows were locked: wait and go on.
 CREATE PROCEDURE tenancy.phi_rotate_all(
   table_name text, column_name text, tenant_column text DEFAULT 'organization_id',
   label text DEFAULT NULL, batch_size integer DEFAULT 1000)
@@ -46,14 +59,24 @@ LANGUAGE plpgsql AS $$
 DECLARE
   n bigint;
   total bigint := 0;
+  remaining boolean;
 BEGIN
   LOOP
     n := tenancy.phi_rotate_column(table_name, column_name, tenant_column, label, batch_size);
     total := total + n;
     COMMIT;
-    RAISE NOTICE 'pg_tenancy: % rotated % values so far', column_name, total;
-    EXIT WHEN n = 0;
+    IF n = 0 THEN
+      EXECUTE pg_catalog.format(
+        'SELECT EXISTS (SELECT 1 FROM %1$s s WHERE s.%2$I IS NOT NULL AND tenancy.phi_key_id(s.%2$I) <>
+                          (SELECT k.key_id FROM tenancy.phi_key_status() k WHERE k.active))',
+        table_name::pg_catalog.regclass, column_name) INTO remaining;
+      EXIT WHEN NOT remaining;
+      PERFORM pg_catalog.pg_sleep(0.1);
+    ELSE
+      RAISE NOTICE 'pg_tenancy: % rotated % values so far', column_name, total;
+    END IF;
   END LOOP;
+  RAISE NOTICE 'pg_tenancy: % rotated, % values in all', column_name, total;
 END $$;
 COMMENT ON PROCEDURE tenancy.phi_rotate_all(text, text, text, text, integer) IS
   'Re-encrypt a whole PHI column under the active key in short transactions, reporting progress; resumable. Superuser; CALL outside BEGIN.';

@@ -143,6 +143,51 @@ fn next_event_id() -> i64 {
     }
 }
 
+/// Locks the chain heads of `orgs` (sorted, none held yet) for the rest of the transaction
+/// and reads their tips.
+fn take_heads(client: &mut SpiClient<'_>, plans: &Plans, orgs: &[&str]) -> SpiResult<()> {
+    for org in orgs {
+        let org = *org;
+        // The head row exists but for a tenant's very first event.
+        if client.update(&plans.lock, None, &[org.into()])?.is_empty() {
+            client.update(&plans.head, None, &[org.into()])?;
+            client.update(&plans.lock, None, &[org.into()])?;
+        }
+        let row = client.update(&plans.tip, None, &[org.into()])?.first();
+        let tip = (
+            row.get::<i64>(1)?.unwrap_or(0),
+            row.get::<Vec<u8>>(2)?.unwrap_or_else(|| vec![0u8; 32]),
+        );
+        TIPS.with(|t| t.borrow_mut().insert(org.to_string(), tip));
+    }
+    Ok(())
+}
+
+/// Takes the chain head of the context's tenant before a statement on an audited table
+/// touches any row (the BEFORE STATEMENT form of the audit trigger). A transaction thus takes
+/// its tenant's head lock before its row locks, in the same order as every other writer of
+/// the tenant: holding a row lock while waiting for the head, which deadlocked against a
+/// writer holding the head and waiting for that row, cannot happen for context-bound writers.
+fn take_context_head() {
+    let Some(org) = crate::context::current_org() else {
+        return; // no context: rows are filed by their own tenant at the end of the statement
+    };
+    if TIPS.with(|t| t.borrow().contains_key(&org)) {
+        return;
+    }
+    let result: SpiResult<()> = Spi::connect_mut(|client| {
+        PLANS.with(|cell| -> SpiResult<()> {
+            let mut slot = cell.borrow_mut();
+            if slot.is_none() {
+                *slot = Some(prepare(client)?);
+            }
+            let plans = slot.as_ref().expect("prepared just above");
+            take_heads(client, plans, &[org.as_str()])
+        })
+    });
+    result.unwrap_or_else(|e| pgrx::error!("pg_tenancy: locking the audit chain failed: {e}"));
+}
+
 /// One event to append, before its place in its tenant's chain is known.
 pub struct NewEvent {
     pub org: String,
@@ -309,19 +354,7 @@ pub fn append_events(who: &Who, events: &[NewEvent]) {
             });
             missing.sort_unstable();
             missing.dedup();
-            for org in missing {
-                // The head row exists but for a tenant's very first event.
-                if client.update(&plans.lock, None, &[org.into()])?.is_empty() {
-                    client.update(&plans.head, None, &[org.into()])?;
-                    client.update(&plans.lock, None, &[org.into()])?;
-                }
-                let row = client.update(&plans.tip, None, &[org.into()])?.first();
-                let tip = (
-                    row.get::<i64>(1)?.unwrap_or(0),
-                    row.get::<Vec<u8>>(2)?.unwrap_or_else(|| vec![0u8; 32]),
-                );
-                TIPS.with(|t| t.borrow_mut().insert(org.to_string(), tip));
-            }
+            take_heads(client, plans, &missing)?;
             let ids: Vec<i64> = events.iter().map(|_| next_event_id()).collect();
             // txid_current(): the top-level transaction id with its epoch.
             // SAFETY: assigns the transaction id if it has none yet, as txid_current() does.
@@ -646,7 +679,11 @@ impl Drop for TransitionScan {
 fn audit_trigger<'a>(
     trigger: &'a pgrx::PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, pgrx::AllocatedByPostgres>>, TenancyError> {
-    use pgrx::trigger_support::{PgTriggerLevel, PgTriggerOperation as Op};
+    use pgrx::trigger_support::{PgTriggerLevel, PgTriggerOperation as Op, PgTriggerWhen};
+    if matches!(trigger.when(), Ok(PgTriggerWhen::Before)) {
+        take_context_head();
+        return Ok(None);
+    }
     let data = trigger.trigger_data();
     let tenant_column = trigger
         .extra_args()

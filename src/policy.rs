@@ -61,7 +61,7 @@ fn load_target(rel: pg_sys::Oid, column: &str) -> Target {
                     c.relispartition,
                     ARRAY(SELECT polname::text FROM pg_policy WHERE polrelid = c.oid AND polname IN ('tenancy_tenant_floor', 'tenancy_tenant_rows')
                           UNION ALL
-                          SELECT tgname::text FROM pg_trigger WHERE tgrelid = c.oid AND tgname IN ('tenancy_tenant_immutable', 'tenancy_no_truncate', 'tenancy_audit', 'tenancy_audit_insert', 'tenancy_audit_update', 'tenancy_audit_delete') AND tgparentid = 0)
+                          SELECT tgname::text FROM pg_trigger WHERE tgrelid = c.oid AND tgname IN ('tenancy_tenant_immutable', 'tenancy_no_truncate', 'tenancy_audit', 'tenancy_audit_lock', 'tenancy_audit_insert', 'tenancy_audit_update', 'tenancy_audit_delete') AND tgparentid = 0)
                FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1",
             None,
             &[rel.into(), column.into()],
@@ -204,6 +204,20 @@ fn protect_statements(t: &Target, column: &str, set_default: bool, audit: bool) 
         s.push(format!("DROP TRIGGER tenancy_audit ON {table}"));
     }
     if audit {
+        // Before any row is touched, the context tenant's chain head is taken (head lock
+        // before row locks, the order every writer of the tenant uses).
+        recreate(
+            &mut s,
+            "TRIGGER",
+            "tenancy_audit_lock",
+            format!(
+                "CREATE TRIGGER tenancy_audit_lock BEFORE INSERT OR UPDATE OR DELETE ON {table} FOR EACH STATEMENT EXECUTE FUNCTION tenancy.audit_trigger({})",
+                quote_literal(column)
+            ),
+        );
+        s.push(format!(
+            "ALTER TABLE {table} ENABLE ALWAYS TRIGGER tenancy_audit_lock"
+        ));
         // Every change becomes an audit event, filed under the row's tenant column. Statement
         // triggers are not cloned to partitions, so every table gets its own.
         for (name, event, referencing) in AUDIT_TRIGGERS {
@@ -421,6 +435,10 @@ fn unprotect_one(rel: pg_sys::Oid, stmts: &mut Vec<String>) -> bool {
         for (name, _, _) in AUDIT_TRIGGERS {
             mine.insert(6, format!("DROP TRIGGER IF EXISTS {name} ON {table}"));
         }
+        mine.insert(
+            6,
+            format!("DROP TRIGGER IF EXISTS tenancy_audit_lock ON {table}"),
+        );
     }
     run_all(&mine);
     log_action("unprotect", rel, "");

@@ -163,7 +163,9 @@ pub fn check_reveal_allowed(org: &str, label: Option<&str>) -> Result<(), Tenanc
                     std::ffi::CStr::from_ptr(pg_sys::get_database_name(pg_sys::MyDatabaseId))
                 };
                 if here.to_bytes() != db.as_bytes() {
-                    return Err(format!("reveal events are written in database \"{db}\" only"));
+                    return Err(format!(
+                        "reveal events are written in database \"{db}\" only"
+                    ));
                 }
                 Ok(())
             })
