@@ -143,6 +143,20 @@ fn next_event_id() -> i64 {
     }
 }
 
+/// Runs `f` with an SPI connection and this backend's prepared statements (prepared on first
+/// use, kept for the backend's life).
+fn with_plans<R>(f: impl FnOnce(&mut SpiClient<'_>, &Plans) -> SpiResult<R>) -> SpiResult<R> {
+    Spi::connect_mut(|client| {
+        PLANS.with(|cell| {
+            let mut slot = cell.borrow_mut();
+            if slot.is_none() {
+                *slot = Some(prepare(client)?);
+            }
+            f(client, slot.as_ref().expect("prepared just above"))
+        })
+    })
+}
+
 /// Locks the chain heads of `orgs` (sorted, none held yet) for the rest of the transaction
 /// and reads their tips.
 fn take_heads(client: &mut SpiClient<'_>, plans: &Plans, orgs: &[&str]) -> SpiResult<()> {
@@ -175,17 +189,8 @@ fn take_context_head() {
     if TIPS.with(|t| t.borrow().contains_key(&org)) {
         return;
     }
-    let result: SpiResult<()> = Spi::connect_mut(|client| {
-        PLANS.with(|cell| -> SpiResult<()> {
-            let mut slot = cell.borrow_mut();
-            if slot.is_none() {
-                *slot = Some(prepare(client)?);
-            }
-            let plans = slot.as_ref().expect("prepared just above");
-            take_heads(client, plans, &[org.as_str()])
-        })
-    });
-    result.unwrap_or_else(|e| pgrx::error!("pg_tenancy: locking the audit chain failed: {e}"));
+    with_plans(|client, plans| take_heads(client, plans, &[org.as_str()]))
+        .unwrap_or_else(|e| pgrx::error!("pg_tenancy: locking the audit chain failed: {e}"));
 }
 
 /// One event to append, before its place in its tenant's chain is known.
@@ -337,113 +342,106 @@ pub fn append_events(who: &Who, events: &[NewEvent]) {
     if events.is_empty() {
         return;
     }
-    let result: SpiResult<()> = Spi::connect_mut(|client| {
-        PLANS.with(|cell| -> SpiResult<()> {
-            let mut slot = cell.borrow_mut();
-            if slot.is_none() {
-                *slot = Some(prepare(client)?);
+    let result: SpiResult<()> = with_plans(|client, plans| {
+        let mut missing: Vec<&str> = TIPS.with(|t| {
+            let tips = t.borrow();
+            events
+                .iter()
+                .map(|e| e.org.as_str())
+                .filter(|org| !tips.contains_key(*org))
+                .collect()
+        });
+        missing.sort_unstable();
+        missing.dedup();
+        take_heads(client, plans, &missing)?;
+        let ids: Vec<i64> = events.iter().map(|_| next_event_id()).collect();
+        // txid_current(): the top-level transaction id with its epoch.
+        // SAFETY: assigns the transaction id if it has none yet, as txid_current() does.
+        let txid = unsafe { pg_sys::GetTopFullTransactionId() }.value as i64;
+        let mut orgs = Vec::with_capacity(events.len());
+        let mut seqs = Vec::with_capacity(events.len());
+        let mut actions = Vec::with_capacity(events.len());
+        let mut tables = Vec::with_capacity(events.len());
+        let mut keys = Vec::with_capacity(events.len());
+        let mut changed = Vec::with_capacity(events.len());
+        let mut payloads = Vec::with_capacity(events.len());
+        let mut prevs = Vec::with_capacity(events.len());
+        let mut hashes = Vec::with_capacity(events.len());
+        TIPS.with(|t| {
+            let mut tips = t.borrow_mut();
+            for (e, &event_id) in events.iter().zip(&ids) {
+                let tip = tips.get_mut(&e.org).expect("every chain head is held");
+                let seq = tip.0 + 1;
+                let sealed = e.payload.as_ref().map(|p| {
+                    let bytes = serde_json::to_vec(p).expect("JSON serialises");
+                    crypto::encrypt_for(
+                        &e.org,
+                        Content::Jsonb,
+                        Some(&payload_label(event_id)),
+                        &bytes,
+                    )
+                    .or_raise()
+                });
+                let hash = event_hash(&EventContent {
+                    org: &e.org,
+                    seq,
+                    event_id,
+                    occurred_at: who.occurred_at,
+                    txid,
+                    actor: who.actor.as_deref(),
+                    actor_verified: who.actor_verified,
+                    session_role: &who.session_role,
+                    outer_role: &who.outer_role,
+                    action: &e.action,
+                    table_name: e.table_name.as_deref(),
+                    row_key: e.row_key.as_deref(),
+                    changed_columns: e.changed_columns.as_deref(),
+                    payload: sealed.as_deref(),
+                    prev_hash: &tip.1,
+                })
+                .to_vec();
+                orgs.push(e.org.clone());
+                seqs.push(seq);
+                actions.push(e.action.clone());
+                tables.push(e.table_name.clone());
+                keys.push(e.row_key.clone());
+                changed.push(e.changed_columns.as_deref().map(array_literal));
+                payloads.push(sealed);
+                prevs.push(std::mem::replace(&mut tip.1, hash.clone()));
+                hashes.push(hash);
+                tip.0 = seq;
             }
-            let plans = slot.as_ref().expect("prepared just above");
-            let mut missing: Vec<&str> = TIPS.with(|t| {
-                let tips = t.borrow();
-                events
-                    .iter()
-                    .map(|e| e.org.as_str())
-                    .filter(|org| !tips.contains_key(*org))
-                    .collect()
-            });
-            missing.sort_unstable();
-            missing.dedup();
-            take_heads(client, plans, &missing)?;
-            let ids: Vec<i64> = events.iter().map(|_| next_event_id()).collect();
-            // txid_current(): the top-level transaction id with its epoch.
-            // SAFETY: assigns the transaction id if it has none yet, as txid_current() does.
-            let txid = unsafe { pg_sys::GetTopFullTransactionId() }.value as i64;
-            let mut orgs = Vec::with_capacity(events.len());
-            let mut seqs = Vec::with_capacity(events.len());
-            let mut actions = Vec::with_capacity(events.len());
-            let mut tables = Vec::with_capacity(events.len());
-            let mut keys = Vec::with_capacity(events.len());
-            let mut changed = Vec::with_capacity(events.len());
-            let mut payloads = Vec::with_capacity(events.len());
-            let mut prevs = Vec::with_capacity(events.len());
-            let mut hashes = Vec::with_capacity(events.len());
-            TIPS.with(|t| {
-                let mut tips = t.borrow_mut();
-                for (e, &event_id) in events.iter().zip(&ids) {
-                    let tip = tips.get_mut(&e.org).expect("every chain head is held");
-                    let seq = tip.0 + 1;
-                    let sealed = e.payload.as_ref().map(|p| {
-                        let bytes = serde_json::to_vec(p).expect("JSON serialises");
-                        crypto::encrypt_for(
-                            &e.org,
-                            Content::Jsonb,
-                            Some(&payload_label(event_id)),
-                            &bytes,
-                        )
-                        .or_raise()
-                    });
-                    let hash = event_hash(&EventContent {
-                        org: &e.org,
-                        seq,
-                        event_id,
-                        occurred_at: who.occurred_at,
-                        txid,
-                        actor: who.actor.as_deref(),
-                        actor_verified: who.actor_verified,
-                        session_role: &who.session_role,
-                        outer_role: &who.outer_role,
-                        action: &e.action,
-                        table_name: e.table_name.as_deref(),
-                        row_key: e.row_key.as_deref(),
-                        changed_columns: e.changed_columns.as_deref(),
-                        payload: sealed.as_deref(),
-                        prev_hash: &tip.1,
-                    })
-                    .to_vec();
-                    orgs.push(e.org.clone());
-                    seqs.push(seq);
-                    actions.push(e.action.clone());
-                    tables.push(e.table_name.clone());
-                    keys.push(e.row_key.clone());
-                    changed.push(e.changed_columns.as_deref().map(array_literal));
-                    payloads.push(sealed);
-                    prevs.push(std::mem::replace(&mut tip.1, hash.clone()));
-                    hashes.push(hash);
-                    tip.0 = seq;
-                }
-            });
-            let ts = pgrx::datum::TimestampWithTimeZone::try_from(who.occurred_at)
-                .expect("the clock is a valid timestamp");
-            let plan = if events.len() == 1 {
-                &plans.insert_one
-            } else {
-                &plans.insert
-            };
-            client.update(
-                plan,
-                None,
-                &[
-                    orgs.into(),
-                    seqs.into(),
-                    ids.into(),
-                    ts.into(),
-                    txid.into(),
-                    who.actor.clone().into(),
-                    who.actor_verified.into(),
-                    who.session_role.as_str().into(),
-                    who.outer_role.as_str().into(),
-                    actions.into(),
-                    tables.into(),
-                    keys.into(),
-                    changed.into(),
-                    payloads.into(),
-                    prevs.into(),
-                    hashes.into(),
-                ],
-            )?;
-            Ok(())
-        })
+        });
+        let ts = pgrx::datum::TimestampWithTimeZone::try_from(who.occurred_at)
+            .expect("the clock is a valid timestamp");
+        let plan = if events.len() == 1 {
+            &plans.insert_one
+        } else {
+            &plans.insert
+        };
+        client.update(
+            plan,
+            None,
+            &[
+                orgs.into(),
+                seqs.into(),
+                ids.into(),
+                ts.into(),
+                txid.into(),
+                who.actor.clone().into(),
+                who.actor_verified.into(),
+                who.session_role.as_str().into(),
+                who.outer_role.as_str().into(),
+                actions.into(),
+                tables.into(),
+                keys.into(),
+                changed.into(),
+                payloads.into(),
+                prevs.into(),
+                hashes.into(),
+            ],
+        )?;
+        Ok(())
     });
     result.unwrap_or_else(|e| pgrx::error!("pg_tenancy: writing the audit event failed: {e}"));
 }

@@ -279,6 +279,30 @@ impl Cluster {
             .unwrap();
     }
 
+    /// Waits (up to 10 s) until every new backend sees PHI key `id` as the active one, after
+    /// a key ring change and a reload.
+    pub fn wait_for_active_key(&self, id: i64) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let active: Option<i64> = self
+                .connect("postgres", "app")
+                .query_one(
+                    "SELECT key_id FROM tenancy.phi_key_status() WHERE active",
+                    &[],
+                )
+                .unwrap()
+                .get(0);
+            if active == Some(id) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "key {id} never became active"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
     /// A connection as `user` to `db`.
     pub fn connect(&self, user: &str, db: &str) -> Client {
         self.try_connect(user, db, None)

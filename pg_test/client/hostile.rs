@@ -331,25 +331,6 @@ fn assert_trail_matches(cluster: &Cluster, f: &Figures, seeds: i64) {
     }
 }
 
-fn wait_for_active_key(cluster: &Cluster, id: i64) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let active: Option<i64> = cluster
-            .connect("postgres", "app")
-            .query_one(
-                "SELECT key_id FROM tenancy.phi_key_status() WHERE active",
-                &[],
-            )
-            .unwrap()
-            .get(0);
-        if active == Some(id) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "key {id} never became active");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 fn test_thirty_two_pooled_clients_with_rotation_leak_nothing_and_lose_nothing() {
     let cluster = notes_cluster();
@@ -362,7 +343,7 @@ fn test_thirty_two_pooled_clients_with_rotation_leak_nothing_and_lose_nothing() 
     let path = cluster.phi_key_file.clone().unwrap();
     keyring_tool(&["add", path.to_str().unwrap(), "--activate"]);
     cluster.reload();
-    wait_for_active_key(&cluster, 2);
+    cluster.wait_for_active_key(2);
     let mut rot = cluster.connect("postgres", "app");
     rot.batch_execute("CALL tenancy.phi_rotate_all('public.notes', 'body', label => 'notes.body', batch_size => 200)")
         .unwrap();

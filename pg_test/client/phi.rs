@@ -490,20 +490,7 @@ fn test_rotation_under_a_concurrent_writer_loses_nothing() {
     let path = cluster.phi_key_file.clone().unwrap();
     keyring_tool(&["add", path.to_str().unwrap(), "--activate"]);
     cluster.reload();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while std::time::Instant::now() < deadline {
-        let active: Option<i64> = cluster
-            .connect("postgres", "app")
-            .query_one(
-                "SELECT key_id FROM tenancy.phi_key_status() WHERE active",
-                &[],
-            )
-            .unwrap()
-            .get(0);
-        if active == Some(2) {
-            break;
-        }
-    }
+    cluster.wait_for_active_key(2);
     // The application keeps writing (and updating) while the rotation runs.
     let port = cluster.port;
     let writer = std::thread::spawn(move || {
