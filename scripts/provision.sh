@@ -40,6 +40,13 @@ if [ ${#missing[@]} -gt 0 ]; then
 else
   echo "all present"
 fi
+# Node and npm for the example service's test (pg_test/node); machines that already have a
+# Node (20 here) keep it, others get Debian's.
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+  echo "installing: nodejs npm"
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nodejs npm
+fi
 # Debian's postgresql-15 package starts a cluster on 5432; we never use it, and it would only
 # compete for the two cores.
 if command -v pg_lsclusters >/dev/null && pg_lsclusters -h 2>/dev/null | grep -q online; then
