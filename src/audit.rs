@@ -128,19 +128,24 @@ fn array_params() -> [PgOid; 16] {
     ]
 }
 
-/// The next value of `tenancy.audit_event_id`, without a query.
-fn next_event_id() -> i64 {
-    // SAFETY: catalog lookups by name, then the builtin nextval(regclass) on an existing
-    // sequence (both lookups raise if the extension's objects are missing).
-    unsafe {
+/// `n` values of `tenancy.audit_event_id`, without a query: the sequence is looked up once,
+/// then the builtin nextval(regclass) is called per value.
+fn next_event_ids(n: usize) -> Vec<i64> {
+    // SAFETY: catalog lookups by name (the namespace lookup raises if the schema is missing).
+    let seq = unsafe {
         let ns = pg_sys::get_namespace_oid(c"tenancy".as_ptr(), false);
-        let seq = pg_sys::get_relname_relid(c"audit_event_id".as_ptr(), ns);
-        if seq == pg_sys::InvalidOid {
-            pgrx::error!("pg_tenancy: sequence tenancy.audit_event_id is missing");
-        }
-        pgrx::direct_function_call::<i64>(pg_sys::nextval_oid, &[seq.into_datum()])
-            .expect("nextval returns a value")
+        pg_sys::get_relname_relid(c"audit_event_id".as_ptr(), ns)
+    };
+    if seq == pg_sys::InvalidOid {
+        pgrx::error!("pg_tenancy: sequence tenancy.audit_event_id is missing");
     }
+    (0..n)
+        .map(|_| {
+            // SAFETY: nextval(regclass) on the sequence found above.
+            unsafe { pgrx::direct_function_call::<i64>(pg_sys::nextval_oid, &[seq.into_datum()]) }
+                .expect("nextval returns a value")
+        })
+        .collect()
 }
 
 /// Runs `f` with an SPI connection and this backend's prepared statements (prepared on first
@@ -336,8 +341,8 @@ pub fn write_event(
 
 /// Appends `events` (in order) to their tenants' chains on behalf of `who`, in one INSERT.
 /// Each payload is encrypted for its tenant under the active PHI key, bound to its event id.
-/// Chain heads this transaction does not hold yet are locked in a fixed (sorted) order, so
-/// two batches spanning the same tenants cannot deadlock on each other.
+/// Chain heads this transaction does not hold yet are locked in a fixed (sorted) order within
+/// the batch (docs/audit.md: what can still deadlock across batches).
 pub fn append_events(who: &Who, events: &[NewEvent]) {
     if events.is_empty() {
         return;
@@ -354,7 +359,7 @@ pub fn append_events(who: &Who, events: &[NewEvent]) {
         missing.sort_unstable();
         missing.dedup();
         take_heads(client, plans, &missing)?;
-        let ids: Vec<i64> = events.iter().map(|_| next_event_id()).collect();
+        let ids = next_event_ids(events.len());
         // txid_current(): the top-level transaction id with its epoch.
         // SAFETY: assigns the transaction id if it has none yet, as txid_current() does.
         let txid = unsafe { pg_sys::GetTopFullTransactionId() }.value as i64;
@@ -667,9 +672,10 @@ impl Drop for TransitionScan {
     }
 }
 
-/// The audit trigger. Attached by `tenancy.protect(..., audit => true)` as three statement
-/// triggers (AFTER INSERT / UPDATE / DELETE ... REFERENCING the transition tables ... FOR EACH
-/// STATEMENT): it reads the statement's changed rows and appends their events in batches.
+/// The audit trigger. Attached by `tenancy.protect(..., audit => true)` as four statement
+/// triggers: BEFORE, it takes the context tenant's chain head; AFTER INSERT / UPDATE / DELETE
+/// ... REFERENCING the transition tables, it reads the statement's changed rows and appends
+/// their events in batches.
 /// It also works as a row trigger (AFTER ... FOR EACH ROW), one event per call; the statement
 /// form is the faster for bulk statements (docs/audit.md has the measurements). Its
 /// argument is the tenant column; each event is filed under that column's value.

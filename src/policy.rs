@@ -114,16 +114,33 @@ fn load_target(rel: pg_sys::Oid, column: &str) -> Target {
     }
 }
 
-/// The audit triggers: (name, event, transition tables). PostgreSQL allows transition tables
-/// only on single-event triggers, hence three.
-pub const AUDIT_TRIGGERS: [(&str, &str, &str); 3] = [
-    ("tenancy_audit_insert", "INSERT", "NEW TABLE AS tenancy_new"),
+/// The audit triggers, all FOR EACH STATEMENT: (name, timing and events, transition tables).
+/// The BEFORE trigger takes the context tenant's chain head before any row is touched (head
+/// lock before row locks, the order every writer of the tenant uses); the AFTER ones write
+/// the events, one per event type because PostgreSQL allows transition tables only on
+/// single-event triggers. Statement triggers are not cloned to partitions, so every table
+/// gets its own.
+const AUDIT_TRIGGERS: [(&str, &str, &str); 4] = [
+    (
+        "tenancy_audit_lock",
+        "BEFORE INSERT OR UPDATE OR DELETE",
+        "",
+    ),
+    (
+        "tenancy_audit_insert",
+        "AFTER INSERT",
+        "REFERENCING NEW TABLE AS tenancy_new ",
+    ),
     (
         "tenancy_audit_update",
-        "UPDATE",
-        "OLD TABLE AS tenancy_old NEW TABLE AS tenancy_new",
+        "AFTER UPDATE",
+        "REFERENCING OLD TABLE AS tenancy_old NEW TABLE AS tenancy_new ",
     ),
-    ("tenancy_audit_delete", "DELETE", "OLD TABLE AS tenancy_old"),
+    (
+        "tenancy_audit_delete",
+        "AFTER DELETE",
+        "REFERENCING OLD TABLE AS tenancy_old ",
+    ),
 ];
 
 /// The statements that protect one table (not its children).
@@ -204,29 +221,14 @@ fn protect_statements(t: &Target, column: &str, set_default: bool, audit: bool) 
         s.push(format!("DROP TRIGGER tenancy_audit ON {table}"));
     }
     if audit {
-        // Before any row is touched, the context tenant's chain head is taken (head lock
-        // before row locks, the order every writer of the tenant uses).
-        recreate(
-            &mut s,
-            "TRIGGER",
-            "tenancy_audit_lock",
-            format!(
-                "CREATE TRIGGER tenancy_audit_lock BEFORE INSERT OR UPDATE OR DELETE ON {table} FOR EACH STATEMENT EXECUTE FUNCTION tenancy.audit_trigger({})",
-                quote_literal(column)
-            ),
-        );
-        s.push(format!(
-            "ALTER TABLE {table} ENABLE ALWAYS TRIGGER tenancy_audit_lock"
-        ));
-        // Every change becomes an audit event, filed under the row's tenant column. Statement
-        // triggers are not cloned to partitions, so every table gets its own.
-        for (name, event, referencing) in AUDIT_TRIGGERS {
+        // Every change becomes an audit event, filed under the row's tenant column.
+        for (name, when, referencing) in AUDIT_TRIGGERS {
             recreate(
                 &mut s,
                 "TRIGGER",
                 name,
                 format!(
-                    "CREATE TRIGGER {name} AFTER {event} ON {table} REFERENCING {referencing} FOR EACH STATEMENT EXECUTE FUNCTION tenancy.audit_trigger({})",
+                    "CREATE TRIGGER {name} {when} ON {table} {referencing}FOR EACH STATEMENT EXECUTE FUNCTION tenancy.audit_trigger({})",
                     quote_literal(column)
                 ),
             );
@@ -435,10 +437,6 @@ fn unprotect_one(rel: pg_sys::Oid, stmts: &mut Vec<String>) -> bool {
         for (name, _, _) in AUDIT_TRIGGERS {
             mine.insert(6, format!("DROP TRIGGER IF EXISTS {name} ON {table}"));
         }
-        mine.insert(
-            6,
-            format!("DROP TRIGGER IF EXISTS tenancy_audit_lock ON {table}"),
-        );
     }
     run_all(&mine);
     log_action("unprotect", rel, "");
