@@ -122,6 +122,16 @@ def median(xs):
     return statistics.median(xs)
 
 
+def interleaved(c, scripts, clients, secs, rounds):
+    """`rounds` pgbench runs of `scripts` together (interleaved per transaction); returns
+    {script file name: median of the rounds' average latencies in ms}."""
+    lat = {}
+    for _ in range(rounds):
+        for name, ms in c.pgbench(scripts, clients, secs).items():
+            lat.setdefault(name, []).append(ms)
+    return {name: median(v) for name, v in lat.items()}
+
+
 class Report:
     def __init__(self):
         self.lines = []
@@ -244,12 +254,9 @@ def bench_rls(c, rep, cfg, tmp, rounds, secs, clients):
     scripts = rls_scripts(tmp, cfg)
     rows = []
     for q in ("point", "day", "insert"):
-        lat = {v: [] for v in ("tenancy", "floor", "floorrt", "seeds")}
-        for _ in range(rounds):
-            res = c.pgbench([scripts[(q, v)] for v in lat], clients, secs)
-            for v in lat:
-                lat[v].append(res[f"{q}_{v}.sql"])
-        m = {v: median(lat[v]) for v in lat}
+        variants = ("tenancy", "floor", "floorrt", "seeds")
+        res = interleaved(c, [scripts[(q, v)] for v in variants], clients, secs, rounds)
+        m = {v: res[f"{q}_{v}.sql"] for v in variants}
         rows.append([q, f"{m['floor']:.3f}", f"{m['floorrt']:.3f}", f"{m['seeds']:.3f}", f"{m['tenancy']:.3f}",
                      f"**{m['floor'] / m['tenancy']:.3f}x**", f"**{m['floorrt'] / m['tenancy']:.3f}x**", ">= 0.95x",
                      f"**{m['seeds'] / m['tenancy']:.3f}x**", ">= 1.0x"])
@@ -279,12 +286,7 @@ def bench_set_org(c, rep, cfg, tmp, rounds, secs, clients):
     pick = PICK.format(**cfg)
     with_ = write_script(tmp, "ctx_set_org.sql", pick + "BEGIN;\n" + enter("tenancy") + body)
     without = write_script(tmp, "ctx_none.sql", pick + "BEGIN;\n" + body)
-    lat = {"ctx_set_org.sql": [], "ctx_none.sql": []}
-    for _ in range(rounds):
-        res = c.pgbench([with_, without], clients, secs)
-        for k in lat:
-            lat[k].append(res[k])
-    m = {k: median(v) for k, v in lat.items()}
+    m = interleaved(c, [with_, without], clients, secs, rounds)
     rows = [["set_org (unsigned)", f"{m['ctx_none.sql']:.3f}", f"{m['ctx_set_org.sql']:.3f}",
              f"**{m['ctx_none.sql'] / m['ctx_set_org.sql']:.3f}x**", ">= 0.97x"]]
     # Signed mode: a context key file, tokens minted as the application tier would.
@@ -304,12 +306,7 @@ def bench_set_org(c, rep, cfg, tmp, rounds, secs, clients):
     fixed = "SELECT id, created_at FROM bench.patients_floor WHERE id = '10000000-0000-4000-8000-000000000001' AND organization_id = '{o}';\nCOMMIT;\n".format(o=o)
     signed = write_script(tmp, "ctx_signed.sql", f"BEGIN;\nSELECT tenancy.set_org('{o}'::uuid, NULL, '{token}');\n" + fixed)
     none1 = write_script(tmp, "ctx_none1.sql", "BEGIN;\n" + fixed)
-    lat = {"ctx_signed.sql": [], "ctx_none1.sql": []}
-    for _ in range(rounds):
-        res = c.pgbench([signed, none1], clients, secs)
-        for k in lat:
-            lat[k].append(res[k])
-    s = {k: median(v) for k, v in lat.items()}
+    s = interleaved(c, [signed, none1], clients, secs, rounds)
     rows.append(["set_org with a signed token", f"{s['ctx_none1.sql']:.3f}", f"{s['ctx_signed.sql']:.3f}",
                  f"**{s['ctx_none1.sql'] / s['ctx_signed.sql']:.3f}x**", "(reported)"])
     c.psql("ALTER SYSTEM RESET tenancy.context_key_file")
@@ -419,21 +416,13 @@ GRANT USAGE ON SEQUENCE bench.oltp_id TO app;
                             + f"INSERT INTO bench.audit_{v} (organization_id, id, patient, note) VALUES ({ORG}::uuid, nextval('bench.oltp_id'), 'patient ' || :p, 'first visit') RETURNING id \\gset\n"
                             + f"UPDATE bench.audit_{v} SET status = 'confirmed' WHERE id = :id;\nCOMMIT;\n")
                for v in variants]
-    lat = {v: [] for v in variants}
-    for _ in range(rounds):
-        res = c.pgbench(scripts, clients, secs)
-        for v in variants:
-            lat[v].append(res[f"oltp_{v}.sql"])
-    m = {v: median(lat[v]) for v in variants}
+    res = interleaved(c, scripts, clients, secs, rounds)
+    m = {v: res[f"oltp_{v}.sql"] for v in variants}
     # Worst case for the per-tenant chain lock: every client in the same tenant.
     one = [write_script(tmp, f"oltp1_{v}.sql", open(path).read().replace(f"\\set n random(1, {cfg['clinics']})", "\\set n 1"))
            for v, path in zip(variants, scripts)]
-    lat1 = {v: [] for v in variants}
-    for _ in range(rounds):
-        res = c.pgbench(one, clients, secs)
-        for v in variants:
-            lat1[v].append(res[f"oltp1_{v}.sql"])
-    m1 = {v: median(lat1[v]) for v in variants}
+    res = interleaved(c, one, clients, secs, rounds)
+    m1 = {v: res[f"oltp1_{v}.sql"] for v in variants}
     rep.section("4. Audit", f"OLTP: pgbench, {clients} clients, {rounds} rounds of {secs} s, the three variants "
                 "interleaved in one run; each transaction enters a tenant, inserts one row and updates it. "
                 "All tables are protected by pg_tenancy (RLS), so only the audit differs.")
@@ -491,34 +480,25 @@ GRANT SELECT ON bench.scale_{k}_{v} TO app;""")
         for v in ("tenancy", "floor"):
             sc.append(write_script(tmp, f"scale_{k}_{v}.sql", f"\\set n random(1, {k})\n\\set i random(0, {per - 1})\nBEGIN;\n" + enter(v)
                                    + f"SELECT payload FROM bench.scale_{k}_{v} WHERE id = :i * {k} + :n - 1{where(v)};\nCOMMIT;\n"))
-        lat = {v: [] for v in ("tenancy", "floor")}
-        for _ in range(rounds):
-            res = c.pgbench(sc, 2, secs)
-            for v in lat:
-                lat[v].append(res[f"scale_{k}_{v}.sql"])
-        lines.append([f"{k:,} clinics ({per:,} rows each), 2 clients", f"{median(lat['floor']) / median(lat['tenancy']):.3f}x"])
+        res = interleaved(c, sc, 2, secs, rounds)
+        lines.append([f"{k:,} clinics ({per:,} rows each), 2 clients",
+                      f"{res[f'scale_{k}_floor.sql'] / res[f'scale_{k}_tenancy.sql']:.3f}x"])
     # 1 and 8 clients on the point lookup.
     scripts = rls_scripts(tmp, cfg, ("tenancy", "floor"))  # the point lookup only
     for n in client_counts:
-        lat = {v: [] for v in ("tenancy", "floor")}
-        for _ in range(rounds):
-            res = c.pgbench([scripts[("point", v)] for v in lat], n, secs)
-            for v in lat:
-                lat[v].append(res[f"point_{v}.sql"])
-        lines.append([f"point lookup, {cfg['clinics']:,} clinics, {n} client(s)", f"{median(lat['floor']) / median(lat['tenancy']):.3f}x"])
+        res = interleaved(c, [scripts[("point", v)] for v in ("tenancy", "floor")], n, secs, rounds)
+        lines.append([f"point lookup, {cfg['clinics']:,} clinics, {n} client(s)",
+                      f"{res['point_floor.sql'] / res['point_tenancy.sql']:.3f}x"])
     # Encryption across tenants: set_org + 10 phi_encrypt per transaction, 10 vs 10,000 tenants.
     enc = []
     for k in clinic_counts:
         enc.append(write_script(tmp, f"enc_{k}.sql", f"\\set n random(1, {k})\nBEGIN;\nSELECT tenancy.set_org({ORG}::uuid);\n"
                                 "SELECT count(tenancy.phi_encrypt('value-' || g, 'bench')) FROM generate_series(1, 10) g;\nCOMMIT;\n"))
-    lat = {k: [] for k in clinic_counts}
-    for _ in range(rounds):
-        res = c.pgbench(enc, 2, secs)
-        for k in clinic_counts:
-            lat[k].append(res[f"enc_{k}.sql"])
-    base = median(lat[clinic_counts[0]])
+    res = interleaved(c, enc, 2, secs, rounds)
+    base = res[f"enc_{clinic_counts[0]}.sql"]
     for k in clinic_counts:
-        lines.append([f"set_org + 10 x phi_encrypt, tenant drawn from {k:,}", f"{base / median(lat[k]):.3f}x of the {clinic_counts[0]}-tenant rate"])
+        lines.append([f"set_org + 10 x phi_encrypt, tenant drawn from {k:,}",
+                      f"{base / res[f'enc_{k}.sql']:.3f}x of the {clinic_counts[0]}-tenant rate"])
     rep.section("5. Scale", f"pgbench, {rounds} rounds of {secs} s. RLS: TPS ratio pg_tenancy / floor (point lookup) as tenants and clients grow. "
                 "Flat is the goal.")
     rep.table(["case", "ratio"], lines)

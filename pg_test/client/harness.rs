@@ -443,23 +443,21 @@ pub fn count(c: &mut postgres::Client, sql: &str) -> i64 {
 
 /// A connection to the server on `port`, or None while it is down (restarting).
 pub fn try_connect_port(port: u16, user: &str, db: &str) -> Option<Client> {
-    postgres::Config::new()
-        .host("127.0.0.1")
-        .port(port)
-        .user(user)
-        .dbname(db)
+    port_config(port, user, db)
         .connect_timeout(std::time::Duration::from_secs(5))
         .connect(NoTls)
         .ok()
 }
 
+fn port_config(port: u16, user: &str, db: &str) -> postgres::Config {
+    let mut config = postgres::Config::new();
+    config.host("127.0.0.1").port(port).user(user).dbname(db);
+    config
+}
+
 /// A connection to the server on `port` as `user`, for threads that only carry the port.
 pub fn connect_port(port: u16, user: &str, db: &str) -> Client {
-    postgres::Config::new()
-        .host("127.0.0.1")
-        .port(port)
-        .user(user)
-        .dbname(db)
+    port_config(port, user, db)
         .connect(NoTls)
         .unwrap_or_else(|e| panic!("connect as {user}: {e}"))
 }

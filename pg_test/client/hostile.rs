@@ -656,64 +656,9 @@ fn test_fuzzed_envelopes_tokens_and_tenant_ids_get_only_documented_errors() {
            WHEN 3 THEN encode(decode(md5(random()::text) || md5(random()::text), 'hex'), 'hex')
            ELSE encode(overlay(e PLACING decode(md5(random()::text), 'hex') FROM 1 + (random() * 20)::int), 'hex') END
          FROM (SELECT tenancy.phi_encrypt('fuzz me', 'fuzz.label') AS e) s)";
-    let mut figures = Vec::new();
-    for (what, call, allowed) in [
-        (
-            "phi_reveal",
-            "tenancy.phi_reveal(decode(input, 'hex'), 'fuzz.label')",
-            &["ok", "22P03", "28000", "42704", "42804"][..],
-        ),
-        (
-            "phi_reveal_jsonb",
-            "tenancy.phi_reveal_jsonb(decode(input, 'hex'), 'fuzz.label')",
-            &["ok", "22P03", "28000", "42704", "42804"][..],
-        ),
-        (
-            "phi_key_id",
-            "tenancy.phi_key_id(decode(input, 'hex'))",
-            &["ok", "22P03"][..],
-        ),
-        (
-            "phi_is_envelope",
-            "tenancy.phi_is_envelope(decode(input, 'hex'))",
-            &["ok"][..],
-        ),
-    ] {
-        let result = fuzz_sql(&mut c, &enter, mutate_envelope, call, 3000);
-        for code in result.keys() {
-            assert!(
-                allowed.contains(&code.as_str()),
-                "{what}: undocumented {code}: {result:?}"
-            );
-        }
-        total += result.values().sum::<i64>();
-        figures.push(format!("{what} {result:?}"));
-    }
     // Tenant ids and actors: random strings (in signed mode a valid id without a token is 28000).
     let random_text = "(SELECT string_agg(substr(E'abcdef0123456789-ABCDEF \\'\"\\\\;{}%_.:é€\\t', (random() * 40)::int + 1, 1), '')
                           FROM generate_series(1, (random() * 50)::int))";
-    for (what, call, allowed) in [
-        (
-            "set_org(id)",
-            "tenancy.set_org(input)",
-            &["22023", "22004", "28000"][..],
-        ),
-        (
-            "set_org(actor)",
-            &format!("tenancy.set_org('{org}', input)") as &str,
-            &["22023", "28000"][..],
-        ),
-    ] {
-        let result = fuzz_sql(&mut c, "", random_text, call, 3000);
-        for code in result.keys() {
-            assert!(
-                allowed.contains(&code.as_str()),
-                "{what}: undocumented {code}: {result:?}"
-            );
-        }
-        total += result.values().sum::<i64>();
-        figures.push(format!("{what} {result:?}"));
-    }
     // Tokens: mutations of a valid one and random strings; only the valid one is accepted.
     let mutate_token = format!(
         "(SELECT CASE (random() * 3)::int
@@ -722,21 +667,71 @@ fn test_fuzzed_envelopes_tokens_and_tenant_ids_get_only_documented_errors() {
             WHEN 2 THEN t || 'x'
             ELSE md5(random()::text) END FROM (SELECT '{token}'::text AS t) s)"
     );
-    let result = fuzz_sql(
-        &mut c,
-        "",
-        &mutate_token,
-        &format!("tenancy.set_org('{org}', NULL, input)"),
-        3000,
-    );
-    for code in result.keys() {
-        assert!(
-            ["ok", "28000"].contains(&code.as_str()),
-            "token: undocumented {code}: {result:?}"
-        );
+    let reveal_codes = &["ok", "22P03", "28000", "42704", "42804"][..];
+    // (what, setup, input generator, call, the SQLSTATEs it may end in)
+    let cases: [(&str, &str, &str, String, &[&str]); 7] = [
+        (
+            "phi_reveal",
+            &enter,
+            mutate_envelope,
+            "tenancy.phi_reveal(decode(input, 'hex'), 'fuzz.label')".into(),
+            reveal_codes,
+        ),
+        (
+            "phi_reveal_jsonb",
+            &enter,
+            mutate_envelope,
+            "tenancy.phi_reveal_jsonb(decode(input, 'hex'), 'fuzz.label')".into(),
+            reveal_codes,
+        ),
+        (
+            "phi_key_id",
+            &enter,
+            mutate_envelope,
+            "tenancy.phi_key_id(decode(input, 'hex'))".into(),
+            &["ok", "22P03"],
+        ),
+        (
+            "phi_is_envelope",
+            &enter,
+            mutate_envelope,
+            "tenancy.phi_is_envelope(decode(input, 'hex'))".into(),
+            &["ok"],
+        ),
+        (
+            "set_org(id)",
+            "",
+            random_text,
+            "tenancy.set_org(input)".into(),
+            &["22023", "22004", "28000"],
+        ),
+        (
+            "set_org(actor)",
+            "",
+            random_text,
+            format!("tenancy.set_org('{org}', input)"),
+            &["22023", "28000"],
+        ),
+        (
+            "token",
+            "",
+            &mutate_token,
+            format!("tenancy.set_org('{org}', NULL, input)"),
+            &["ok", "28000"],
+        ),
+    ];
+    let mut figures = Vec::new();
+    for (what, setup, generator, call, allowed) in cases {
+        let result = fuzz_sql(&mut c, setup, generator, &call, 3000);
+        for code in result.keys() {
+            assert!(
+                allowed.contains(&code.as_str()),
+                "{what}: undocumented {code}: {result:?}"
+            );
+        }
+        total += result.values().sum::<i64>();
+        figures.push(format!("{what} {result:?}"));
     }
-    total += result.values().sum::<i64>();
-    figures.push(format!("token {result:?}"));
     eprintln!("fuzzed SQL calls: {total}; {}", figures.join("; "));
     assert_eq!(total, 3000 * 7);
     // The server is alive and nothing was logged at PANIC.
