@@ -20,6 +20,10 @@ if [ "$(id -u)" -eq 0 ]; then
     || { tail -n 30 /tmp/pg_tenancy-demo-provision.log; echo "provisioning failed (log: /tmp/pg_tenancy-demo-provision.log)" >&2; exit 1; }
 fi
 
+# Never replace pg_tenancy.so under a running server (its background worker dies with SIGBUS):
+# stop the previous demo cluster first.
+if [ -f "$DIR/data/postmaster.pid" ]; then as_pg "$BIN/pg_ctl" stop -m fast -D "$DIR/data" >/dev/null || true; fi
+
 say "Building and installing pg_tenancy into PostgreSQL 15"
 cargo pgrx install --pg-config "$BIN/pg_config" 2>&1 | grep -E "Finished|Installing|error" || true
 [ -f /usr/share/postgresql/15/extension/pg_tenancy.control ] || { echo "install failed" >&2; exit 1; }
@@ -95,7 +99,7 @@ step() {
 
 step "The extension is installed (\\dx)" "\\dx pg_tenancy"
 step "Sherwood's transaction sees Sherwood's patients only" \
-  "BEGIN; SELECT tenancy.set_org('$SHERWOOD'); SELECT o.name AS clinic, count(p.*) AS patients FROM clinic.organizations o LEFT JOIN clinic.patients p USING (id) GROUP BY 1; SELECT count(*) AS visible_patients FROM clinic.patients; COMMIT;"
+  "BEGIN; SELECT tenancy.set_org('$SHERWOOD'); SELECT o.name AS clinic, count(p.*) AS patients FROM clinic.organizations o LEFT JOIN clinic.patients p ON p.organization_id = o.id GROUP BY 1; SELECT count(*) AS visible_patients FROM clinic.patients; COMMIT;"
 step "No context: zero rows (fails closed)" "SELECT (SELECT count(*) FROM clinic.patients) AS patients, (SELECT count(*) FROM clinic.organizations) AS clinics;"
 step "Forging the context variable with SET LOCAL is refused" \
   "BEGIN; SELECT tenancy.set_org('$CONWAY'); SET LOCAL app.current_org_id = '$SHERWOOD'; COMMIT;"

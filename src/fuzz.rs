@@ -3,6 +3,15 @@
 //! flips, changed bytes, truncations, extensions, spliced garbage). Seeded, so a failure
 //! reproduces; test builds only.
 
+/// How many inputs each fuzz test draws: `PG_TENANCY_FUZZ_ITERATIONS`, or 50,000 (the CI
+/// default; run with 1000000 or more before a release).
+pub fn iterations() -> usize {
+    std::env::var("PG_TENANCY_FUZZ_ITERATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50_000)
+}
+
 /// xorshift64*: fast, good enough to drive mutations, and reproducible.
 pub struct Rng(u64);
 

@@ -130,7 +130,7 @@ mod tests {
     fn test_fuzz_mutated_and_random_tokens_are_refused_without_panic() {
         let valid = mint(KEY, ORG, Some("u1"), 2_000_000_000);
         let mut rng = crate::fuzz::Rng::new(0x5eed_0002);
-        for i in 0..200_000 {
+        for i in 0..crate::fuzz::iterations() {
             let input = if i % 2 == 0 {
                 String::from_utf8_lossy(&rng.mutate(valid.as_bytes())).into_owned()
             } else {

@@ -95,6 +95,29 @@ impl Drop for Bouncer {
     }
 }
 
+/// Waits until `f` has counted `more` transactions beyond now (clients are making progress),
+/// for at most 60 seconds: a load phase measured in work done, not in fixed sleeps.
+fn wait_for_progress(f: &Figures, more: i64) {
+    let target = f.transactions.load(Ordering::Relaxed) + more;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while f.transactions.load(Ordering::Relaxed) < target {
+        assert!(Instant::now() < deadline, "clients made no progress for 60 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Polls `probe` until it returns `want` (10 s at most) and returns its last answer.
+fn wait_for_answer(want: &str, probe: impl Fn() -> String) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = probe();
+        if got == want || Instant::now() > deadline {
+            return got;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A cluster with a protected, audited `notes` table (PHI body) and rows for four tenants.
 fn notes_cluster() -> Cluster {
     let cluster = Cluster::start_with_phi(&["max_connections = 80"]);
@@ -339,7 +362,7 @@ fn test_thirty_two_pooled_clients_with_rotation_leak_nothing_and_lose_nothing() 
     let stop = Arc::new(AtomicBool::new(false));
     let clients = run_clients(bouncer.port, 32, 120, stop.clone(), f.clone());
     // While they run: a new active key, and the batched re-encryption of the column.
-    std::thread::sleep(Duration::from_millis(500));
+    wait_for_progress(&f, 50);
     let path = cluster.phi_key_file.clone().unwrap();
     keyring_tool(&["add", path.to_str().unwrap(), "--activate"]);
     cluster.reload();
@@ -467,7 +490,7 @@ fn test_killed_backends_and_an_immediate_shutdown_lose_no_event() {
         })
         .collect();
     let mut faults = 0;
-    std::thread::sleep(Duration::from_secs(1));
+    wait_for_progress(&f, 30);
     // kill -9 of a backend in the middle of its work: the postmaster restarts every backend.
     let pid: i32 = cluster
         .connect("postgres", "postgres")
@@ -482,11 +505,12 @@ fn test_killed_backends_and_an_immediate_shutdown_lose_no_event() {
         .output()
         .unwrap();
     faults += 1;
-    std::thread::sleep(Duration::from_secs(2));
+    // The writers reconnect after the crash restart and get work done again.
+    wait_for_progress(&f, 30);
     // An immediate shutdown under load, then a restart with crash recovery.
     immediate_restart(&cluster);
     faults += 1;
-    std::thread::sleep(Duration::from_secs(2));
+    wait_for_progress(&f, 30);
     stop.store(true, Ordering::Relaxed);
     for w in writers {
         w.join().unwrap();
@@ -555,9 +579,8 @@ fn test_killed_backends_and_an_immediate_shutdown_lose_no_event() {
     };
     set_mode(&path, 0o644);
     cluster.reload();
-    std::thread::sleep(Duration::from_millis(500));
     assert_eq!(
-        encrypt(&cluster),
+        wait_for_answer("F0000", || encrypt(&cluster)),
         "F0000",
         "a world-readable key ring is not used"
     );
@@ -578,14 +601,29 @@ fn test_killed_backends_and_an_immediate_shutdown_lose_no_event() {
     let saved = std::fs::read(&path).unwrap();
     std::fs::remove_file(&path).unwrap();
     cluster.reload();
-    std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(encrypt(&cluster), "F0000", "a missing key ring is reported");
+    assert_eq!(
+        wait_for_answer("F0000", || encrypt(&cluster)),
+        "F0000",
+        "a missing key ring is reported"
+    );
     std::fs::write(&path, &saved).unwrap();
     set_mode(&path, 0o600);
     cluster.reload();
-    std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(encrypt(&cluster), "ok", "service is back with the key ring");
+    assert_eq!(
+        wait_for_answer("ok", || encrypt(&cluster)),
+        "ok",
+        "service is back with the key ring"
+    );
     assert!(!cluster.log().contains("PANIC"), "{}", cluster.log());
+}
+
+/// SQL calls per fuzz case: `PG_TENANCY_FUZZ_ITERATIONS` / 20 (the Rust fuzz tests' count
+/// for the same variable), 2,500 by default.
+fn sql_fuzz_iterations() -> i32 {
+    std::env::var("PG_TENANCY_FUZZ_ITERATIONS")
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok())
+        .map_or(2_500, |n| (n / 20).max(1))
 }
 
 /// Runs `iterations` calls of `call` (a SQL expression over `input`) in one tenant
@@ -722,7 +760,7 @@ fn test_fuzzed_envelopes_tokens_and_tenant_ids_get_only_documented_errors() {
     ];
     let mut figures = Vec::new();
     for (what, setup, generator, call, allowed) in cases {
-        let result = fuzz_sql(&mut c, setup, generator, &call, 3000);
+        let result = fuzz_sql(&mut c, setup, generator, &call, sql_fuzz_iterations());
         for code in result.keys() {
             assert!(
                 allowed.contains(&code.as_str()),

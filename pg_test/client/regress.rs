@@ -7,7 +7,7 @@
 //! Expected files are generated, never hand-edited: after checking the output, run
 //! `PG_TENANCY_REGRESS_ACCEPT=1 scripts/test.sh 15` to promote `results/` to `expected/`.
 
-use crate::harness::{pg_regress_path, Cluster};
+use crate::harness::{bindir, pg_regress_path, Cluster};
 use std::path::Path;
 use std::process::Command;
 
@@ -35,6 +35,9 @@ fn test_golden_sql_output() {
     }
     let status = Command::new(pg_regress_path())
         .arg("--use-existing")
+        // pg_regress runs psql from its compiled-in bindir unless told; the relocatable
+        // builds (14, 16, 17, 18) were configured for /opt/postgresql.
+        .arg(format!("--bindir={}", bindir().display()))
         .args(["--host", "127.0.0.1", "--port", &cluster.port.to_string()])
         .args(["--user", "postgres", "--dbname", "app"])
         .arg(format!("--inputdir={}", root.display()))

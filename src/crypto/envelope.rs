@@ -182,7 +182,7 @@ mod tests {
         );
         let mut rng = crate::fuzz::Rng::new(0x5eed_0001);
         let (mut malformed, mut refused) = (0, 0);
-        for _ in 0..200_000 {
+        for _ in 0..crate::fuzz::iterations() {
             let input = rng.mutate(&valid);
             match parse_header(&input) {
                 Err(EnvelopeError::Malformed(_)) => malformed += 1,
