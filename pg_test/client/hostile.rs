@@ -101,7 +101,10 @@ fn wait_for_progress(f: &Figures, more: i64) {
     let target = f.transactions.load(Ordering::Relaxed) + more;
     let deadline = Instant::now() + Duration::from_secs(60);
     while f.transactions.load(Ordering::Relaxed) < target {
-        assert!(Instant::now() < deadline, "clients made no progress for 60 s");
+        assert!(
+            Instant::now() < deadline,
+            "clients made no progress for 60 s"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
