@@ -57,7 +57,7 @@ REVOKE ALL ON tenancy.audit_events, tenancy.audit_chain_heads, tenancy.audit_eve
 GRANT SELECT ON tenancy.audit_events TO PUBLIC;
 
 CREATE FUNCTION tenancy.audit_append_only() RETURNS trigger
-LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
   -- tenancy.audit_purge() (superuser, itself recorded) is the one way to delete events.
   IF TG_OP = 'DELETE' AND tenancy.in_maintenance() THEN

@@ -69,6 +69,14 @@ COMMENT ON FUNCTION tenancy.phi_key_status() IS
 -- Audit trail. The trigger and the writers run as the extension owner: the application role
 -- has no INSERT on tenancy.audit_events, and events must be written whatever it may do.
 ALTER FUNCTION tenancy.audit_trigger() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+-- Values are compared and rendered by their output functions: pin the settings those depend
+-- on, so a session cannot hide an UPDATE (extra_float_digits = -15 rendered 37 and 39.4 alike)
+-- or change how the trail spells a value. TimeZone stays the session's: the text carries the
+-- offset, so an instant is never lost.
+ALTER FUNCTION tenancy.audit_trigger() SET extra_float_digits = 1;
+ALTER FUNCTION tenancy.audit_trigger() SET DateStyle = 'ISO, MDY';
+ALTER FUNCTION tenancy.audit_trigger() SET IntervalStyle = 'postgres';
+ALTER FUNCTION tenancy.audit_trigger() SET bytea_output = 'hex';
 ALTER FUNCTION tenancy.log_action(text, jsonb) SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION tenancy.audit_verify(text) SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
 REVOKE EXECUTE ON FUNCTION tenancy.audit_trigger() FROM PUBLIC;
@@ -87,3 +95,35 @@ COMMENT ON FUNCTION tenancy.audit_history(text, timestamptz, timestamptz) IS
   'One clinic''s audit history in a time range with decrypted payloads, for a support role the DBA grants EXECUTE to; records a SUPPORT_READ event in that clinic''s trail first.';
 COMMENT ON FUNCTION tenancy.audit_purge(text, timestamptz) IS
   'Retention: delete a tenant''s events older than a time (a chain prefix), keep the chain verifiable from an anchor, record the purge. Superuser.';
+
+-- Every function of the extension that runs SQL pins search_path = pg_catalog, pg_temp: the
+-- catalogs first, the session's temporary schema last (listed, so it is not searched first for
+-- relations: a temp view named pg_class must not shadow the catalog), and no schema a role
+-- other than a superuser can create objects in. The SQL functions say so in their definitions;
+-- this pins the C ones (protect, audit_purge, ...) and any function added later. The only
+-- exceptions are C functions on the hot path that run no SQL at all (a SET clause costs a GUC
+-- save and restore per call, and would confine set_org's own settings to the call);
+-- pg_test/client/privileged.rs checks this list against the catalog. The procedure
+-- phi_rotate_all cannot have a SET clause (it COMMITs) and qualifies every name instead.
+DO $pin$
+DECLARE
+  f record;
+BEGIN
+  FOR f IN
+    SELECT p.oid::pg_catalog.regprocedure AS sig, p.prokind
+      FROM pg_catalog.pg_proc p
+     WHERE p.pronamespace OPERATOR(pg_catalog.=) 'tenancy'::pg_catalog.regnamespace
+       AND p.prokind OPERATOR(pg_catalog.<>) 'p'
+       AND (p.proname::text || '(' || pg_catalog.oidvectortypes(p.proargtypes) || ')') NOT IN (
+         'current_org_id()', 'current_org_id_text()', 'require_org()', 'require_org_text()',
+         'current_actor()', 'context_is_signed()', 'set_org(text, text, text)', 'set_org(uuid, text, text)',
+         'phi_encrypt(text, text)', 'phi_encrypt(bytea, text)', 'phi_encrypt(jsonb, text)',
+         'phi_reveal(bytea, text)', 'phi_reveal_bytea(bytea, text)', 'phi_reveal_jsonb(bytea, text)',
+         'phi_rotate(bytea, text)', 'phi_rotate_for_tenant(bytea, text, text)', 'phi_key_id(bytea)',
+         'phi_is_envelope(bytea)', 'audit_payload(bytea, bigint)', 'in_maintenance()',
+         'is_loaded_by_preload()', 'assert_preloaded()')
+  LOOP
+    EXECUTE pg_catalog.format('ALTER FUNCTION %s SET search_path = pg_catalog, pg_temp', f.sig);
+  END LOOP;
+END
+$pin$;

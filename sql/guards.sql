@@ -5,32 +5,99 @@
 --    dropping its triggers on a protected table are refused, unless tenancy.unprotect() (or
 --    protect()) is the one doing it.
 
--- Problems with one protected table's protection, or NULL when intact.
+-- Problems with one protected table's protection, or NULL when intact. Policies are checked by
+-- definition (command, roles, RESTRICTIVE/PERMISSIVE, USING and WITH CHECK), not by name: a
+-- policy dropped and re-created as USING (true) under pg_tenancy's name is a problem.
 CREATE FUNCTION tenancy.protection_problem(rel regclass) RETURNS text
-LANGUAGE sql STABLE SET search_path = pg_catalog AS $$
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+  WITH t AS (
+    SELECT c.oid, c.relrowsecurity, c.relforcerowsecurity, p.audited, p.tenant_column,
+           format('(%I = %s)', p.tenant_column,
+                  CASE p.tenant_type WHEN 'uuid' THEN 'tenancy.current_org_id()' ELSE 'tenancy.current_org_id_text()' END) AS pred
+      FROM pg_class c
+      LEFT JOIN tenancy.protected_tables p ON p.rel = c.oid
+     WHERE c.oid = $1
+  )
   SELECT CASE
-    WHEN NOT c.relrowsecurity THEN 'row level security is disabled'
-    WHEN NOT c.relforcerowsecurity THEN 'row level security is not forced'
-    WHEN NOT EXISTS (SELECT 1 FROM pg_policy WHERE polrelid = c.oid AND polname = 'tenancy_tenant_floor' AND NOT polpermissive)
+    WHEN NOT t.relrowsecurity THEN 'row level security is disabled'
+    WHEN NOT t.relforcerowsecurity THEN 'row level security is not forced'
+    WHEN t.tenant_column IS NOT NULL AND NOT EXISTS (
+           SELECT 1 FROM pg_attribute a WHERE a.attrelid = t.oid AND a.attname = t.tenant_column AND NOT a.attisdropped)
+      THEN format('the tenant column %I was renamed or dropped', t.tenant_column)
+    WHEN NOT EXISTS (SELECT 1 FROM pg_policy WHERE polrelid = t.oid AND polname = 'tenancy_tenant_floor')
       THEN 'the tenant floor policy is missing'
-    WHEN NOT EXISTS (SELECT 1 FROM pg_policy WHERE polrelid = c.oid AND polname = 'tenancy_tenant_rows')
+    WHEN NOT EXISTS (SELECT 1 FROM pg_policy WHERE polrelid = t.oid AND polname = 'tenancy_tenant_floor'
+                       AND NOT polpermissive AND polcmd = '*' AND polroles = '{0}'
+                       AND (t.pred IS NULL OR (pg_get_expr(polqual, polrelid) = t.pred
+                                               AND pg_get_expr(polwithcheck, polrelid) = t.pred)))
+      THEN 'the tenant floor policy is not as pg_tenancy defines it'
+    WHEN NOT EXISTS (SELECT 1 FROM pg_policy WHERE polrelid = t.oid AND polname = 'tenancy_tenant_rows')
       THEN 'the tenant policy is missing'
-    WHEN (SELECT count(*) FROM pg_trigger WHERE tgrelid = c.oid AND tgenabled = 'A'
+    WHEN NOT EXISTS (SELECT 1 FROM pg_policy WHERE polrelid = t.oid AND polname = 'tenancy_tenant_rows'
+                       AND polpermissive AND polcmd = '*' AND polroles = '{0}'
+                       AND (t.pred IS NULL OR (pg_get_expr(polqual, polrelid) = t.pred
+                                               AND pg_get_expr(polwithcheck, polrelid) = t.pred)))
+      THEN 'the tenant policy is not as pg_tenancy defines it'
+    WHEN (SELECT count(*) FROM pg_trigger WHERE tgrelid = t.oid AND tgenabled = 'A'
             AND tgname IN ('tenancy_tenant_immutable', 'tenancy_no_truncate')) < 2
       THEN 'a tenancy trigger is missing or not enabled ALWAYS'
-    WHEN p.audited AND (SELECT count(*) FROM pg_trigger WHERE tgrelid = c.oid AND tgenabled = 'A'
+    WHEN t.audited AND (SELECT count(*) FROM pg_trigger WHERE tgrelid = t.oid AND tgenabled = 'A'
             AND tgname IN ('tenancy_audit_lock', 'tenancy_audit_insert', 'tenancy_audit_update', 'tenancy_audit_delete')) < 4
       THEN 'an audit trigger is missing or not enabled ALWAYS'
   END
-  FROM pg_class c
-  JOIN pg_namespace n ON n.oid = c.relnamespace
-  LEFT JOIN tenancy.protected_tables p ON p.schema_name = n.nspname AND p.table_name = c.relname
-  WHERE c.oid = rel
+  FROM t
 $$;
+
+-- Code that a protected table's own objects would run over its rows and that belongs to a
+-- role other than a superuser: CHECK and EXCLUDE constraints, index expressions and
+-- predicates, column defaults and generation expressions, domain constraints of its column
+-- types, each through a function or an operator; and any rule on it (a DO ALSO rule copies
+-- every tenant's new rows). NULL when there is none. The drift guard refuses DDL by a role
+-- that is not a superuser which leaves such code behind; the report flags it.
+CREATE FUNCTION tenancy.foreign_code_problem(rel regclass) RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+  WITH objects AS (
+    SELECT 'pg_constraint'::regclass AS classid, k.oid AS objid FROM pg_constraint k WHERE k.conrelid = $1
+    UNION ALL
+    SELECT 'pg_class'::regclass, i.indexrelid FROM pg_index i WHERE i.indrelid = $1
+    UNION ALL
+    SELECT 'pg_attrdef'::regclass, d.oid FROM pg_attrdef d WHERE d.adrelid = $1
+    UNION ALL
+    SELECT 'pg_constraint'::regclass, k.oid
+      FROM pg_attribute a JOIN pg_constraint k ON k.contypid = a.atttypid
+     WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
+  ),
+  calls AS (
+    SELECT d.classid, d.objid, d.objsubid,
+           CASE d.refclassid WHEN 'pg_proc'::regclass THEN d.refobjid
+                             ELSE (SELECT o.oprcode::oid FROM pg_operator o WHERE o.oid = d.refobjid) END AS fn
+      FROM objects x JOIN pg_depend d ON d.classid = x.classid AND d.objid = x.objid
+     WHERE d.refclassid IN ('pg_proc'::regclass, 'pg_operator'::regclass)
+  )
+  SELECT coalesce(
+    (SELECT format('rule %I runs on every change of every tenant''s rows', r.rulename)
+       FROM pg_rewrite r WHERE r.ev_class = $1 ORDER BY r.rulename LIMIT 1),
+    (SELECT format('%s runs %s of role %I over every tenant''s rows',
+                   pg_describe_object(c.classid, c.objid, c.objsubid), f.oid::regprocedure, r.rolname)
+       FROM calls c JOIN pg_proc f ON f.oid = c.fn JOIN pg_roles r ON r.oid = f.proowner
+      WHERE NOT r.rolsuper
+      ORDER BY 1 LIMIT 1))
+$$;
+
+-- Whether a table holds any row (every tenant's, RLS aside: it runs as the extension's owner
+-- from the drift guard). ONLY: its own rows, not its children's.
+CREATE FUNCTION tenancy.has_rows(rel regclass) RETURNS boolean
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  found boolean;
+BEGIN
+  EXECUTE format('SELECT EXISTS (SELECT 1 FROM ONLY %s)', rel) INTO found;
+  RETURN found;
+END $$;
 
 -- The audit trail's own append-only triggers and RLS must stay as installed.
 CREATE FUNCTION tenancy.check_audit_trail_guards() RETURNS void
-LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
   IF to_regclass('tenancy.audit_events') IS NULL THEN
     RETURN;  -- during CREATE EXTENSION, before the table exists
@@ -44,13 +111,13 @@ BEGIN
 END $$;
 
 CREATE FUNCTION tenancy.guard_ddl() RETURNS event_trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   cmd record;
   parent_col name;
   schema_col name;
   problem text;
-  rel regclass;
+  target regclass;
   t record;
 BEGIN
   -- protect()/unprotect() at work, or a superuser restoring a dump (tenancy.restore_mode).
@@ -60,16 +127,14 @@ BEGIN
   PERFORM tenancy.check_audit_trail_guards();
   FOR cmd IN SELECT * FROM pg_event_trigger_ddl_commands() LOOP
     IF cmd.object_type = 'table' AND cmd.command_tag IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO') THEN
-      rel := cmd.objid::regclass;
+      target := cmd.objid::regclass;
       -- A partition or inheritance child of a protected table.
       SELECT p.tenant_column INTO parent_col
-        FROM pg_inherits i JOIN pg_class pc ON pc.oid = i.inhparent
-        JOIN pg_namespace pn ON pn.oid = pc.relnamespace
-        JOIN tenancy.protected_tables p ON p.schema_name = pn.nspname AND p.table_name = pc.relname
+        FROM pg_inherits i JOIN tenancy.protected_tables p ON p.rel = i.inhparent
        WHERE i.inhrelid = cmd.objid;
       IF parent_col IS NOT NULL THEN
-        PERFORM tenancy.protect(rel::text, parent_col);
-        INSERT INTO tenancy.protection_log (action, object, detail) VALUES ('auto_protect', rel::text, 'child of a protected table');
+        PERFORM tenancy.protect(target::text, parent_col);
+        INSERT INTO tenancy.protection_log (action, object, detail) VALUES ('auto_protect', target::text, 'child of a protected table');
         CONTINUE;
       END IF;
       -- A new table with the tenant column in a protected schema.
@@ -79,42 +144,72 @@ BEGIN
          AND EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = cmd.objid AND a.attname = s.tenant_column AND NOT a.attisdropped);
       IF schema_col IS NOT NULL THEN
         IF coalesce(current_setting('tenancy.new_table_action', true), 'protect') = 'refuse' THEN
-          RAISE EXCEPTION 'new table % has tenant column "%" in protected schema "%"', rel, schema_col, cmd.schema_name
+          RAISE EXCEPTION 'new table % has tenant column "%" in protected schema "%"', target, schema_col, cmd.schema_name
             USING ERRCODE = '42501', HINT = 'tenancy.new_table_action is ''refuse'': ask a superuser to create it and run tenancy.protect().';
         END IF;
-        PERFORM tenancy.protect(rel::text, schema_col);
-        INSERT INTO tenancy.protection_log (action, object, detail) VALUES ('auto_protect', rel::text, 'new table in a protected schema');
+        PERFORM tenancy.protect(target::text, schema_col);
+        INSERT INTO tenancy.protection_log (action, object, detail) VALUES ('auto_protect', target::text, 'new table in a protected schema');
       END IF;
-    ELSIF cmd.object_type IN ('table', 'policy', 'trigger') THEN
-      -- ALTER TABLE, ALTER POLICY, ALTER TRIGGER ...: re-check every protected table touched.
-      rel := CASE cmd.object_type
+    ELSIF cmd.object_type IN ('table', 'table column', 'table constraint', 'policy', 'trigger', 'index', 'rule') THEN
+      -- ALTER TABLE, ALTER POLICY, CREATE INDEX, CREATE RULE ...: re-check every protected
+      -- table touched.
+      target := CASE cmd.object_type
                WHEN 'table' THEN cmd.objid::regclass
+               WHEN 'table column' THEN cmd.objid::regclass
+               WHEN 'table constraint' THEN (SELECT conrelid FROM pg_constraint WHERE oid = cmd.objid)::regclass
                WHEN 'policy' THEN (SELECT polrelid FROM pg_policy WHERE oid = cmd.objid)::regclass
                WHEN 'trigger' THEN (SELECT tgrelid FROM pg_trigger WHERE oid = cmd.objid)::regclass
+               WHEN 'index' THEN (SELECT indrelid FROM pg_index WHERE indexrelid = cmd.objid)::regclass
+               WHEN 'rule' THEN (SELECT ev_class FROM pg_rewrite WHERE oid = cmd.objid)::regclass
              END;
-      IF rel IS NOT NULL AND EXISTS (
-           SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-             JOIN tenancy.protected_tables p ON p.schema_name = n.nspname AND p.table_name = c.relname
-            WHERE c.oid = rel) THEN
-        problem := tenancy.protection_problem(rel);
+      -- ALTER TABLE child INHERIT parent: the command names the child. Rows of a table that
+      -- was not protected would appear in the parent's tenants' reads: only an empty table
+      -- may join (it is protected at once below), unless a superuser does it.
+      IF target IS NOT NULL AND NOT EXISTS (SELECT 1 FROM tenancy.protected_tables p WHERE p.rel = target)
+         AND EXISTS (SELECT 1 FROM pg_inherits i JOIN tenancy.protected_tables p ON p.rel = i.inhparent
+                      WHERE i.inhrelid = target) THEN
+        IF NOT (SELECT rolsuper FROM pg_roles WHERE rolname = session_user) AND tenancy.has_rows(target) THEN
+          RAISE EXCEPTION '% refused: % holds rows and would join protected table % unprotected', cmd.command_tag, target,
+                (SELECT i.inhparent::regclass FROM pg_inherits i WHERE i.inhrelid = target LIMIT 1)
+            USING ERRCODE = '42501', HINT = 'Only an empty table can become a child of a protected table; move its rows in through tenant transactions afterwards.';
+        END IF;
+        PERFORM tenancy.protect(target::text, (SELECT p.tenant_column FROM pg_inherits i JOIN tenancy.protected_tables p ON p.rel = i.inhparent
+                                                WHERE i.inhrelid = target LIMIT 1));
+        INSERT INTO tenancy.protection_log (action, object, detail) VALUES ('auto_protect', target::text, 'inherits from a protected table');
+      END IF;
+      IF target IS NOT NULL AND EXISTS (SELECT 1 FROM tenancy.protected_tables p WHERE p.rel = target) THEN
+        problem := tenancy.protection_problem(target);
         IF problem IS NULL AND cmd.object_type = 'policy' AND EXISTS (
              SELECT 1 FROM pg_policy WHERE oid = cmd.objid AND polname IN ('tenancy_tenant_floor', 'tenancy_tenant_rows'))
            AND cmd.command_tag = 'ALTER POLICY' THEN
           problem := 'pg_tenancy''s policies cannot be altered';
         END IF;
+        -- Code of a role that is not a superuser left to run over every tenant's rows.
+        IF problem IS NULL AND NOT (SELECT rolsuper FROM pg_roles WHERE rolname = session_user) THEN
+          problem := tenancy.foreign_code_problem(target);
+        END IF;
         IF problem IS NOT NULL THEN
-          RAISE EXCEPTION '% refused on protected table %: %', cmd.command_tag, rel, problem
-            USING ERRCODE = '42501', HINT = format('Use SELECT tenancy.unprotect(%L) as a superuser; it is recorded. Restoring a dump? Run pg_restore as a superuser with PGOPTIONS=''-c tenancy.restore_mode=on''.', rel::text);
+          RAISE EXCEPTION '% refused on protected table %: %', cmd.command_tag, target, problem
+            USING ERRCODE = '42501', HINT = format('Use SELECT tenancy.unprotect(%L) as a superuser; it is recorded. Restoring a dump? Run pg_restore as a superuser with PGOPTIONS=''-c tenancy.restore_mode=on''.', target::text);
+        END IF;
+        -- RENAME / SET SCHEMA: the registry follows the table (it is keyed by the table, the
+        -- names are kept current for people reading it).
+        UPDATE tenancy.protected_tables p SET schema_name = n.nspname, table_name = c.relname
+          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE p.rel = target AND c.oid = target
+           AND (p.schema_name, p.table_name) IS DISTINCT FROM (n.nspname, c.relname);
+        IF FOUND THEN
+          INSERT INTO tenancy.protection_log (action, object, detail) VALUES ('renamed', target::text, cmd.command_tag);
         END IF;
         -- ATTACH PARTITION / INHERIT: a new child of a protected table is protected too.
         FOR t IN SELECT i.inhrelid::regclass AS child FROM pg_inherits i
-                  WHERE i.inhparent = rel
-                    AND NOT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                                      JOIN tenancy.protected_tables p ON p.schema_name = n.nspname AND p.table_name = c.relname
-                                     WHERE c.oid = i.inhrelid) LOOP
-          PERFORM tenancy.protect(t.child::text, (SELECT p.tenant_column FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                                              JOIN tenancy.protected_tables p ON p.schema_name = n.nspname AND p.table_name = c.relname
-                                             WHERE c.oid = rel));
+                  WHERE i.inhparent = target
+                    AND NOT EXISTS (SELECT 1 FROM tenancy.protected_tables p WHERE p.rel = i.inhrelid) LOOP
+          IF NOT (SELECT rolsuper FROM pg_roles WHERE rolname = session_user) AND tenancy.has_rows(t.child) THEN
+            RAISE EXCEPTION '% refused: % holds rows and would join protected table % unprotected', cmd.command_tag, t.child, target
+              USING ERRCODE = '42501', HINT = 'Only an empty table can become a partition or child of a protected table; move its rows in through tenant transactions afterwards.';
+          END IF;
+          PERFORM tenancy.protect(t.child::text, (SELECT p.tenant_column FROM tenancy.protected_tables p WHERE p.rel = target));
           INSERT INTO tenancy.protection_log (action, object, detail) VALUES ('auto_protect', t.child::text, 'attached to a protected table');
         END LOOP;
       END IF;
@@ -123,7 +218,7 @@ BEGIN
 END $$;
 
 CREATE FUNCTION tenancy.guard_drop() RETURNS event_trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   t record;
   problem text;
@@ -133,11 +228,12 @@ BEGIN
     RETURN;
   END IF;
   PERFORM tenancy.check_audit_trail_guards();
-  FOR t IN SELECT p.schema_name, p.table_name, to_regclass(format('%I.%I', p.schema_name, p.table_name)) AS rel
+  FOR t IN SELECT p.schema_name, p.table_name, p.rel,
+                  EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = p.rel) AS present
              FROM tenancy.protected_tables p LOOP
-    IF t.rel IS NULL THEN
+    IF NOT t.present THEN
       -- The table itself was dropped: nothing left to protect.
-      DELETE FROM tenancy.protected_tables WHERE schema_name = t.schema_name AND table_name = t.table_name;
+      DELETE FROM tenancy.protected_tables p WHERE p.rel = t.rel;
       INSERT INTO tenancy.protection_log (action, object) VALUES ('dropped', format('%I.%I', t.schema_name, t.table_name));
       CONTINUE;
     END IF;
@@ -153,6 +249,10 @@ CREATE EVENT TRIGGER tenancy_guard_ddl ON ddl_command_end EXECUTE FUNCTION tenan
 CREATE EVENT TRIGGER tenancy_guard_drop ON sql_drop EXECUTE FUNCTION tenancy.guard_drop();
 
 REVOKE EXECUTE ON FUNCTION tenancy.guard_ddl(), tenancy.guard_drop() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION tenancy.has_rows(regclass) FROM PUBLIC;
+COMMENT ON FUNCTION tenancy.foreign_code_problem(regclass) IS
+  'Code of a role that is not a superuser which a table''s constraints, indexes, defaults, domains or rules run over its rows, or NULL.';
+COMMENT ON FUNCTION tenancy.has_rows(regclass) IS 'Whether a table holds rows of its own (for the drift guard).';
 COMMENT ON FUNCTION tenancy.protection_problem(regclass) IS
   'What is wrong with a protected table''s protection, or NULL when intact.';
 COMMENT ON FUNCTION tenancy.guard_ddl() IS

@@ -13,7 +13,7 @@ CREATE FUNCTION tenancy.phi_rotate_column(
   table_name text, column_name text, tenant_column text DEFAULT 'organization_id',
   label text DEFAULT NULL, batch_size integer DEFAULT 1000)
 RETURNS bigint
-LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog AS $$
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   active bigint;
   done bigint;
@@ -54,7 +54,9 @@ COMMENT ON FUNCTION tenancy.phi_rotate_column(text, text, text, text, integer) I
 CREATE PROCEDURE tenancy.phi_rotate_all(
   table_name text, column_name text, tenant_column text DEFAULT 'organization_id',
   label text DEFAULT NULL, batch_size integer DEFAULT 1000)
--- No SET clause: a procedure with one cannot COMMIT. Every name below is qualified.
+-- No SET clause: a procedure with one cannot COMMIT. So it runs under the caller's search_path,
+-- and every function and operator below is qualified (a superuser runs it; an owner-controlled
+-- schema early in the database's search_path must not shadow anything).
 LANGUAGE plpgsql AS $$
 DECLARE
   n bigint;
@@ -63,11 +65,11 @@ DECLARE
 BEGIN
   LOOP
     n := tenancy.phi_rotate_column(table_name, column_name, tenant_column, label, batch_size);
-    total := total + n;
+    total := total OPERATOR(pg_catalog.+) n;
     COMMIT;
-    IF n = 0 THEN
+    IF n OPERATOR(pg_catalog.=) 0 THEN
       EXECUTE pg_catalog.format(
-        'SELECT EXISTS (SELECT 1 FROM %1$s s WHERE s.%2$I IS NOT NULL AND tenancy.phi_key_id(s.%2$I) <>
+        'SELECT EXISTS (SELECT 1 FROM %1$s s WHERE s.%2$I IS NOT NULL AND tenancy.phi_key_id(s.%2$I) OPERATOR(pg_catalog.<>)
                           (SELECT k.key_id FROM tenancy.phi_key_status() k WHERE k.active))',
         table_name::pg_catalog.regclass, column_name) INTO remaining;
       EXIT WHEN NOT remaining;
@@ -84,7 +86,7 @@ COMMENT ON PROCEDURE tenancy.phi_rotate_all(text, text, text, text, integer) IS
 -- Remaining values per key id, for watching a rotation (header only, no decryption).
 CREATE FUNCTION tenancy.phi_key_usage(table_name text, column_name text)
 RETURNS TABLE (key_id bigint, values_count bigint)
-LANGUAGE plpgsql STABLE SET search_path = pg_catalog AS $$
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
   RETURN QUERY EXECUTE format(
     'SELECT tenancy.phi_key_id(%2$I), count(*) FROM %1$s WHERE %2$I IS NOT NULL GROUP BY 1 ORDER BY 1',

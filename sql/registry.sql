@@ -8,7 +8,12 @@ CREATE TABLE tenancy.protected_tables (
   audited       boolean NOT NULL DEFAULT false,
   protected_at  timestamptz NOT NULL DEFAULT now(),
   protected_by  name NOT NULL DEFAULT session_user,
-  PRIMARY KEY (schema_name, table_name)
+  -- The table itself: a regclass follows RENAME and SET SCHEMA (the guards match on it, never
+  -- on the names, which they keep current), and pg_dump writes it as a qualified name that a
+  -- restore resolves again.
+  rel           regclass NOT NULL,
+  PRIMARY KEY (schema_name, table_name),
+  CONSTRAINT protected_tables_rel_key UNIQUE (rel)
 );
 COMMENT ON TABLE tenancy.protected_tables IS
   'Tables protected by tenancy.protect(): RLS enabled and forced, tenant policies, guards. Dumped by pg_dump.';
@@ -39,7 +44,7 @@ SELECT pg_catalog.pg_extension_config_dump('tenancy.protection_log', '');
 REVOKE ALL ON tenancy.protected_tables, tenancy.protected_schemas, tenancy.protection_log FROM PUBLIC;
 
 CREATE FUNCTION tenancy.tenant_column_immutable() RETURNS trigger
-LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
   IF to_jsonb(NEW) -> TG_ARGV[0] IS DISTINCT FROM to_jsonb(OLD) -> TG_ARGV[0] THEN
     RAISE EXCEPTION 'the tenant column "%" of "%"."%" cannot be changed', TG_ARGV[0], TG_TABLE_SCHEMA, TG_TABLE_NAME
@@ -52,7 +57,7 @@ COMMENT ON FUNCTION tenancy.tenant_column_immutable() IS
   'Trigger: refuses UPDATEs that change a protected table''s tenant column.';
 
 CREATE FUNCTION tenancy.refuse_truncate() RETURNS trigger
-LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
   IF NOT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
     RAISE EXCEPTION 'TRUNCATE of protected table "%"."%" is not allowed', TG_TABLE_SCHEMA, TG_TABLE_NAME

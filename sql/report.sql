@@ -5,12 +5,11 @@
 
 CREATE FUNCTION tenancy.isolation_report()
 RETURNS TABLE (severity text, object text, finding text, fix text)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog AS $$
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 WITH registered AS (
   SELECT c.oid, p.tenant_column
     FROM tenancy.protected_tables p
-    JOIN pg_namespace n ON n.nspname = p.schema_name
-    JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = p.table_name
+    JOIN pg_class c ON c.oid = p.rel
 ),
 -- Column names that make an unregistered table a tenant table.
 tenant_cols AS (
@@ -64,16 +63,20 @@ findings AS (
   UNION ALL
   SELECT 'high', format('constraint %I on %s', k.conname, t.name),
          CASE k.contype WHEN 'f' THEN 'foreign key without the tenant column: a cross-tenant reference'
+                        WHEN 'x' THEN 'EXCLUDE constraint without the tenant column: other tenants'' rows conflict, an oracle across tenants'
                         ELSE 'UNIQUE/PRIMARY KEY without the tenant column: an existence oracle across tenants' END,
          'Include the tenant column in the key (composite keys).'
     FROM tenant_tables t JOIN pg_constraint k ON k.conrelid = t.oid
-   WHERE k.contype IN ('u', 'p', 'f') AND NOT (t.tenant_attnum = ANY (k.conkey))
+   WHERE k.contype IN ('u', 'p', 'f', 'x') AND NOT (t.tenant_attnum = ANY (k.conkey))
   UNION ALL
   SELECT 'high', format('index %s on %s', i.indexrelid::regclass, t.name),
          'unique index without the tenant column: an existence oracle across tenants',
          'Include the tenant column in the index.'
     FROM tenant_tables t JOIN pg_index i ON i.indrelid = t.oid
-   WHERE i.indisunique AND NOT (t.tenant_attnum = ANY (i.indkey::int2[]))
+   -- Key columns only: a tenant column in INCLUDE does not make the uniqueness per tenant.
+   WHERE i.indisunique
+     AND NOT EXISTS (SELECT 1 FROM unnest(i.indkey::int2[]) WITH ORDINALITY u(attnum, n)
+                      WHERE u.n <= i.indnkeyatts AND u.attnum = t.tenant_attnum)
      AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid)
   UNION ALL
   SELECT 'warning', t.name, 'no index led by the tenant column: every tenant query scans the table',
@@ -133,6 +136,27 @@ findings AS (
    WHERE p.provolatile = 'i' AND pn.nspname NOT IN ('pg_catalog', 'information_schema', 'tenancy')
      AND (p.prosrc ILIKE '%current_org_id%' OR p.prosrc ILIKE '%require_org%' OR p.prosrc ILIKE '%phi_reveal%')
   UNION ALL
+  SELECT 'high', r.rolname::text,
+         format('login role is a member of %s: it can read or write server files, the PHI key ring included (COPY ... FROM ''<key file>'')', g.rolname),
+         format('REVOKE %I FROM %I;', g.rolname, r.rolname)
+    FROM pg_roles r
+    CROSS JOIN (VALUES ('pg_read_server_files'::name), ('pg_write_server_files'), ('pg_execute_server_program')) g(rolname)
+   WHERE r.rolcanlogin AND NOT r.rolsuper AND r.oid <> 10
+     AND pg_has_role(r.oid, g.rolname, 'MEMBER')
+  UNION ALL
+  SELECT 'critical', format('%s.%I', t.name, t.tenant_col),
+         format('tenant column has the nondeterministic collation %I: tenants whose ids differ only in case or accents are merged', co.collname),
+         format('ALTER TABLE %s ALTER COLUMN %I TYPE text COLLATE "C";', t.name, t.tenant_col)
+    FROM tenant_tables t
+    JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum = t.tenant_attnum
+    JOIN pg_collation co ON co.oid = a.attcollation
+   WHERE NOT co.collisdeterministic
+  UNION ALL
+  SELECT 'high', t.name, tenancy.foreign_code_problem(t.oid::regclass),
+         'Drop it, or have a superuser own the function (review it first): it sees every tenant''s rows.'
+    FROM tenant_tables t
+   WHERE tenancy.foreign_code_problem(t.oid::regclass) IS NOT NULL
+  UNION ALL
   SELECT 'high', format('publication %I', pub.pubname),
          format('publishes tenant table %s: subscribers receive every tenant''s rows', t.name),
          'Publish to subscribers that enforce the same isolation, or drop the table from the publication.'
@@ -145,12 +169,12 @@ findings AS (
     FROM pg_event_trigger e
    WHERE e.evtname IN ('tenancy_guard_ddl', 'tenancy_guard_drop') AND e.evtenabled <> 'A'
   UNION ALL
-  SELECT 'critical', format('%I.%I', p.schema_name, p.table_name),
-         'registered as protected but ' || tenancy.protection_problem(format('%I.%I', p.schema_name, p.table_name)::regclass),
-         format('SELECT tenancy.protect(%L);', format('%I.%I', p.schema_name, p.table_name))
+  SELECT 'critical', p.rel::text,
+         'registered as protected but ' || tenancy.protection_problem(p.rel),
+         format('SELECT tenancy.protect(%L);', p.rel::text)
     FROM tenancy.protected_tables p
-   WHERE to_regclass(format('%I.%I', p.schema_name, p.table_name)) IS NOT NULL
-     AND tenancy.protection_problem(format('%I.%I', p.schema_name, p.table_name)::regclass) IS NOT NULL
+   WHERE EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = p.rel)
+     AND tenancy.protection_problem(p.rel) IS NOT NULL
 )
 SELECT severity, object, finding, fix FROM findings
 ORDER BY CASE severity WHEN 'critical' THEN 0 WHEN 'high' THEN 1 ELSE 2 END, object, finding

@@ -489,6 +489,14 @@ fn log_action(action: &str, details: default!(Option<pgrx::JsonB>, "NULL")) -> b
     {
         TenancyError::BadAction.report();
     }
+    // The trail's own events (INSERT, UPDATE, DELETE, REVEAL, SUPPORT_READ, AUDIT_PURGE and
+    // any added later) are named in capitals and '_' only: an application cannot forge one.
+    if action.bytes().all(|b| b.is_ascii_uppercase() || b == b'_') {
+        TenancyError::ReservedAction {
+            action: action.to_string(),
+        }
+        .report();
+    }
     write_event(
         &org,
         action,
@@ -953,16 +961,17 @@ fn audit_purge(org: &str, before: pgrx::datum::TimestampWithTimeZone) -> i64 {
             None,
             &[org.into()],
         )?;
-        let row = client
-            .select(
-                "SELECT seq, hash FROM tenancy.audit_events
-                  WHERE organization_id = $1 AND seq = (SELECT max(seq) FROM tenancy.audit_events
-                                                         WHERE organization_id = $1 AND occurred_at < $2)",
-                None,
-                &[org.into(), before.into()],
-            )?
-            .first()
-            .get_two::<i64, Vec<u8>>()?;
+        let rows = client.select(
+            "SELECT seq, hash FROM tenancy.audit_events
+              WHERE organization_id = $1 AND seq = (SELECT max(seq) FROM tenancy.audit_events
+                                                     WHERE organization_id = $1 AND occurred_at < $2)",
+            None,
+            &[org.into(), before.into()],
+        )?;
+        if rows.is_empty() {
+            return Ok((0, None)); // nothing that old: nothing to purge
+        }
+        let row = rows.first().get_two::<i64, Vec<u8>>()?;
         Ok((row.0.unwrap_or(0), row.1))
     })
     .unwrap_or_else(|e| pgrx::error!("pg_tenancy: reading the audit trail failed: {e}"));

@@ -210,7 +210,9 @@ unsafe extern "C-unwind" fn process_utility(
     qc: *mut pg_sys::QueryCompletion,
 ) {
     check_utility(pstmt);
+    crate::session_objects::check_utility(pstmt);
     let _storing = StoringCommand::enter(pstmt);
+    let _owner_ddl = crate::owner_ddl::Guard::enter(pstmt);
     match PREV_PROCESS_UTILITY {
         Some(prev) => prev(pstmt, query_string, context, params, query_env, dest, qc),
         None => pg_sys::standard_ProcessUtility(
@@ -223,6 +225,7 @@ unsafe extern "C-unwind" fn process_utility(
             qc,
         ),
     }
+    crate::session_objects::after_utility(pstmt);
 }
 
 #[cfg(not(feature = "pg13"))]
@@ -239,7 +242,9 @@ unsafe extern "C-unwind" fn process_utility(
     qc: *mut pg_sys::QueryCompletion,
 ) {
     check_utility(pstmt);
+    crate::session_objects::check_utility(pstmt);
     let _storing = StoringCommand::enter(pstmt);
+    let _owner_ddl = crate::owner_ddl::Guard::enter(pstmt);
     match PREV_PROCESS_UTILITY {
         Some(prev) => prev(
             pstmt,
@@ -262,6 +267,7 @@ unsafe extern "C-unwind" fn process_utility(
             qc,
         ),
     }
+    crate::session_objects::after_utility(pstmt);
 }
 
 /// Validates and canonicalises a tenant id under `tenancy.tenant_id_format`.
@@ -391,6 +397,12 @@ pub fn current_actor_and_verified() -> (Option<String>, bool) {
             .map(|ctx| (ctx.actor.clone(), ctx.signed))
             .unwrap_or((None, false))
     })
+}
+
+/// Whether the current transaction has a tenant context (no allocation: for hooks that run
+/// on every statement).
+pub fn in_tenant_transaction() -> bool {
+    CONTEXT.with(|c| c.borrow().is_some())
 }
 
 /// The tenant id of the current transaction as text, from the mirror; `None` when unset.

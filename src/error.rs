@@ -37,6 +37,10 @@ pub enum TenancyError {
     TokenExpired,
     #[error("context token does not match the tenant and actor")]
     TokenInvalid,
+    #[error("this context token was already used")]
+    TokenReplayed,
+    #[error("too many unexpired context tokens are in use")]
+    TokenMemoryFull,
     #[error("context key file is not usable")]
     KeyFile { path: String, reason: String },
     #[error("WITH HOLD cursors cannot be used in a tenant transaction")]
@@ -50,6 +54,12 @@ pub enum TenancyError {
         relation: String,
         column: String,
         found: String,
+    },
+    #[error("tenant column \"{relation}\".\"{column}\" has the nondeterministic collation \"{collation}\"")]
+    TenantColumnCollation {
+        relation: String,
+        column: String,
+        collation: String,
     },
     #[error("table \"{relation}\" is not protected by pg_tenancy")]
     NotProtected { relation: String },
@@ -76,6 +86,14 @@ pub enum TenancyError {
     PhiWhileStoring,
     #[error("invalid audit action name")]
     BadAction,
+    #[error(
+        "{function} of role {owner} cannot run in DDL on a table with forced row level security"
+    )]
+    ForeignCodeInDdl { function: String, owner: String },
+    #[error("{what} cannot be made in a tenant transaction")]
+    SessionObject { what: String },
+    #[error("audit action name \"{action}\" is reserved for pg_tenancy's own events")]
+    ReservedAction { action: String },
     #[error("PHI cannot be revealed here: reveals could not be audited")]
     RevealNotAudited { reason: String },
     #[error("tenancy.audit_trigger() is attached the wrong way")]
@@ -100,12 +118,15 @@ impl TenancyError {
             Self::TokenRequired
             | Self::TokenMalformed { .. }
             | Self::TokenExpired
-            | Self::TokenInvalid => ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION,
+            | Self::TokenInvalid
+            | Self::TokenReplayed => ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION,
+            Self::TokenMemoryFull => ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
             Self::KeyFile { .. } => ERRCODE_CONFIG_FILE_ERROR,
             Self::HoldableCursor => ERRCODE_FEATURE_NOT_SUPPORTED,
             Self::NotATable { .. } => ERRCODE_WRONG_OBJECT_TYPE,
             Self::NoTenantColumn { .. } => ERRCODE_UNDEFINED_COLUMN,
             Self::TenantColumnType { .. } => ERRCODE_DATATYPE_MISMATCH,
+            Self::TenantColumnCollation { .. } => ERRCODE_INDETERMINATE_COLLATION,
             Self::NotProtected { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             Self::SuperuserOnly { .. } => ERRCODE_INSUFFICIENT_PRIVILEGE,
             Self::PhiNotConfigured => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
@@ -117,6 +138,9 @@ impl TenancyError {
             Self::PhiBadLabel => ERRCODE_INVALID_PARAMETER_VALUE,
             Self::PhiWhileStoring => ERRCODE_FEATURE_NOT_SUPPORTED,
             Self::BadAction => ERRCODE_INVALID_PARAMETER_VALUE,
+            Self::ReservedAction { .. } => ERRCODE_RESERVED_NAME,
+            Self::SessionObject { .. } => ERRCODE_FEATURE_NOT_SUPPORTED,
+            Self::ForeignCodeInDdl { .. } => ERRCODE_INSUFFICIENT_PRIVILEGE,
             Self::RevealNotAudited { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             Self::AuditTriggerMisdefined { .. } => ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
         }
@@ -175,6 +199,12 @@ impl TenancyError {
                 "Signed mode is on (tenancy.context_key_file): pass the token minted by the application tier.",
             ),
             Self::TokenExpired => Some("Mint a fresh token for this transaction."),
+            Self::TokenReplayed => Some(
+                "Tokens are single-use: mint one per transaction (and send it as a bind parameter, so it never shows in pg_stat_activity).",
+            ),
+            Self::TokenMemoryFull => Some(
+                "Used tokens are remembered until they expire (65,536 at once, shared memory; signed mode needs pg_tenancy in shared_preload_libraries): mint tokens with shorter expiries.",
+            ),
             Self::KeyFile { .. } => Some(
                 "The file must hold the key in hex, belong to the server's OS user and have mode 0600 or 0400; then reload the configuration.",
             ),
@@ -186,6 +216,9 @@ impl TenancyError {
             Self::TenantColumnType { .. } => {
                 Some("Tenant columns are uuid (tenancy.current_org_id()) or text.")
             }
+            Self::TenantColumnCollation { .. } => Some(
+                "Ids that differ only in case or accents would be one tenant: give the column a deterministic collation (COLLATE \"C\").",
+            ),
             Self::NotProtected { .. } => Some("See tenancy.protected_tables for what is protected."),
             Self::AuditTriggerMisdefined { .. } => {
                 Some("Let tenancy.protect('<table>', audit => true) attach the audit triggers.")
@@ -212,6 +245,15 @@ impl TenancyError {
                 "ANALYZE, CREATE INDEX, REINDEX and CLUSTER would store plaintext at rest; drop statistics or indexes on decrypted values.",
             ),
             Self::BadAction => Some("Action names are 1 to 64 letters, digits, '_', '.', ':' or '-'."),
+            Self::ForeignCodeInDdl { .. } => Some(
+                "Utility commands read every tenant's rows: on protected tables they run only built-in functions and functions a superuser owns. Ask a superuser to run it, or to own the function after review.",
+            ),
+            Self::SessionObject { .. } => Some(
+                "Session-lived state would carry this tenant's rows into the next transaction on the connection: create temporary tables inside the tenant transaction with ON COMMIT DROP, and keep large objects out of tenant transactions.",
+            ),
+            Self::ReservedAction { .. } => Some(
+                "Names of only capital letters and '_' (INSERT, REVEAL, SUPPORT_READ, ...) are the trail's own; name application actions like 'export.csv'.",
+            ),
             Self::RevealNotAudited { .. } => Some(
                 "Set tenancy.audit_database to this database in postgresql.conf and restart; every reveal is recorded there.",
             ),
@@ -270,6 +312,8 @@ mod tests {
             TenancyError::TokenMalformed { reason: "r" },
             TenancyError::TokenExpired,
             TenancyError::TokenInvalid,
+            TenancyError::TokenReplayed,
+            TenancyError::TokenMemoryFull,
             TenancyError::KeyFile {
                 path: "/p".into(),
                 reason: "r".into(),
@@ -286,6 +330,21 @@ mod tests {
                 relation: "t".into(),
                 column: "c".into(),
                 found: "int".into(),
+            },
+            TenancyError::ReservedAction {
+                action: "REVEAL".into(),
+            },
+            TenancyError::SessionObject {
+                what: "a temporary table".into(),
+            },
+            TenancyError::ForeignCodeInDdl {
+                function: "f()".into(),
+                owner: "o".into(),
+            },
+            TenancyError::TenantColumnCollation {
+                relation: "t".into(),
+                column: "c".into(),
+                collation: "ci".into(),
             },
             TenancyError::NotProtected {
                 relation: "t".into(),

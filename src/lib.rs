@@ -15,9 +15,11 @@ pub mod error;
 mod fuzz;
 pub mod gucs;
 pub mod keyfile;
+pub mod owner_ddl;
 pub mod policy;
 pub mod preload;
 pub mod reveal_log;
+pub mod session_objects;
 pub mod token;
 
 ::pgrx::pg_module_magic!(name, version);
@@ -66,6 +68,9 @@ pub extern "C-unwind" fn _PG_init() {
     gucs::init();
     context::init();
     reveal_log::init();
+    owner_ddl::init();
+    session_objects::init();
+    token::init();
 }
 
 /// Required by `cargo pgrx test`: cluster settings for the in-database test cluster.

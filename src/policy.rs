@@ -59,6 +59,8 @@ fn load_target(rel: pg_sys::Oid, column: &str) -> Target {
                              WHERE i.indrelid = c.oid AND a.attname = $2),
                     ARRAY(SELECT inhrelid FROM pg_inherits WHERE inhparent = c.oid ORDER BY inhrelid),
                     c.relispartition,
+                    (SELECT co.collname::text FROM pg_attribute a JOIN pg_collation co ON co.oid = a.attcollation
+                      WHERE a.attrelid = c.oid AND a.attname = $2 AND NOT a.attisdropped AND NOT co.collisdeterministic),
                     ARRAY(SELECT polname::text FROM pg_policy WHERE polrelid = c.oid AND polname IN ('tenancy_tenant_floor', 'tenancy_tenant_rows')
                           UNION ALL
                           SELECT tgname::text FROM pg_trigger WHERE tgrelid = c.oid AND tgname IN ('tenancy_tenant_immutable', 'tenancy_no_truncate', 'tenancy_audit', 'tenancy_audit_lock', 'tenancy_audit_insert', 'tenancy_audit_update', 'tenancy_audit_delete') AND tgparentid = 0)
@@ -75,7 +77,8 @@ fn load_target(rel: pg_sys::Oid, column: &str) -> Target {
             r.get::<bool>(5)?,
             r.get::<Vec<pg_sys::Oid>>(6)?,
             r.get::<bool>(7)?,
-            r.get::<Vec<String>>(8)?,
+            r.get::<Vec<String>>(9)?,
+            r.get::<String>(8)?,
         ))
     })
     .unwrap_or_else(|e| pgrx::error!("pg_tenancy: reading the catalog failed: {e}"));
@@ -103,6 +106,16 @@ fn load_target(rel: pg_sys::Oid, column: &str) -> Target {
         }
         .report(),
     };
+    // A case-insensitive (nondeterministic) collation makes `=` merge tenants whose ids differ
+    // only in case or accents: `ACME-Health` would read `acme-health`'s rows.
+    if let Some(collation) = row.8 {
+        TenancyError::TenantColumnCollation {
+            relation: format!("{schema}.{name}"),
+            column: column.to_string(),
+            collation,
+        }
+        .report();
+    }
     Target {
         schema,
         name,
@@ -235,18 +248,49 @@ fn protect_statements(t: &Target, column: &str, set_default: bool, audit: bool) 
             s.push(format!("ALTER TABLE {table} ENABLE ALWAYS TRIGGER {name}"));
         }
     }
-    s.push(format!(
-        "INSERT INTO tenancy.protected_tables (schema_name, table_name, tenant_column, tenant_type, audited) VALUES ({}, {}, {}, {}, {audit}) ON CONFLICT (schema_name, table_name) DO UPDATE SET tenant_column = EXCLUDED.tenant_column, tenant_type = EXCLUDED.tenant_type, audited = tenancy.protected_tables.audited OR EXCLUDED.audited, protected_at = now(), protected_by = session_user",
-        quote_literal(&t.schema),
-        quote_literal(&t.name),
-        quote_literal(column),
-        quote_literal(t.tenant_type)
-    ));
+    s.push(if registry_has_rel() {
+        format!(
+            "INSERT INTO tenancy.protected_tables (rel, schema_name, table_name, tenant_column, tenant_type, audited) VALUES ({}::pg_catalog.regclass, {}, {}, {}, {}, {audit}) ON CONFLICT (rel) DO UPDATE SET schema_name = EXCLUDED.schema_name, table_name = EXCLUDED.table_name, tenant_column = EXCLUDED.tenant_column, tenant_type = EXCLUDED.tenant_type, audited = tenancy.protected_tables.audited OR EXCLUDED.audited, protected_at = pg_catalog.now(), protected_by = session_user",
+            // The qualified, quoted name (stable in dry-run output, unlike the OID), resolved
+            // in the same transaction as the DDL before it.
+            quote_literal(format!("{}.{}", ident(&t.schema), ident(&t.name))),
+            quote_literal(&t.schema),
+            quote_literal(&t.name),
+            quote_literal(column),
+            quote_literal(t.tenant_type)
+        )
+    } else {
+        // A 0.2.0 registry (keyed by name), between the library update and ALTER EXTENSION
+        // UPDATE: the 0.1.0--0.2.0 update script and 0.2.0's guards call protect() there.
+        format!(
+            "INSERT INTO tenancy.protected_tables (schema_name, table_name, tenant_column, tenant_type, audited) VALUES ({}, {}, {}, {}, {audit}) ON CONFLICT (schema_name, table_name) DO UPDATE SET tenant_column = EXCLUDED.tenant_column, tenant_type = EXCLUDED.tenant_type, audited = tenancy.protected_tables.audited OR EXCLUDED.audited, protected_at = pg_catalog.now(), protected_by = session_user",
+            quote_literal(&t.schema),
+            quote_literal(&t.name),
+            quote_literal(column),
+            quote_literal(t.tenant_type)
+        )
+    });
     s
 }
 
-fn quote_literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
+/// Quotes a string literal with PostgreSQL's own `quote_literal`: a value with a backslash
+/// becomes an `E'...'` literal with the backslash doubled, so the literal means the same
+/// whatever `standard_conforming_strings` the session has (doubling quotes alone does not:
+/// with it off, a backslash in a table name ended the literal).
+fn quote_literal(s: impl AsRef<str>) -> String {
+    pgrx::spi::quote_literal(s)
+}
+
+/// Whether the registry is keyed by the table itself (0.2.1 and later: column `rel`).
+fn registry_has_rel() -> bool {
+    Spi::get_one::<bool>(
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
+                         WHERE attrelid = 'tenancy.protected_tables'::pg_catalog.regclass
+                           AND attname OPERATOR(pg_catalog.=) 'rel' AND NOT attisdropped)",
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(false)
 }
 
 /// Runs `f` with the drift guards standing aside, restoring them even on ERROR.
@@ -395,7 +439,7 @@ fn relation_name(rel: pg_sys::Oid) -> String {
 fn unprotect_one(rel: pg_sys::Oid, stmts: &mut Vec<String>) -> bool {
     let found = Spi::connect(|client| -> SpiResult<_> {
         let t = client.select(
-            "SELECT p.schema_name::text, p.table_name::text,
+            "SELECT n.nspname::text, c.relname::text,
                     ARRAY(SELECT inhrelid FROM pg_inherits WHERE inhparent = c.oid ORDER BY 1),
                     p.audited
                FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -427,6 +471,7 @@ fn unprotect_one(rel: pg_sys::Oid, stmts: &mut Vec<String>) -> bool {
         format!("ALTER TABLE {table} DISABLE ROW LEVEL SECURITY"),
         format!("DROP TRIGGER IF EXISTS tenancy_tenant_immutable ON {table}"),
         format!("DROP TRIGGER IF EXISTS tenancy_no_truncate ON {table}"),
+        // By name: the guards keep the names current (0.2.1), and 0.2.0's registry has no rel.
         format!(
             "DELETE FROM tenancy.protected_tables WHERE schema_name = {} AND table_name = {}",
             quote_literal(&schema),

@@ -22,6 +22,18 @@ use std::time::Duration;
 /// Room for bursts: 16 pooled clients revealing in every transaction filled 512 slots under
 /// load (the hostile suite's soak on PG 13, with the worker polling every 100 ms); 2,048
 /// records are about 1.4 MB of shared memory.
+/// Settings the worker pins over whatever the database's owner set for the database: its SQL
+/// resolves names in the catalogs only, is not cut short, and commits durably.
+const WORKER_SETTINGS: &[(&str, &str)] = &[
+    ("search_path", "pg_catalog, pg_temp"),
+    ("statement_timeout", "0"),
+    ("lock_timeout", "0"),
+    ("idle_in_transaction_session_timeout", "0"),
+    ("default_transaction_read_only", "off"),
+    ("default_transaction_isolation", "read committed"),
+    ("synchronous_commit", "on"),
+];
+
 const QUEUE_LEN: usize = 2048;
 /// How often the worker looks at the queue.
 const POLL_MS: u64 = 20;
@@ -264,6 +276,19 @@ pub extern "C-unwind" fn pg_tenancy_reveal_worker_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let db = crate::gucs::audit_database().unwrap_or_else(|| "postgres".into());
     BackgroundWorker::connect_worker_to_spi(Some(&db), None);
+    // The worker is a superuser session in a database whose owner may have set anything a
+    // database owner can (ALTER DATABASE ... SET): it pins what its SQL depends on, above all
+    // a search_path of the catalogs only (an owner's schema with a shadowing `=` must not run
+    // as superuser here).
+    BackgroundWorker::transaction(|| {
+        for (name, value) in WORKER_SETTINGS {
+            Spi::get_one_with_args::<String>(
+                "SELECT pg_catalog.set_config($1, $2, false)",
+                &[(*name).into(), (*value).into()],
+            )
+            .unwrap_or_else(|e| pgrx::error!("pg_tenancy reveal audit: setting {name}: {e}"));
+        }
+    });
     while BackgroundWorker::wait_latch(Some(Duration::from_millis(POLL_MS))) {
         let batch: Vec<RevealRecord> = {
             let q = QUEUE.share();
@@ -273,10 +298,12 @@ pub extern "C-unwind" fn pg_tenancy_reveal_worker_main(_arg: pg_sys::Datum) {
             continue;
         }
         let ready = BackgroundWorker::transaction(|| {
-            Spi::get_one::<bool>("SELECT to_regclass('tenancy.audit_events') IS NOT NULL")
-                .ok()
-                .flatten()
-                .unwrap_or(false)
+            Spi::get_one::<bool>(
+                "SELECT pg_catalog.to_regclass('tenancy.audit_events') IS NOT NULL",
+            )
+            .ok()
+            .flatten()
+            .unwrap_or(false)
         });
         if !ready {
             continue; // the extension is not installed in this database yet

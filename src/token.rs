@@ -5,12 +5,18 @@
 //! Token format (documented in docs/context.md):
 //!
 //! ```text
-//! token   = "v1." expiry "." base64url_nopad(HMAC-SHA256(key, message))
-//! message = "pg_tenancy.context.v1\n" org "\n" actor "\n" expiry
+//! token   = "v2." expiry "." nonce "." base64url_nopad(HMAC-SHA256(key, message))
+//! message = "pg_tenancy.context.v2\n" org "\n" actor "\n" expiry "\n" nonce
 //! ```
 //!
-//! `expiry` is Unix seconds in decimal, `org` the tenant id in the form `set_org` stores
-//! (canonical lower-case UUID by default), `actor` the actor id or the empty string.
+//! `expiry` is Unix seconds in decimal, `nonce` 16 to 64 base64url characters chosen at random
+//! per token, `org` the tenant id in the form `set_org` stores (canonical lower-case UUID by
+//! default), `actor` the actor id or the empty string. 0.2.0's `v1` tokens (no nonce) are
+//! still accepted.
+//!
+//! A token is **single-use**: its signature is remembered cluster-wide (shared memory) until
+//! it expires, and a second `set_org` with it is refused, so a token read from
+//! `pg_stat_activity` or a log cannot be replayed.
 
 use crate::error::{Result, TenancyError};
 use crate::keyfile;
@@ -28,6 +34,138 @@ type HmacSha256 = Hmac<Sha256>;
 /// Shortest accepted context key: 256 bits.
 pub const MIN_KEY_BYTES: usize = 32;
 const DOMAIN: &str = "pg_tenancy.context.v1";
+const DOMAIN_V2: &str = "pg_tenancy.context.v2";
+
+/// Tokens remembered at once (24 bytes each: 1.5 MiB of shared memory). A token occupies a
+/// slot until it expires; with 60-second tokens that is about 1,000 set_org calls a second.
+const SEEN_SLOTS: usize = 65_536;
+/// Slots a token may land in (and a replay is looked for in), from its hash.
+const SEEN_PROBE: usize = 64;
+
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct Seen {
+    digest: [u8; 16],
+    expiry: u64,
+}
+
+#[repr(C)]
+struct SeenTokens {
+    slots: [Seen; SEEN_SLOTS],
+}
+
+const SEEN_NAME: &std::ffi::CStr = c"pg_tenancy_seen_tokens";
+
+/// The table in shared memory and its lock, set up once by the postmaster (children inherit
+/// them). Laid out by hand rather than with pgrx's `PgLwLock`, which builds the 1.5 MiB
+/// initial value on the postmaster's stack: all zeros is the empty table.
+static mut SEEN: *mut SeenTokens = std::ptr::null_mut();
+static mut SEEN_LOCK: *mut pg_sys::LWLock = std::ptr::null_mut();
+static mut PREV_SHMEM_STARTUP: pg_sys::shmem_startup_hook_type = None;
+#[cfg(not(any(feature = "pg13", feature = "pg14")))]
+static mut PREV_SHMEM_REQUEST: pg_sys::shmem_request_hook_type = None;
+
+unsafe fn request_shmem() {
+    pg_sys::RequestAddinShmemSpace(std::mem::size_of::<SeenTokens>());
+    pg_sys::RequestNamedLWLockTranche(SEEN_NAME.as_ptr(), 1);
+}
+
+#[cfg(not(any(feature = "pg13", feature = "pg14")))]
+#[pg_guard]
+unsafe extern "C-unwind" fn shmem_request() {
+    if let Some(prev) = PREV_SHMEM_REQUEST {
+        prev();
+    }
+    request_shmem();
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn shmem_startup() {
+    if let Some(prev) = PREV_SHMEM_STARTUP {
+        prev();
+    }
+    // AddinShmemInitLock is MainLWLockArray[21] (lwlocknames.txt).
+    let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
+    pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+    let mut found = false;
+    let table = pg_sys::ShmemInitStruct(
+        SEEN_NAME.as_ptr(),
+        std::mem::size_of::<SeenTokens>(),
+        &mut found,
+    )
+    .cast::<SeenTokens>();
+    if !found {
+        std::ptr::write_bytes(table, 0, 1);
+    }
+    SEEN = table;
+    SEEN_LOCK = &raw mut (*pg_sys::GetNamedLWLockTranche(SEEN_NAME.as_ptr())).lock;
+    pg_sys::LWLockRelease(init_lock);
+}
+
+/// Sets up the cluster-wide memory of used tokens; only from `_PG_init` under preload.
+pub fn init() {
+    if !crate::preload::is_preloaded() {
+        return;
+    }
+    // SAFETY: _PG_init of a preloaded library, in the postmaster; hooks are chained.
+    unsafe {
+        #[cfg(any(feature = "pg13", feature = "pg14"))]
+        request_shmem();
+        #[cfg(not(any(feature = "pg13", feature = "pg14")))]
+        {
+            PREV_SHMEM_REQUEST = pg_sys::shmem_request_hook;
+            pg_sys::shmem_request_hook = Some(shmem_request);
+        }
+        PREV_SHMEM_STARTUP = pg_sys::shmem_startup_hook;
+        pg_sys::shmem_startup_hook = Some(shmem_startup);
+    }
+}
+
+/// Records the token with signature `sig` as used until `expiry`; refuses one already used.
+fn use_once(sig: &[u8; 32], expiry: u64, now: u64) -> Result<()> {
+    if !crate::preload::is_preloaded() {
+        // No shared memory to remember tokens in: signed mode cannot be single-use.
+        return Err(TenancyError::TokenMemoryFull);
+    }
+    let mut digest = [0u8; 16];
+    digest.copy_from_slice(&sig[..16]);
+    let start =
+        (u64::from_le_bytes(sig[16..24].try_into().expect("8 bytes")) as usize) % SEEN_SLOTS;
+    // SAFETY: SEEN and SEEN_LOCK were set up by the postmaster (preloaded, checked above);
+    // the table is only touched under the exclusive lock, released on every path below
+    // (nothing in between can raise).
+    unsafe {
+        if SEEN.is_null() || SEEN_LOCK.is_null() {
+            return Err(TenancyError::TokenMemoryFull);
+        }
+        pg_sys::LWLockAcquire(SEEN_LOCK, pg_sys::LWLockMode::LW_EXCLUSIVE);
+        let slots = &mut (*SEEN).slots;
+        let mut free = None;
+        let mut replayed = false;
+        for i in 0..SEEN_PROBE {
+            let slot = (start + i) % SEEN_SLOTS;
+            let s = slots[slot];
+            if s.expiry > now {
+                if s.digest == digest {
+                    replayed = true;
+                    break;
+                }
+            } else if free.is_none() {
+                free = Some(slot);
+            }
+        }
+        let result = if replayed {
+            Err(TenancyError::TokenReplayed)
+        } else if let Some(slot) = free {
+            slots[slot] = Seen { digest, expiry };
+            Ok(())
+        } else {
+            Err(TenancyError::TokenMemoryFull)
+        };
+        pg_sys::LWLockRelease(SEEN_LOCK);
+        result
+    }
+}
 
 thread_local! {
     /// The loaded context key of this backend; dropped (and zeroised) on reload.
@@ -49,8 +187,30 @@ pub fn message(org: &str, actor: Option<&str>, expiry: u64) -> String {
     format!("{DOMAIN}\n{org}\n{}\n{expiry}", actor.unwrap_or(""))
 }
 
-/// Mints a token; used by tests and documented for application tiers.
+/// The message a v2 token signs.
+pub fn message_v2(org: &str, actor: Option<&str>, expiry: u64, nonce: &str) -> String {
+    format!(
+        "{DOMAIN_V2}\n{org}\n{}\n{expiry}\n{nonce}",
+        actor.unwrap_or("")
+    )
+}
+
+/// Mints a v2 token with a random nonce; used by tests and documented for application tiers.
 pub fn mint(key: &[u8], org: &str, actor: Option<&str>, expiry: u64) -> String {
+    let mut raw = [0u8; 16];
+    getrandom::getrandom(&mut raw).expect("the OS has randomness");
+    let nonce = URL_SAFE_NO_PAD.encode(raw);
+    let mut mac = HmacSha256::new_from_slice(key).expect("HMAC accepts keys of any length");
+    mac.update(message_v2(org, actor, expiry, &nonce).as_bytes());
+    format!(
+        "v2.{expiry}.{nonce}.{}",
+        URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
+    )
+}
+
+/// Mints a 0.2.0 (v1) token, without a nonce.
+#[cfg(test)]
+pub fn mint_v1(key: &[u8], org: &str, actor: Option<&str>, expiry: u64) -> String {
     let mut mac = HmacSha256::new_from_slice(key).expect("HMAC accepts keys of any length");
     mac.update(message(org, actor, expiry).as_bytes());
     format!(
@@ -59,18 +219,42 @@ pub fn mint(key: &[u8], org: &str, actor: Option<&str>, expiry: u64) -> String {
     )
 }
 
-/// Checks `token` against the tenant, actor and clock. Constant-time comparison.
-pub fn verify(key: &[u8], token: &str, org: &str, actor: Option<&str>, now: u64) -> Result<()> {
+/// Checks `token` against the tenant, actor and clock (constant-time comparison); returns
+/// its signature and expiry, which identify it for [`use_once`].
+pub fn verify(
+    key: &[u8],
+    token: &str,
+    org: &str,
+    actor: Option<&str>,
+    now: u64,
+) -> Result<([u8; 32], u64)> {
     let malformed = |reason| TenancyError::TokenMalformed { reason };
-    let mut parts = token.splitn(3, '.');
-    if parts.next() != Some("v1") {
-        return Err(malformed("the token must start with \"v1.\""));
+    let v2 = token.starts_with("v2.");
+    let mut parts = token.splitn(if v2 { 4 } else { 3 }, '.');
+    if !matches!(parts.next(), Some("v1" | "v2")) {
+        return Err(malformed(
+            "the token must start with \"v2.\" (or 0.2.0's \"v1.\")",
+        ));
     }
     let expiry = parts
         .next()
         .filter(|s| !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit()))
         .and_then(|s| s.parse::<u64>().ok())
         .ok_or(malformed("the expiry must be Unix seconds in decimal"))?;
+    let nonce = if v2 {
+        Some(
+            parts
+                .next()
+                .filter(|n| {
+                    (16..=64).contains(&n.len())
+                        && n.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                })
+                .ok_or(malformed("the nonce must be 16 to 64 base64url characters"))?,
+        )
+    } else {
+        None
+    };
     let sig = parts
         .next()
         .and_then(|s| URL_SAFE_NO_PAD.decode(s).ok())
@@ -79,14 +263,19 @@ pub fn verify(key: &[u8], token: &str, org: &str, actor: Option<&str>, now: u64)
             "the signature must be 32 bytes in unpadded base64url",
         ))?;
     let mut mac = HmacSha256::new_from_slice(key).expect("HMAC accepts keys of any length");
-    mac.update(message(org, actor, expiry).as_bytes());
+    match nonce {
+        Some(n) => mac.update(message_v2(org, actor, expiry, n).as_bytes()),
+        None => mac.update(message(org, actor, expiry).as_bytes()),
+    }
     mac.verify_slice(&sig)
         .map_err(|_| TenancyError::TokenInvalid)?;
     // Expiry is checked after the signature so an attacker learns nothing from timing it.
     if expiry <= now {
         return Err(TenancyError::TokenExpired);
     }
-    Ok(())
+    let mut out = [0u8; 32];
+    out.copy_from_slice(&sig);
+    Ok((out, expiry))
 }
 
 /// Verifies a token for `set_org` when signed mode is on. Returns whether the context is
@@ -100,7 +289,8 @@ pub fn check_for_set_org(token: Option<&str>, org: &str, actor: Option<&str>) ->
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    with_key(&path, |key| verify(key, token, org, actor, now))?;
+    let (sig, expiry) = with_key(&path, |key| verify(key, token, org, actor, now))?;
+    use_once(&sig, expiry, now)?;
     Ok(true)
 }
 
@@ -175,9 +365,32 @@ mod tests {
     }
 
     #[test]
+    fn test_v1_tokens_of_0_2_0_still_verify() {
+        let t = mint_v1(KEY, ORG, Some("user-1"), 2_000);
+        assert!(t.starts_with("v1.2000."));
+        assert!(verify(KEY, &t, ORG, Some("user-1"), 1_000).is_ok());
+    }
+
+    #[test]
+    fn test_v2_tokens_differ_for_the_same_tenant_actor_and_second() {
+        let (a, b) = (mint(KEY, ORG, None, 2_000), mint(KEY, ORG, None, 2_000));
+        assert_ne!(a, b, "the nonce makes every token unique");
+        let nonce_swapped = format!(
+            "v2.2000.{}.{}",
+            b.split('.').nth(2).unwrap(),
+            a.split('.').nth(3).unwrap()
+        );
+        assert!(matches!(
+            verify(KEY, &nonce_swapped, ORG, None, 1_000),
+            Err(TenancyError::TokenInvalid)
+        ));
+    }
+
+    #[test]
     fn test_tampered_expiry_is_refused() {
         let t = mint(KEY, ORG, None, 2_000);
-        let forged = t.replacen("v1.2000.", "v1.9999999999.", 1);
+        let forged = t.replacen("v2.2000.", "v2.9999999999.", 1);
+        assert_ne!(forged, t);
         assert!(matches!(
             verify(KEY, &forged, ORG, None, 1_000),
             Err(TenancyError::TokenInvalid)
@@ -191,6 +404,8 @@ mod tests {
             "v1",
             "v1.",
             "v2.1.AAAA",
+            "v2.1.short.AAAA",
+            "v3.1.AAAA",
             "v1.x.AAAA",
             "v1.1.",
             "v1.1.!!!!",

@@ -553,3 +553,94 @@ fn assert_chain_ok(su: &mut Client, org: &str) {
         row.get::<_, Option<String>>(1)
     );
 }
+
+/// S3: an UPDATE is recorded whatever output settings the session uses: values are compared
+/// and rendered under settings the trigger pins (extra_float_digits = -15 once rendered 37
+/// and 39.4 both as "4e+01", and the change left no event).
+#[test]
+fn test_s3_session_output_settings_hide_no_update() {
+    let c = &reference_cluster();
+    let mut su = c.connect("postgres", "app");
+    su.batch_execute(
+        "CREATE TABLE public.vitals (id int PRIMARY KEY, organization_id uuid NOT NULL, temp_c float8,
+                                     weight real, taken date, wait interval, raw bytea);
+         GRANT SELECT, INSERT, UPDATE ON public.vitals TO app;
+         SELECT tenancy.protect('public.vitals', audit => true);",
+    )
+    .unwrap();
+    let mut app = c.connect("app", "app");
+    enter(&mut app, SHERWOOD, "nurse");
+    app.batch_execute(
+        "INSERT INTO public.vitals VALUES (1, tenancy.current_org_id(), 37, 70.25, '2026-01-02', '1 day', '\\x00');
+         COMMIT;",
+    )
+    .unwrap();
+    for (setting, update, column) in [
+        ("extra_float_digits = -15", "temp_c = 39.4", "temp_c"),
+        ("extra_float_digits = -15", "weight = 70.26", "weight"),
+        ("DateStyle = 'SQL, DMY'", "taken = '2026-02-01'", "taken"),
+        (
+            "IntervalStyle = 'sql_standard'",
+            "wait = '1 day 1 second'",
+            "wait",
+        ),
+        ("bytea_output = 'escape'", "raw = '\\x01'", "raw"),
+    ] {
+        enter(&mut app, SHERWOOD, "nurse");
+        app.batch_execute(&format!(
+            "SET LOCAL {setting}; UPDATE public.vitals SET {update} WHERE id = 1; COMMIT;"
+        ))
+        .unwrap();
+        enter(&mut app, SHERWOOD, "nurse");
+        let last = app
+            .query_one(
+                "SELECT action, changed_columns, changes::text FROM tenancy.my_audit_events
+                  WHERE table_name = 'public.vitals' ORDER BY seq DESC LIMIT 1",
+                &[],
+            )
+            .unwrap();
+        app.batch_execute("COMMIT").unwrap();
+        let (action, changed, changes): (String, Vec<String>, String) =
+            (last.get(0), last.get(1), last.get(2));
+        assert_eq!(action, "UPDATE", "{setting}: {update} was recorded");
+        assert_eq!(changed, [column], "{setting}: {changes}");
+        assert!(
+            !changes.contains("e+01"),
+            "{setting}: rendered under pinned settings: {changes}"
+        );
+    }
+}
+
+/// The trail's own event names cannot be forged by the application through log_action.
+#[test]
+fn test_log_action_refuses_the_trails_own_event_names() {
+    let mut c = cluster().connect("app", "app");
+    // A tenant of its own: other tests count Sherwood's and Conway's events.
+    const SHERWOOD: &str = "0d000000-0000-4000-8000-00000000000d";
+    for reserved in [
+        "REVEAL",
+        "SUPPORT_READ",
+        "AUDIT_PURGE",
+        "UPDATE",
+        "INSERT",
+        "DELETE",
+        "NEW_KIND",
+    ] {
+        enter(&mut c, SHERWOOD, "user-1");
+        assert_eq!(
+            sqlstate(c.query_one("SELECT tenancy.log_action($1)", &[&reserved])),
+            "42939",
+            "{reserved}"
+        );
+        c.batch_execute("ROLLBACK").unwrap();
+    }
+    enter(&mut c, SHERWOOD, "user-1");
+    for allowed in ["export.csv", "Reveal", "REVEAL.export", "login"] {
+        let ok: bool = c
+            .query_one("SELECT tenancy.log_action($1)", &[&allowed])
+            .unwrap()
+            .get(0);
+        assert!(ok, "{allowed}");
+    }
+    c.batch_execute("COMMIT").unwrap();
+}

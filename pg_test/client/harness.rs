@@ -273,6 +273,21 @@ impl Cluster {
         cluster
     }
 
+    /// Stops and starts the server (fast shutdown): every backend and the background worker
+    /// start again, reading database and role settings anew.
+    pub fn restart(&self) {
+        let log = self._tmp.path().join("server.log");
+        check(
+            "pg_ctl restart",
+            as_server_user(&bindir().join("pg_ctl"))
+                .args(["restart", "-w", "-t", "60", "-m", "fast", "-D"])
+                .arg(&self.dir)
+                .arg("-l")
+                .arg(&log)
+                .output(),
+        );
+    }
+
     pub fn reload(&self) {
         self.connect("postgres", "postgres")
             .batch_execute("SELECT pg_reload_conf()")

@@ -686,8 +686,12 @@ fn test_fuzzed_envelopes_tokens_and_tenant_ids_get_only_documented_errors() {
         .unwrap();
     let mut c = cluster.connect("app", "app");
     let org = TENANTS[0];
-    let token = crate::signed::mint(crate::signed::KEY_HEX, org, "", crate::signed::now() + 600);
-    let enter = format!("SELECT tenancy.set_org('{org}', NULL, '{token}');");
+    // Tokens are single-use: one per fuzz case's transaction.
+    let enter = || {
+        let token =
+            crate::signed::mint(crate::signed::KEY_HEX, org, "", crate::signed::now() + 600);
+        format!("SELECT tenancy.set_org('{org}', NULL, '{token}');")
+    };
     let mut total = 0;
     // Mutations of a valid envelope of this tenant, and random bytes.
     let mutate_envelope = "(SELECT CASE (random() * 4)::int
@@ -706,35 +710,36 @@ fn test_fuzzed_envelopes_tokens_and_tenant_ids_get_only_documented_errors() {
             WHEN 0 THEN overlay(t PLACING substr('AZaz09-_.', (random() * 8)::int + 1, 1) FROM 1 + (random() * (length(t) - 1))::int FOR 1)
             WHEN 1 THEN substring(t FROM 1 FOR (random() * length(t))::int)
             WHEN 2 THEN t || 'x'
-            ELSE md5(random()::text) END FROM (SELECT '{token}'::text AS t) s)"
+            ELSE md5(random()::text) END FROM (SELECT '{token}'::text AS t) s)",
+        token = crate::signed::mint(crate::signed::KEY_HEX, org, "", crate::signed::now() + 600)
     );
     let reveal_codes = &["ok", "22P03", "28000", "42704", "42804"][..];
     // (what, setup, input generator, call, the SQLSTATEs it may end in)
     let cases: [(&str, &str, &str, String, &[&str]); 7] = [
         (
             "phi_reveal",
-            &enter,
+            &enter(),
             mutate_envelope,
             "tenancy.phi_reveal(decode(input, 'hex'), 'fuzz.label')".into(),
             reveal_codes,
         ),
         (
             "phi_reveal_jsonb",
-            &enter,
+            &enter(),
             mutate_envelope,
             "tenancy.phi_reveal_jsonb(decode(input, 'hex'), 'fuzz.label')".into(),
             reveal_codes,
         ),
         (
             "phi_key_id",
-            &enter,
+            &enter(),
             mutate_envelope,
             "tenancy.phi_key_id(decode(input, 'hex'))".into(),
             &["ok", "22P03"],
         ),
         (
             "phi_is_envelope",
-            &enter,
+            &enter(),
             mutate_envelope,
             "tenancy.phi_is_envelope(decode(input, 'hex'))".into(),
             &["ok"],

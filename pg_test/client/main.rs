@@ -9,9 +9,11 @@ mod lifecycle;
 #[cfg(feature = "pg15")]
 mod node;
 mod phi;
+mod privileged;
 mod regress;
 mod report;
 mod restore;
 mod rls;
+mod sessions;
 mod signed;
 mod upgrade;

@@ -2,7 +2,7 @@
 //! expected finding for each deliberately broken variant (P7, P12, P13, P19, P20, drift).
 
 use crate::harness::{sqlstate, Cluster};
-use crate::rls::reference_cluster;
+use crate::rls::{reference_cluster, CONWAY, SHERWOOD};
 use postgres::Client;
 
 fn findings(su: &mut Client) -> Vec<(String, String, String)> {
@@ -27,7 +27,7 @@ fn expect_finding(
     mend_sql: &str,
 ) {
     su.batch_execute(break_sql)
-        .unwrap_or_else(|e| panic!("{break_sql}: {e}"));
+        .unwrap_or_else(|e| panic!("{break_sql}: {e:?}"));
     let got = findings(su);
     assert!(
         got.iter()
@@ -35,7 +35,7 @@ fn expect_finding(
         "expected [{severity}] {object}: {finding}\ngot: {got:#?}"
     );
     su.batch_execute(mend_sql)
-        .unwrap_or_else(|e| panic!("{mend_sql}: {e}"));
+        .unwrap_or_else(|e| panic!("{mend_sql}: {e:?}"));
     assert_eq!(findings(su), Vec::new(), "clean again after: {mend_sql}");
 }
 
@@ -182,4 +182,152 @@ fn test_isolation_report_is_clean_on_the_reference_schema_and_finds_each_hole() 
         "ALTER EVENT TRIGGER tenancy_guard_ddl DISABLE; ALTER TABLE clinic.reviews NO FORCE ROW LEVEL SECURITY;",
         "critical", "clinic.reviews", "not forced",
         "ALTER TABLE clinic.reviews FORCE ROW LEVEL SECURITY; ALTER EVENT TRIGGER tenancy_guard_ddl ENABLE ALWAYS;");
+}
+
+/// II-2/9 findings 6, 10, 11 (ATTACKS.md S4, O6): oracles through INCLUDE-only unique
+/// indexes and EXCLUDE constraints, roles that can read the key ring through server-file
+/// privileges, and a nondeterministic collation on a text tenant column.
+#[test]
+fn test_report_finds_include_and_exclude_oracles_file_roles_and_merging_collations() {
+    let cluster: Cluster = reference_cluster();
+    let mut su = cluster.connect("postgres", "app");
+    assert_eq!(findings(&mut su), Vec::new());
+    expect_finding(
+        &mut su,
+        "CREATE UNIQUE INDEX invitations_email_incl ON clinic.invitations (email) INCLUDE (organization_id)",
+        "high",
+        "index clinic.invitations_email_incl on clinic.invitations",
+        "unique index without the tenant column",
+        "DROP INDEX clinic.invitations_email_incl",
+    );
+    // (No btree_gist: PostgreSQL 13 here is built without contrib.)
+    expect_finding(
+        &mut su,
+        "ALTER TABLE clinic.bookings ADD CONSTRAINT bookings_no_overlap
+           EXCLUDE USING gist (tstzrange(starts_at, starts_at, '[]') WITH &&)",
+        "high",
+        "constraint bookings_no_overlap on clinic.bookings",
+        "EXCLUDE constraint without the tenant column",
+        "ALTER TABLE clinic.bookings DROP CONSTRAINT bookings_no_overlap",
+    );
+    // An EXCLUDE constraint that includes the tenant column is no finding.
+    su.batch_execute(
+        "ALTER TABLE clinic.bookings ADD CONSTRAINT bookings_one_per_slot
+           EXCLUDE USING btree (organization_id WITH =, location_id WITH =, starts_at WITH =)",
+    )
+    .unwrap();
+    assert_eq!(findings(&mut su), Vec::new());
+    su.batch_execute("ALTER TABLE clinic.bookings DROP CONSTRAINT bookings_one_per_slot")
+        .unwrap();
+    for role in [
+        "pg_read_server_files",
+        "pg_write_server_files",
+        "pg_execute_server_program",
+    ] {
+        expect_finding(
+            &mut su,
+            &format!("GRANT {role} TO app"),
+            "high",
+            "app",
+            &format!("member of {role}"),
+            &format!("REVOKE {role} FROM app"),
+        );
+    }
+    // Through another role too.
+    expect_finding(
+        &mut su,
+        "CREATE ROLE files NOLOGIN; GRANT pg_read_server_files TO files; GRANT files TO app",
+        "high",
+        "app",
+        "member of pg_read_server_files",
+        "REVOKE files FROM app; DROP ROLE files",
+    );
+    // A nondeterministic collation needs ICU; builds without it cannot make one at all.
+    let icu = su.batch_execute(
+        "CREATE COLLATION public.ci (provider = icu, locale = 'und-u-ks-level2', deterministic = false)",
+    );
+    match icu {
+        Err(e) => {
+            let code = e.code().map(|c| c.code().to_string()).unwrap_or_default();
+            assert_eq!(code, "0A000", "only a server without ICU refuses: {e}");
+        }
+        Ok(()) => {
+            su.batch_execute(
+                "CREATE TABLE public.ci_tenants (id int, org text COLLATE public.ci NOT NULL);",
+            )
+            .unwrap();
+            let err = crate::harness::db_error(
+                su.query("SELECT tenancy.protect('public.ci_tenants', 'org')", &[]),
+            );
+            assert_eq!(err.code().code(), "42P22", "{}", err.message());
+            assert!(err.hint().is_some_and(|h| h.contains("deterministic")));
+            expect_finding(
+                &mut su,
+                "CREATE TABLE public.ci_orgs (organization_id text COLLATE public.ci)",
+                "critical",
+                "public.ci_orgs.organization_id",
+                "nondeterministic collation",
+                "DROP TABLE public.ci_orgs; DROP TABLE public.ci_tenants; DROP COLLATION public.ci",
+            );
+        }
+    }
+}
+
+/// II-2/9 finding 12 (ATTACKS.md S5): EXPLAIN estimates reveal another tenant's frequent
+/// values through the column's statistics; statistics target 0 on the column takes them away.
+#[test]
+fn test_s5_statistics_target_zero_ends_the_estimate_oracle() {
+    let cluster: Cluster = reference_cluster();
+    let mut owner = cluster.connect("owner", "app");
+    owner
+        .batch_execute(&format!(
+            "BEGIN; SELECT tenancy.set_org('{CONWAY}');
+             INSERT INTO clinic.treatments (appointment_id, code)
+             SELECT 'c0000000-0000-4000-8000-00000000000f', 'C-SECRET' FROM generate_series(1, 400);
+             COMMIT;
+             BEGIN; SELECT tenancy.set_org('{SHERWOOD}');
+             INSERT INTO clinic.treatments (appointment_id, code)
+             SELECT '5e000000-0000-4000-8000-00000000000f', 'S-OWN' FROM generate_series(1, 400);
+             COMMIT; ANALYZE clinic.treatments;"
+        ))
+        .unwrap();
+    let estimate = |code: &str| -> f64 {
+        let mut app = cluster.connect("app", "app");
+        app.batch_execute(&format!("BEGIN; SELECT tenancy.set_org('{SHERWOOD}')"))
+            .unwrap();
+        let top: String = app
+            .query(
+                &format!("EXPLAIN SELECT * FROM clinic.treatments WHERE code = '{code}'"),
+                &[],
+            )
+            .unwrap()[0]
+            .get(0);
+        // "Seq Scan on treatments  (cost=0.00..1.05 rows=400 width=84)"
+        let rows = top
+            .split(" rows=")
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap();
+        rows.parse().unwrap()
+    };
+    // Sherwood sees none of Conway's rows, yet the estimate tells the secret code from a guess
+    // (the planner multiplies the code's frequency over all tenants by Sherwood's share).
+    let (secret, guess) = (estimate("C-SECRET"), estimate("C-GUESS"));
+    assert!(
+        secret > 10.0 * guess,
+        "the oracle exists: {secret} vs {guess}"
+    );
+    owner
+        .batch_execute(
+            "ALTER TABLE clinic.treatments ALTER COLUMN code SET STATISTICS 0;
+             -- ANALYZE skips the column from now on but keeps what it gathered before; a
+             -- no-op type change drops the column's statistics (no rewrite: same type).
+             ALTER TABLE clinic.treatments ALTER COLUMN code TYPE text;
+             ANALYZE clinic.treatments;",
+        )
+        .unwrap();
+    let (secret, guess) = (estimate("C-SECRET"), estimate("C-GUESS"));
+    assert_eq!(secret, guess, "no value is told apart by its estimate");
 }

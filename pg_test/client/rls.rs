@@ -77,7 +77,7 @@ pub fn reference_cluster() -> Cluster {
         &[],
     )
     .unwrap();
-    if from.is_some() {
+    if from.as_deref() == Some("0.1.0") {
         crate::upgrade::make_0_1_0_audit_triggers(&mut su);
     }
     owner

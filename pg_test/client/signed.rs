@@ -11,8 +11,22 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 pub const KEY_HEX: &str = "8f2a1c9d4e7b3a6f0c5d8e1b2a4f7c9e3d6b0a8f1e4c7d2b5a9e0f3c6d1b4a7e";
 
-/// What a Node or Python service does, per docs/context.md.
+/// What a Node or Python service does, per docs/context.md: a v2 token with a random nonce.
 pub fn mint(key_hex: &str, org: &str, actor: &str, expiry: u64) -> String {
+    let key = hex::decode(key_hex).unwrap();
+    let mut raw = [0u8; 16];
+    getrandom::getrandom(&mut raw).unwrap();
+    let nonce = URL_SAFE_NO_PAD.encode(raw);
+    let mut mac = Hmac::<Sha256>::new_from_slice(&key).unwrap();
+    mac.update(format!("pg_tenancy.context.v2\n{org}\n{actor}\n{expiry}\n{nonce}").as_bytes());
+    format!(
+        "v2.{expiry}.{nonce}.{}",
+        URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
+    )
+}
+
+/// A 0.2.0 token (v1, no nonce), still accepted.
+pub fn mint_v1(key_hex: &str, org: &str, actor: &str, expiry: u64) -> String {
     let key = hex::decode(key_hex).unwrap();
     let mut mac = Hmac::<Sha256>::new_from_slice(&key).unwrap();
     mac.update(format!("pg_tenancy.context.v1\n{org}\n{actor}\n{expiry}").as_bytes());
@@ -101,6 +115,64 @@ fn test_signed_mode_requires_a_valid_token() {
     assert_eq!(row.get::<_, Option<String>>(1).as_deref(), Some("u1"));
     assert!(row.get::<_, bool>(2));
     c.batch_execute("COMMIT").unwrap();
+
+    // S2: a token is single-use, cluster-wide: the same token again, in another transaction
+    // or another session, is refused.
+    let mut other = cluster.connect("app", "app");
+    for replayer in [&mut c, &mut other] {
+        replayer.batch_execute("BEGIN").unwrap();
+        let err = db_error(
+            replayer.batch_execute(&format!("SELECT tenancy.set_org('{A}', 'u1', '{token}')")),
+        );
+        assert_eq!(
+            (err.code().code(), err.message()),
+            ("28000", "this context token was already used")
+        );
+        assert!(err.hint().unwrap().contains("single-use"));
+        replayer.batch_execute("ROLLBACK").unwrap();
+    }
+    // A token sent as a literal shows in pg_stat_activity while its transaction is open;
+    // another session of the role reads it there, and cannot use it.
+    let mut victim = cluster.connect("app", "app");
+    let literal = mint(KEY_HEX, B, "u9", later);
+    victim
+        .batch_execute(&format!(
+            "BEGIN; SELECT tenancy.set_org('{B}', 'u9', '{literal}')"
+        ))
+        .unwrap();
+    let seen: String = c
+        .query_one(
+            "SELECT query FROM pg_stat_activity WHERE query LIKE '%' || $1 || '%' AND pid <> pg_backend_pid()",
+            &[&literal[..12].to_string()],
+        )
+        .unwrap()
+        .get(0);
+    let stolen = seen
+        .split('\'')
+        .find(|p| p.starts_with("v2."))
+        .expect("the token is visible")
+        .to_string();
+    assert_eq!(stolen, literal);
+    c.batch_execute("BEGIN").unwrap();
+    assert_eq!(
+        sqlstate(c.batch_execute(&format!("SELECT tenancy.set_org('{B}', 'u9', '{stolen}')"))),
+        "28000",
+        "a token read from pg_stat_activity does not replay"
+    );
+    c.batch_execute("ROLLBACK").unwrap();
+    victim.batch_execute("COMMIT").unwrap();
+    // 0.2.0's v1 tokens still work, once; two fresh v2 tokens for the same second both work.
+    for token in [
+        mint_v1(KEY_HEX, A, "u1", later + 1),
+        mint(KEY_HEX, A, "u1", later + 2),
+        mint(KEY_HEX, A, "u1", later + 2),
+    ] {
+        c.batch_execute(&format!(
+            "BEGIN; SELECT tenancy.set_org('{A}', 'u1', '{token}'); COMMIT;"
+        ))
+        .unwrap();
+    }
+    let token = mint(KEY_HEX, A, "u1", later);
 
     // A key file others can read is refused after reload, with a clear error; the key never
     // appears in the message or the server log.

@@ -51,22 +51,51 @@ fn test_released_scripts_are_never_edited() {
         checked += 1;
     }
     assert!(checked >= 1, "SHA256SUMS lists the released scripts");
-    // Every released version has an upgrade path to the current one.
+    // Every released version has an upgrade path to the current one: a chain of scripts
+    // pg_tenancy--A--B.sql, as ALTER EXTENSION UPDATE follows them.
     let current = env!("CARGO_PKG_VERSION");
-    for line in sums.lines() {
-        let file = line.split_once("  ").unwrap().1;
-        let v = file
-            .trim_start_matches("pg_tenancy--")
-            .trim_end_matches(".sql");
-        let path = format!(
-            "{}/sql/pg_tenancy--{v}--{current}.sql",
-            env!("CARGO_MANIFEST_DIR")
-        );
-        assert!(
-            std::path::Path::new(&path).exists(),
-            "no upgrade script {path}"
-        );
+    for v in released_versions() {
+        let mut at = v.clone();
+        let mut steps = 0;
+        while at != current {
+            let next = upgrade_scripts()
+                .into_iter()
+                .find(|(from, _)| *from == at)
+                .map(|(_, to)| to)
+                .unwrap_or_else(|| {
+                    panic!("no upgrade script from {at} (on the way from {v} to {current})")
+                });
+            at = next;
+            steps += 1;
+            assert!(steps < 20, "upgrade scripts from {v} go round in a circle");
+        }
     }
+}
+
+/// The released versions, from sql/released/SHA256SUMS, oldest first.
+fn released_versions() -> Vec<String> {
+    let sums = std::fs::read_to_string(format!("{RELEASED}/SHA256SUMS")).unwrap();
+    sums.lines()
+        .filter_map(|l| l.split_once("  "))
+        .map(|(_, f)| {
+            f.trim_start_matches("pg_tenancy--")
+                .trim_end_matches(".sql")
+                .to_string()
+        })
+        .collect()
+}
+
+/// (from, to) of every upgrade script in sql/.
+fn upgrade_scripts() -> Vec<(String, String)> {
+    std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/sql"))
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.unwrap().file_name().into_string().ok()?;
+            let versions = name.strip_prefix("pg_tenancy--")?.strip_suffix(".sql")?;
+            let (from, to) = versions.split_once("--")?;
+            Some((from.to_string(), to.to_string()))
+        })
+        .collect()
 }
 
 /// Everything pg_tenancy owns or puts on protected tables, as definitions.
@@ -133,21 +162,38 @@ fn load_reference_schema(cluster: &Cluster, db: &str, version: Option<&str>) {
         &[],
     )
     .unwrap();
-    if version.is_some() {
+    if version == Some("0.1.0") {
         make_0_1_0_audit_triggers(&mut su);
     }
 }
 
 #[test]
 fn test_updating_from_0_1_0_gives_what_a_fresh_install_gives() {
+    updating_gives_what_a_fresh_install_gives("0.1.0");
+}
+
+#[test]
+fn test_updating_from_0_2_0_gives_what_a_fresh_install_gives() {
+    updating_gives_what_a_fresh_install_gives("0.2.0");
+}
+
+#[test]
+fn test_every_released_version_has_an_update_test() {
+    let tested = ["0.1.0", "0.2.0"];
+    for v in released_versions() {
+        assert!(tested.contains(&v.as_str()), "no update test from {v}");
+    }
+}
+
+fn updating_gives_what_a_fresh_install_gives(from: &str) {
     let cluster = Cluster::start_with_phi(&[]);
     cluster
         .connect("postgres", "postgres")
         .batch_execute("CREATE DATABASE fresh OWNER owner")
         .unwrap();
     load_reference_schema(&cluster, "fresh", None);
-    load_reference_schema(&cluster, "app", Some("0.1.0"));
-    // History written under 0.1.0 (its row trigger), then the update.
+    load_reference_schema(&cluster, "app", Some(from));
+    // History written under the old version, then the update.
     let mut owner = cluster.connect("owner", "app");
     owner
         .batch_execute(&format!(
@@ -170,7 +216,7 @@ fn test_updating_from_0_1_0_gives_what_a_fresh_install_gives() {
         only_fresh.is_empty() && only_updated.is_empty(),
         "fresh install only: {only_fresh:#?}\nupdated only: {only_updated:#?}"
     );
-    // The chain spans the update: events of 0.1.0's row trigger, then of 0.2.0's triggers.
+    // The chain spans the update: events of the old version's triggers, then of the new.
     owner
         .batch_execute(&format!(
             "BEGIN; SELECT tenancy.set_org('{SHERWOOD}');

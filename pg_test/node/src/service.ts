@@ -2,15 +2,19 @@
 // Drizzle sits on) and pg_tenancy: every request is one transaction that enters its tenant
 // with a signed context token, PHI goes in and out only through bind parameters, and
 // nothing in the SQL names a tenant: row level security does that.
-import { createHmac } from "node:crypto";
+import { createHmac, randomBytes } from "node:crypto";
 import pg from "pg";
 
-/** Mints a pg_tenancy context token (docs/context.md): HMAC-SHA256 over org, actor, expiry. */
+/**
+ * Mints a pg_tenancy context token (docs/context.md): HMAC-SHA256 over org, actor, expiry and
+ * a random nonce. Tokens are single-use: mint one per transaction.
+ */
 export function mintToken(key: Buffer, org: string, actor: string | null, ttlSeconds = 60): string {
   const expiry = Math.floor(Date.now() / 1000) + ttlSeconds;
-  const message = `pg_tenancy.context.v1\n${org}\n${actor ?? ""}\n${expiry}`;
+  const nonce = randomBytes(16).toString("base64url");
+  const message = `pg_tenancy.context.v2\n${org}\n${actor ?? ""}\n${expiry}\n${nonce}`;
   const mac = createHmac("sha256", key).update(message).digest("base64url");
-  return `v1.${expiry}.${mac}`;
+  return `v2.${expiry}.${nonce}.${mac}`;
 }
 
 export interface Patient {

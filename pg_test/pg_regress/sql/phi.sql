@@ -10,7 +10,8 @@ SELECT tenancy.phi_encrypt('555-0100');
 
 BEGIN;
 SELECT tenancy.set_org('aaaaaaaa-0000-4000-8000-000000000001');
-CREATE TEMP TABLE env AS SELECT tenancy.phi_encrypt('555-0100', 'patients.phone') AS e;
+-- Scratch tables in a tenant transaction are ON COMMIT DROP (others keep rows past it: refused).
+CREATE TEMP TABLE env ON COMMIT DROP AS SELECT tenancy.phi_encrypt('555-0100', 'patients.phone') AS e;
 SELECT length(e) AS bytes, substring(e FROM 1 FOR 8) AS header, tenancy.phi_key_id(e) AS key_id,
        tenancy.phi_is_envelope(e) AS is_envelope FROM env;
 SELECT tenancy.phi_reveal(e, 'patients.phone') AS revealed FROM env;

@@ -1,0 +1,739 @@
+//! Privileged code cannot be steered by the roles it serves (ATTACKS.md O1, O2, O7; II-2/9
+//! findings 0-2): the application role and the schema owner must never run their own code
+//! with the rights of the extension's superuser-owned functions, its event triggers, its
+//! background worker, or a DBA running a maintenance function.
+//!
+//! Each attack below is played as the role the finding names, and each ends by checking that
+//! no role became superuser and that the attacker's code never ran with rights it lacked.
+
+use crate::harness::{count, sqlstate, strings, Cluster};
+use crate::rls::{reference_cluster, CONWAY, SHERWOOD};
+use postgres::Client;
+use std::sync::OnceLock;
+
+/// A reference cluster for the tests that leave no lasting change behind (temp objects die
+/// with their session); the hostile-search_path test makes its own.
+fn cluster() -> &'static Cluster {
+    static C: OnceLock<Cluster> = OnceLock::new();
+    C.get_or_init(reference_cluster)
+}
+
+fn is_superuser(c: &mut Client, role: &str) -> bool {
+    c.query_one("SELECT rolsuper FROM pg_roles WHERE rolname = $1", &[&role])
+        .unwrap()
+        .get(0)
+}
+
+/// The C functions that run no SQL and stay unpinned (hot path; see sql/finalize.sql).
+const UNPINNED: &[&str] = &[
+    "current_org_id()",
+    "current_org_id_text()",
+    "require_org()",
+    "require_org_text()",
+    "current_actor()",
+    "context_is_signed()",
+    "set_org(text, text, text)",
+    "set_org(uuid, text, text)",
+    "phi_encrypt(text, text)",
+    "phi_encrypt(bytea, text)",
+    "phi_encrypt(jsonb, text)",
+    "phi_reveal(bytea, text)",
+    "phi_reveal_bytea(bytea, text)",
+    "phi_reveal_jsonb(bytea, text)",
+    "phi_rotate(bytea, text)",
+    "phi_rotate_for_tenant(bytea, text, text)",
+    "phi_key_id(bytea)",
+    "phi_is_envelope(bytea)",
+    "audit_payload(bytea, bigint)",
+    "in_maintenance()",
+    "is_loaded_by_preload()",
+    "assert_preloaded()",
+];
+
+#[test]
+fn test_every_privileged_function_pins_search_path_with_pg_temp_last() {
+    let mut su = cluster().connect("postgres", "app");
+    let rows = su
+        .query(
+            "SELECT p.proname::text || '(' || pg_catalog.oidvectortypes(p.proargtypes) || ')',
+                    l.lanname::text, p.prosecdef, p.prokind::text,
+                    coalesce(p.proconfig, '{}'),
+                    EXISTS (SELECT 1 FROM pg_event_trigger e WHERE e.evtfoid = p.oid),
+                    EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgfoid = p.oid)
+                      OR p.prorettype = 'trigger'::regtype
+               FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
+              WHERE p.pronamespace = 'tenancy'::regnamespace
+              ORDER BY 1",
+            &[],
+        )
+        .unwrap();
+    assert!(rows.len() > 30, "the extension's functions are listed");
+    let mut problems = Vec::new();
+    let mut checked = 0;
+    for r in &rows {
+        let (sig, lang, definer, kind): (String, String, bool, String) =
+            (r.get(0), r.get(1), r.get(2), r.get(3));
+        let config: Vec<String> = r.get(4);
+        let (event_trigger, trigger): (bool, bool) = (r.get(5), r.get(6));
+        let pinned = config
+            .iter()
+            .any(|c| c == "search_path=pg_catalog, pg_temp");
+        if kind == "p" {
+            // A procedure that COMMITs cannot have a SET clause: checked by the hostile
+            // search_path test instead (phi_rotate_all).
+            assert_eq!(sig, "phi_rotate_all(text, text, text, text, integer)");
+            continue;
+        }
+        checked += 1;
+        if pinned {
+            continue;
+        }
+        let allowed = UNPINNED.contains(&sig.as_str());
+        if !allowed || lang != "c" || definer || event_trigger || trigger {
+            problems.push(format!(
+                "{sig} ({lang}{}{}{}) does not pin search_path = pg_catalog, pg_temp (config {config:?})",
+                if definer { ", SECURITY DEFINER" } else { "" },
+                if event_trigger { ", event trigger" } else { "" },
+                if trigger { ", trigger" } else { "" },
+            ));
+        }
+    }
+    assert!(problems.is_empty(), "{problems:#?}");
+    assert!(checked > 30);
+    // The unpinned list names only functions that exist (a renamed one must not linger).
+    let names: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    for f in UNPINNED {
+        assert!(names.iter().any(|n| n == f), "{f} is not a function");
+    }
+}
+
+/// A temp function that records the role it runs as, and temp views named like catalogs
+/// that call it on every row: what O7's attacker plants in its own session.
+fn plant_shadow_catalogs(c: &mut Client, catalogs: &[(&str, &str)]) {
+    c.batch_execute(
+        "CREATE TEMP TABLE ran_as (who name, superuser boolean);
+         CREATE FUNCTION pg_temp.spy() RETURNS boolean LANGUAGE plpgsql AS $$
+         BEGIN
+           INSERT INTO ran_as SELECT current_user, (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user);
+           BEGIN
+             EXECUTE 'ALTER ROLE ' || pg_catalog.quote_ident(session_user) || ' SUPERUSER';
+           EXCEPTION WHEN OTHERS THEN NULL;
+           END;
+           RETURN true;
+         END $$;",
+    )
+    .unwrap();
+    for (name, select) in catalogs {
+        c.batch_execute(&format!("CREATE TEMP VIEW {name} AS {select}"))
+            .unwrap();
+    }
+    c.batch_execute("DISCARD PLANS").unwrap();
+}
+
+/// What the spy recorded: roles other than the attacker its code ran as.
+fn foreign_runs(c: &mut Client, me: &str) -> Vec<String> {
+    strings(
+        c,
+        &format!("SELECT who::text FROM ran_as WHERE who <> '{me}' OR superuser"),
+    )
+}
+
+#[test]
+fn test_o7_app_temp_pg_trigger_view_is_not_read_by_the_event_triggers() {
+    let c = cluster();
+    let mut app = c.connect("app", "app");
+    plant_shadow_catalogs(
+        &mut app,
+        &[(
+            "pg_trigger",
+            "SELECT t.*, pg_temp.spy() AS spied FROM pg_catalog.pg_trigger t",
+        )],
+    );
+    // Any DDL fires the drift guard, which reads pg_trigger as its superuser owner.
+    app.batch_execute("CREATE TEMP TABLE anything (x int)")
+        .unwrap();
+    app.batch_execute("DROP TABLE anything").unwrap();
+    assert_eq!(foreign_runs(&mut app, "app"), Vec::<String>::new());
+    let mut su = c.connect("postgres", "app");
+    assert!(!is_superuser(&mut su, "app"), "app became superuser");
+}
+
+#[test]
+fn test_o7_owner_temp_pg_class_view_does_not_hide_disabled_rls() {
+    let c = cluster();
+    let mut owner = c.connect("owner", "app");
+    plant_shadow_catalogs(
+        &mut owner,
+        &[(
+            "pg_class",
+            "SELECT k.oid, k.relname, k.relnamespace, k.relkind, true AS relrowsecurity,
+                    true AS relforcerowsecurity, k.relowner, k.reloptions, k.relispartition, pg_temp.spy() AS spied
+               FROM pg_catalog.pg_class k",
+        )],
+    );
+    for stmt in [
+        "ALTER TABLE clinic.patients DISABLE ROW LEVEL SECURITY",
+        "ALTER TABLE clinic.patients NO FORCE ROW LEVEL SECURITY",
+    ] {
+        assert_eq!(
+            sqlstate(owner.batch_execute(stmt)),
+            "42501",
+            "{stmt} is refused"
+        );
+    }
+    assert_eq!(foreign_runs(&mut owner, "owner"), Vec::<String>::new());
+    // Still zero rows for the owner without a context.
+    assert_eq!(count(&mut owner, "SELECT count(*) FROM clinic.patients"), 0);
+    let mut su = c.connect("postgres", "app");
+    assert!(!is_superuser(&mut su, "owner"));
+}
+
+#[test]
+fn test_o7_owner_temp_pg_roles_view_does_not_allow_truncate() {
+    let c = cluster();
+    let mut owner = c.connect("owner", "app");
+    plant_shadow_catalogs(
+        &mut owner,
+        &[(
+            "pg_roles",
+            "SELECT r.rolname, true AS rolsuper, r.oid, pg_temp.spy() AS spied FROM pg_catalog.pg_roles r",
+        )],
+    );
+    assert_eq!(
+        sqlstate(owner.batch_execute("TRUNCATE clinic.reviews")),
+        "42501"
+    );
+    assert_eq!(foreign_runs(&mut owner, "owner"), Vec::<String>::new());
+    let mut su = c.connect("postgres", "app");
+    assert_eq!(
+        count(
+            &mut su,
+            "SELECT count(*) FROM clinic.reviews WHERE organization_id IN ('5e000000-0000-4000-8000-000000000001', 'c0000000-0000-4000-8000-000000000002')"
+        ),
+        2,
+        "both clinics' reviews are still there"
+    );
+}
+
+#[test]
+fn test_o7_shadow_catalogs_do_not_reach_the_report_or_protect() {
+    let c = cluster();
+    let mut su = c.connect("postgres", "app");
+    let before = strings(
+        &mut su,
+        "SELECT severity || ' ' || object || ' ' || finding FROM tenancy.isolation_report()",
+    );
+    // Temp objects in the caller's session (here a superuser's, standing for any role granted
+    // EXECUTE on the report) are never read by the report or by protect(): the spy stays silent.
+    plant_shadow_catalogs(
+        &mut su,
+        &[(
+            "pg_policy",
+            "SELECT p.*, pg_temp.spy() AS spied FROM pg_catalog.pg_policy p",
+        )],
+    );
+    let after = strings(
+        &mut su,
+        "SELECT severity || ' ' || object || ' ' || finding FROM tenancy.isolation_report()",
+    );
+    assert_eq!(before, after);
+    su.query(
+        "SELECT tenancy.protect('clinic.reviews', audit => true)",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(count(&mut su, "SELECT count(*) FROM ran_as"), 0);
+}
+
+/// Table names that break naive quoting, created by the owner in the protected schema with
+/// `standard_conforming_strings` off and on: the drift guard (as superuser) protects each
+/// one under exactly its name, and nothing else runs.
+#[test]
+fn test_o1_object_names_cannot_inject_sql_into_protect() {
+    let c = cluster();
+    let mut owner = c.connect("owner", "app");
+    let names = [
+        r#"\',$$a$$,$$uuid$$,false);ALTER ROLE owner SUPERUSER;--"#.to_string(),
+        r#"back\slash"#.to_string(),
+        r#"it's \' "quoted""#.to_string(),
+        "$$dollar$$ $x$".to_string(),
+        "ünïcødé 表 \u{1F4A9}".to_string(),
+        // 63 bytes, the identifier limit.
+        format!("{}\\'", "n".repeat(61)),
+    ];
+    for scs in ["off", "on"] {
+        for (i, base) in names.iter().enumerate() {
+            let name = if scs == "on" && base.len() < 60 {
+                format!("{base}{i}")
+            } else if scs == "on" {
+                format!("{}{i}", &base[..base.len() - 2])
+            } else {
+                base.clone()
+            };
+            let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+            owner
+                .batch_execute(&format!(
+                    "SET standard_conforming_strings = {scs};
+                     CREATE TABLE clinic.{quoted} (id bigint, organization_id uuid NOT NULL);
+                     RESET standard_conforming_strings;"
+                ))
+                .unwrap_or_else(|e| panic!("create {name:?} (scs {scs}): {e}"));
+            let mut su = c.connect("postgres", "app");
+            let registered = count(
+                &mut su,
+                &format!(
+                    "SELECT count(*) FROM tenancy.protected_tables WHERE schema_name = 'clinic' AND table_name = {}",
+                    pg_literal(&name)
+                ),
+            );
+            assert_eq!(
+                registered, 1,
+                "{name:?} protected under its own name (scs {scs})"
+            );
+            let forced: bool = su
+                .query_one(
+                    &format!(
+                        "SELECT relrowsecurity AND relforcerowsecurity FROM pg_class WHERE oid = 'clinic.{}'::regclass",
+                        quoted.replace('\'', "''")
+                    ),
+                    &[],
+                )
+                .unwrap()
+                .get(0);
+            assert!(forced);
+            assert!(!is_superuser(&mut su, "owner"), "after {name:?}");
+        }
+    }
+}
+
+/// A literal with quotes doubled and backslashes escaped (E'' form), for the test's own SQL.
+fn pg_literal(s: &str) -> String {
+    format!("E'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
+/// O2: the owner puts a schema with shadowing operators first in the database's search_path.
+/// The operators escalate to superuser whenever a superuser evaluates them. Then a DBA runs
+/// every maintenance function, the event triggers fire, and the reveal worker (restarted, so
+/// it reads the database's settings) records reveals: the owner stays NOSUPERUSER and its
+/// code never runs as anyone else.
+#[test]
+fn test_o2_hostile_search_path_and_shadowing_operators_reach_no_privileged_code() {
+    let c = reference_cluster();
+    let mut owner = c.connect("owner", "app");
+    owner
+        .batch_execute(
+            "CREATE SCHEMA evil;
+             CREATE TABLE evil.ran_as (who name, op text);
+             GRANT INSERT ON evil.ran_as TO PUBLIC;
+             GRANT USAGE ON SCHEMA evil TO PUBLIC;
+             CREATE FUNCTION evil.note(op text) RETURNS void LANGUAGE plpgsql
+             SET search_path = pg_catalog AS $$
+             BEGIN
+               -- Only runs with rights the owner lacks count (the application's own SQL
+               -- in this database is the application's business).
+               IF (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user) THEN
+                 INSERT INTO evil.ran_as VALUES (current_user, op);
+                 BEGIN
+                   EXECUTE 'ALTER ROLE owner SUPERUSER';
+                 EXCEPTION WHEN OTHERS THEN NULL;
+                 END;
+               END IF;
+             END $$;",
+        )
+        .unwrap();
+    // Shadow the operators privileged SQL uses, for the types it uses them on.
+    for (op, ty, builtin) in [
+        ("=", "text", "texteq"),
+        ("=", "uuid", "uuid_eq"),
+        ("=", "bigint", "int8eq"),
+        ("=", "integer", "int4eq"),
+        ("=", "name", "nameeq"),
+        ("=", "oid", "oideq"),
+        ("=", "\"char\"", "chareq"),
+        ("<>", "bigint", "int8ne"),
+        ("<>", "text", "textne"),
+        ("<=", "bigint", "int8le"),
+        ("<", "bigint", "int8lt"),
+        (">", "bigint", "int8gt"),
+        ("+", "bigint", "int8pl"),
+        ("||", "text", "textcat"),
+    ] {
+        let ret = match op {
+            "+" => "bigint",
+            "||" => "text",
+            _ => "boolean",
+        };
+        let fname = format!("op_{}_{}", builtin, ty.replace('"', ""));
+        owner
+            .batch_execute(&format!(
+                "CREATE FUNCTION evil.{fname}(a {ty}, b {ty}) RETURNS {ret} LANGUAGE plpgsql AS $$
+                 BEGIN PERFORM evil.note('{op} {ty}'); RETURN pg_catalog.{builtin}(a, b); END $$;
+                 CREATE OPERATOR evil.{op} (LEFTARG = {ty}, RIGHTARG = {ty}, FUNCTION = evil.{fname});"
+            ))
+            .unwrap_or_else(|e| panic!("operator {op} {ty}: {e}"));
+    }
+    owner
+        .batch_execute("ALTER DATABASE app SET search_path = evil, pg_catalog, public")
+        .unwrap();
+    // The owner's own session: its operators work (for it, that is its right).
+    let mut check = c.connect("owner", "app");
+    assert_eq!(
+        strings(&mut check, "SHOW search_path"),
+        ["evil, pg_catalog, public"]
+    );
+
+    // The background worker reads the database's settings when it connects: restart.
+    c.restart();
+    let mut su = c.connect("postgres", "app");
+    assert_eq!(
+        strings(&mut su, "SHOW search_path"),
+        ["evil, pg_catalog, public"]
+    );
+    // The trap works: a superuser's own unqualified `=` on text runs the owner's operator and
+    // is recorded (and escalates). Undo both, then play the real cases.
+    su.batch_execute("SELECT 'x'::text = 'x'::text").unwrap();
+    assert!(
+        is_superuser(&mut c.connect("postgres", "postgres"), "owner"),
+        "the trap is armed"
+    );
+    c.connect("postgres", "postgres")
+        .batch_execute("ALTER ROLE owner NOSUPERUSER")
+        .unwrap();
+    c.connect("owner", "app")
+        .batch_execute("DELETE FROM evil.ran_as")
+        .unwrap();
+    // A DBA's maintenance, in a session with the hostile search_path.
+    for stmt in [
+        "SELECT tenancy.protect('clinic.reviews', audit => true)".to_string(),
+        "SELECT tenancy.protect_all('clinic', root => 'clinic.organizations', audit => true)".into(),
+        "SELECT * FROM tenancy.isolation_report()".into(),
+        format!("SELECT * FROM tenancy.audit_verify('{SHERWOOD}')"),
+        format!("SELECT * FROM tenancy.audit_history('{CONWAY}', now() - interval '1 day', now())"),
+        "SELECT * FROM tenancy.phi_key_usage('clinic.patients', 'first_name')".into(),
+        "CALL tenancy.phi_rotate_all('clinic.patients', 'first_name', label => NULL, batch_size => 10)".into(),
+        "SELECT tenancy.phi_rotate_column('clinic.patients', 'last_name')".into(),
+        format!("SELECT tenancy.audit_purge('{CONWAY}', now() - interval '1 year')"),
+        "CREATE TABLE clinic.later (id bigint, organization_id uuid NOT NULL)".into(),
+        "SELECT tenancy.unprotect('clinic.later')".into(),
+        "SELECT tenancy.protect('clinic.later')".into(),
+        "ALTER TABLE clinic.later ADD COLUMN note text".into(),
+        "DROP TABLE clinic.later".into(),
+    ] {
+        su.batch_execute(&stmt)
+            .unwrap_or_else(|e| panic!("{stmt}: {e:?}"));
+    }
+    // The application's writes (audit trigger) and reveals (the worker), with the same path.
+    let mut app = c.connect("app", "app");
+    app.batch_execute(&format!(
+        "BEGIN; SELECT tenancy.set_org('{SHERWOOD}');
+         UPDATE clinic.reviews SET rating = rating;
+         INSERT INTO clinic.reviews (rating, body) VALUES (4, 'fine');
+         SELECT tenancy.phi_reveal(first_name) FROM clinic.patients;
+         SELECT tenancy.log_action('o2.check');
+         COMMIT;"
+    ))
+    .unwrap();
+    // The test's own checks run in a session with a clean search_path (a superuser's own
+    // unqualified `=` would otherwise run the owner's operator: that is the superuser's SQL,
+    // not the extension's).
+    let mut clean = c.connect("postgres", "app");
+    clean
+        .batch_execute("SET search_path = pg_catalog, pg_temp")
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while count(
+        &mut clean,
+        "SELECT count(*) FROM tenancy.audit_events WHERE action = 'REVEAL'",
+    ) == 0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the worker recorded the reveal"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let ran = strings(&mut clean, "SELECT who || ': ' || op FROM evil.ran_as");
+    assert_eq!(ran, Vec::<String>::new(), "the owner's operators ran as");
+    assert!(!is_superuser(&mut clean, "owner"), "owner became superuser");
+    assert!(!c.log().contains("PANIC"));
+}
+
+/// O3: protection follows the table through RENAME and SET SCHEMA (the registry is keyed by
+/// the table, not its name), and the tenant column cannot be renamed away.
+#[test]
+fn test_o3_renamed_or_moved_tables_stay_protected() {
+    let c = cluster();
+    let mut owner = c.connect("owner", "app");
+    owner
+        .batch_execute(
+            "CREATE TABLE clinic.rename_me (id bigint, organization_id uuid NOT NULL);
+             CREATE SCHEMA stash;",
+        )
+        .unwrap();
+    let mut su = c.connect("postgres", "app");
+    let registered = |su: &mut Client| {
+        strings(
+            su,
+            "SELECT schema_name || '.' || table_name FROM tenancy.protected_tables WHERE rel::text LIKE '%rename_me%' OR table_name LIKE 'rename_me%'",
+        )
+    };
+    assert_eq!(registered(&mut su), ["clinic.rename_me"]);
+    owner
+        .batch_execute("ALTER TABLE clinic.rename_me RENAME TO rename_me2")
+        .unwrap();
+    assert_eq!(
+        registered(&mut su),
+        ["clinic.rename_me2"],
+        "the registry follows"
+    );
+    for stmt in [
+        "ALTER TABLE clinic.rename_me2 NO FORCE ROW LEVEL SECURITY",
+        "ALTER TABLE clinic.rename_me2 DISABLE ROW LEVEL SECURITY",
+        "DROP POLICY tenancy_tenant_floor ON clinic.rename_me2",
+        "ALTER TABLE clinic.rename_me2 DISABLE TRIGGER tenancy_no_truncate",
+        "ALTER TABLE clinic.rename_me2 RENAME COLUMN organization_id TO org",
+    ] {
+        assert_eq!(
+            sqlstate(owner.batch_execute(stmt)),
+            "42501",
+            "{stmt} is refused"
+        );
+    }
+    owner
+        .batch_execute("ALTER TABLE clinic.rename_me2 SET SCHEMA stash")
+        .unwrap();
+    assert_eq!(registered(&mut su), ["stash.rename_me2"]);
+    for stmt in [
+        "ALTER TABLE stash.rename_me2 NO FORCE ROW LEVEL SECURITY",
+        "DROP POLICY tenancy_tenant_rows ON stash.rename_me2",
+    ] {
+        assert_eq!(sqlstate(owner.batch_execute(stmt)), "42501", "{stmt}");
+    }
+    let log = strings(
+        &mut su,
+        "SELECT action FROM tenancy.protection_log WHERE action = 'renamed'",
+    );
+    assert!(log.len() >= 2, "renames are recorded: {log:?}");
+    // Dropping it is the owner's right; the registry forgets it.
+    owner.batch_execute("DROP TABLE stash.rename_me2").unwrap();
+    assert_eq!(registered(&mut su), Vec::<String>::new());
+    assert_eq!(
+        count(
+            &mut su,
+            "SELECT count(*) FROM tenancy.isolation_report() WHERE object LIKE '%rename_me%'"
+        ),
+        0
+    );
+}
+
+/// O3: pg_tenancy's policies are verified by definition, not by name. A floor re-created as
+/// USING (true) under its own name (here by a superuser with the guards off, the only way
+/// left) is reported, and the guards refuse further DDL on the table until it is repaired.
+#[test]
+fn test_o3_swapped_policy_definitions_are_found_by_definition() {
+    let c = cluster();
+    let mut owner = c.connect("owner", "app");
+    owner
+        .batch_execute("CREATE TABLE clinic.swap_me (id bigint, organization_id uuid NOT NULL)")
+        .unwrap();
+    let mut su = c.connect("postgres", "app");
+    for (policy, kind, command) in [
+        ("tenancy_tenant_floor", "AS RESTRICTIVE", "FOR ALL"),
+        ("tenancy_tenant_rows", "AS PERMISSIVE", "FOR ALL"),
+        ("tenancy_tenant_floor", "AS PERMISSIVE", "FOR ALL"),
+        ("tenancy_tenant_rows", "AS PERMISSIVE", "FOR SELECT"),
+    ] {
+        let using = if command == "FOR SELECT" {
+            "USING (organization_id = tenancy.current_org_id())".to_string()
+        } else {
+            "USING (true) WITH CHECK (true)".to_string()
+        };
+        su.batch_execute(&format!(
+            "ALTER EVENT TRIGGER tenancy_guard_ddl DISABLE; ALTER EVENT TRIGGER tenancy_guard_drop DISABLE;
+             DROP POLICY {policy} ON clinic.swap_me;
+             CREATE POLICY {policy} ON clinic.swap_me {kind} {command} TO PUBLIC {using};
+             ALTER EVENT TRIGGER tenancy_guard_ddl ENABLE ALWAYS; ALTER EVENT TRIGGER tenancy_guard_drop ENABLE ALWAYS;"
+        ))
+        .unwrap();
+        let found = strings(
+            &mut su,
+            "SELECT finding FROM tenancy.isolation_report() WHERE object = 'clinic.swap_me'",
+        );
+        assert!(
+            found
+                .iter()
+                .any(|f| f.contains("not as pg_tenancy defines it")),
+            "{policy} {kind} {command}: {found:?}"
+        );
+        assert_eq!(
+            sqlstate(owner.batch_execute("ALTER TABLE clinic.swap_me ADD COLUMN x int")),
+            "42501",
+            "DDL on a table whose protection drifted is refused"
+        );
+        su.query("SELECT tenancy.protect('clinic.swap_me')", &[])
+            .unwrap();
+        assert_eq!(
+            count(
+                &mut su,
+                "SELECT count(*) FROM tenancy.isolation_report() WHERE object = 'clinic.swap_me'"
+            ),
+            0,
+            "protect() repairs it"
+        );
+    }
+    owner.batch_execute("DROP TABLE clinic.swap_me").unwrap();
+}
+
+/// O4/O5: DDL by the owner on a protected table runs none of the owner's code over the rows
+/// (checked while the command runs, so not even a NOTICE gets out), and leaves none behind to
+/// run on later writes; grafting a filled table in by INHERIT or ATTACH PARTITION is refused.
+/// Built-in expressions stay allowed, and a superuser (trusted) may do all of it.
+#[test]
+fn test_o4_o5_owner_ddl_runs_no_owner_code_over_tenant_rows() {
+    let c = cluster();
+    let mut owner = c.connect("owner", "app");
+    owner
+        .batch_execute(&format!(
+            "CREATE TABLE clinic.ddl_target (id bigint, organization_id uuid NOT NULL, body text,
+                                             secret bytea);
+             BEGIN; SELECT tenancy.set_org('{SHERWOOD}');
+             INSERT INTO clinic.ddl_target (id, body, secret) VALUES (1, 'sherwood row', tenancy.phi_encrypt('s-phi', 'ddl.secret'));
+             COMMIT;
+             BEGIN; SELECT tenancy.set_org('{CONWAY}');
+             INSERT INTO clinic.ddl_target (id, body, secret) VALUES (2, 'conway row', tenancy.phi_encrypt('c-phi', 'ddl.secret'));
+             COMMIT;
+             CREATE SCHEMA owner_code;
+             CREATE FUNCTION owner_code.peek(t text) RETURNS boolean LANGUAGE plpgsql IMMUTABLE AS $$
+             BEGIN RAISE NOTICE 'peeked: %', t; RETURN true; END $$;
+             CREATE FUNCTION owner_code.peek_text(t text) RETURNS text LANGUAGE plpgsql IMMUTABLE AS $$
+             BEGIN RAISE NOTICE 'peeked: %', t; RETURN t; END $$;
+             -- O5: an IMMUTABLE wrapper over a STABLE helper that reveals, errors swallowed.
+             CREATE FUNCTION owner_code.helper(b bytea) RETURNS text LANGUAGE plpgsql STABLE AS $$
+             BEGIN RETURN tenancy.phi_reveal(b, 'ddl.secret'); EXCEPTION WHEN OTHERS THEN RETURN NULL; END $$;
+             CREATE FUNCTION owner_code.wrap(b bytea) RETURNS text LANGUAGE sql IMMUTABLE AS 'SELECT owner_code.helper(b)';
+             CREATE TABLE owner_code.filled (id bigint, organization_id uuid NOT NULL, body text, secret bytea);
+             INSERT INTO owner_code.filled VALUES (9, '{CONWAY}', 'forged for conway', NULL);
+             CREATE TABLE owner_code.empty (id bigint, organization_id uuid NOT NULL, body text, secret bytea);"
+        ))
+        .unwrap();
+    let notices = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = notices.clone();
+    let mut cfg = postgres::Config::new();
+    cfg.host("127.0.0.1")
+        .port(c.port)
+        .user("owner")
+        .dbname("app")
+        .notice_callback(move |n| seen.lock().unwrap().push(n.message().to_string()));
+    let mut watched = cfg.connect(postgres::NoTls).unwrap();
+    for stmt in [
+        "ALTER TABLE clinic.ddl_target ADD CONSTRAINT peek CHECK (owner_code.peek(body))",
+        "ALTER TABLE clinic.ddl_target ADD CONSTRAINT peek CHECK (owner_code.peek(body)) NOT VALID",
+        "CREATE INDEX ddl_peek ON clinic.ddl_target (owner_code.peek_text(body))",
+        "CREATE INDEX ddl_peek ON clinic.ddl_target (id) WHERE owner_code.peek(body)",
+        "CREATE INDEX ddl_reveal ON clinic.ddl_target (owner_code.wrap(secret))",
+        "ALTER TABLE clinic.ddl_target ALTER COLUMN body TYPE text USING owner_code.peek_text(body)",
+        "ALTER TABLE clinic.ddl_target ADD COLUMN copy text GENERATED ALWAYS AS (owner_code.peek_text(body)) STORED",
+        "ALTER TABLE clinic.ddl_target ADD COLUMN copy text DEFAULT owner_code.peek_text('x')",
+        "CREATE RULE stash AS ON INSERT TO clinic.ddl_target DO ALSO INSERT INTO owner_code.empty VALUES (NEW.*)",
+        "ALTER TABLE owner_code.filled INHERIT clinic.ddl_target",
+    ] {
+        assert_eq!(
+            sqlstate(watched.batch_execute(stmt)),
+            "42501",
+            "refused: {stmt}"
+        );
+    }
+    let got = notices.lock().unwrap().clone();
+    assert!(
+        got.iter().all(|n| !n.contains("peeked")),
+        "no row reached the owner's code: {got:?}"
+    );
+    // The same code on the owner's own, unprotected table runs (it is the owner's right).
+    watched
+        .batch_execute("SELECT count(*) FROM owner_code.filled WHERE owner_code.peek(body)")
+        .unwrap();
+    assert!(
+        notices.lock().unwrap().iter().any(|n| n.contains("peeked")),
+        "the probe reports what it sees"
+    );
+    // An empty table may join, and is protected at once.
+    owner
+        .batch_execute("ALTER TABLE owner_code.empty INHERIT clinic.ddl_target")
+        .unwrap();
+    let mut su = c.connect("postgres", "app");
+    assert_eq!(
+        count(
+            &mut su,
+            "SELECT count(*) FROM tenancy.protected_tables WHERE rel = 'owner_code.empty'::regclass"
+        ),
+        1
+    );
+    // Built-in expressions are ordinary DDL and stay allowed.
+    owner
+        .batch_execute(
+            "ALTER TABLE clinic.ddl_target ADD CONSTRAINT short CHECK (length(body) < 100);
+             CREATE INDEX ddl_lower ON clinic.ddl_target (lower(body));
+             ALTER TABLE clinic.ddl_target ALTER COLUMN id TYPE numeric USING id::numeric;",
+        )
+        .unwrap();
+    // The report flags such code wherever a superuser let it in.
+    su.batch_execute(
+        "ALTER TABLE clinic.ddl_target ADD CONSTRAINT peek CHECK (owner_code.peek(body)) NOT VALID",
+    )
+    .unwrap();
+    let found = strings(
+        &mut su,
+        "SELECT finding FROM tenancy.isolation_report() WHERE object = 'clinic.ddl_target'",
+    );
+    assert!(
+        found.iter().any(|f| f.contains("owner_code.peek")),
+        "{found:?}"
+    );
+    su.batch_execute("ALTER TABLE clinic.ddl_target DROP CONSTRAINT peek")
+        .unwrap();
+    assert!(!is_superuser(&mut su, "owner"));
+}
+
+/// O4: a filled table cannot become a partition of a protected table.
+#[test]
+fn test_o4_filled_tables_cannot_be_attached_as_partitions() {
+    let c = cluster();
+    let mut owner = c.connect("owner", "app");
+    owner
+        .batch_execute(&format!(
+            "CREATE TABLE clinic.parted (id bigint, organization_id uuid NOT NULL, v text) PARTITION BY LIST (id);
+             CREATE TABLE clinic.parted_1 PARTITION OF clinic.parted FOR VALUES IN (1);
+             CREATE TABLE public.parted_forged (id bigint, organization_id uuid NOT NULL, v text);
+             INSERT INTO public.parted_forged VALUES (2, '{CONWAY}', 'forged');
+             CREATE TABLE public.parted_empty (id bigint, organization_id uuid NOT NULL, v text);"
+        ))
+        .unwrap();
+    assert_eq!(
+        sqlstate(owner.batch_execute(
+            "ALTER TABLE clinic.parted ATTACH PARTITION public.parted_forged FOR VALUES IN (2)"
+        )),
+        "42501"
+    );
+    owner
+        .batch_execute(
+            "ALTER TABLE clinic.parted ATTACH PARTITION public.parted_empty FOR VALUES IN (3)",
+        )
+        .unwrap();
+    let mut su = c.connect("postgres", "app");
+    assert_eq!(
+        count(
+            &mut su,
+            "SELECT count(*) FROM tenancy.protected_tables WHERE rel = 'public.parted_empty'::regclass"
+        ),
+        1,
+        "the attached partition is protected"
+    );
+    assert_eq!(
+        count(
+            &mut su,
+            "SELECT count(*) FROM clinic.parted WHERE v = 'forged'"
+        ),
+        0,
+        "no forged row joined the protected table"
+    );
+}

@@ -1,0 +1,515 @@
+-- pg_tenancy 0.2.0 -> 0.2.1: security fixes (II-2/9).
+--
+-- * Every function of the extension that runs SQL pins search_path = pg_catalog, pg_temp.
+--   0.2.0 pinned `pg_catalog` alone, and a session's temporary schema is then searched
+--   *first* for relations: a temp view named pg_trigger, pg_class or pg_roles was read by the
+--   drift guards (SECURITY DEFINER), the report and the TRUNCATE guard. The C functions that
+--   run SQL (protect, protect_all, unprotect, audit_purge, ...) ran under the caller's
+--   search_path, where an owner-controlled schema could shadow operators.
+-- * phi_rotate_all (a procedure, which cannot have a SET clause) qualifies its operators.
+-- * The registry is keyed by the table (column rel, a regclass): protection follows RENAME
+--   and SET SCHEMA; pg_tenancy's policies are verified by definition, not by name; renaming
+--   the tenant column is refused.
+-- * The report finds INCLUDE-only unique indexes, EXCLUDE constraints without the tenant
+--   column, roles that can read server files, nondeterministic tenant collations.
+-- * The audit trigger pins the output settings its comparison and rendering depend on.
+-- * Library changes (no SQL here): protect() quotes literals with PostgreSQL's quote_literal
+--   and refuses nondeterministic tenant collations; the reveal worker pins its settings;
+--   log_action refuses the trail's own event names.
+
+-- The drift guards stand aside while the registry changes: 0.2.0's guard_ddl would find
+-- its variable `rel` ambiguous with the new column, and the new one needs the column.
+ALTER EVENT TRIGGER tenancy_guard_ddl DISABLE;
+ALTER EVENT TRIGGER tenancy_guard_drop DISABLE;
+
+-- The registry, keyed by the table. Rows of tables that no longer exist are dropped.
+ALTER TABLE tenancy.protected_tables ADD COLUMN rel regclass;
+UPDATE tenancy.protected_tables p SET rel = c.oid
+  FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+ WHERE n.nspname = p.schema_name AND c.relname = p.table_name;
+DELETE FROM tenancy.protected_tables WHERE rel IS NULL;
+ALTER TABLE tenancy.protected_tables ALTER COLUMN rel SET NOT NULL;
+ALTER TABLE tenancy.protected_tables ADD CONSTRAINT protected_tables_rel_key UNIQUE (rel);
+
+-- Code that a protected table's own objects would run over its rows and that belongs to a
+-- role other than a superuser: CHECK and EXCLUDE constraints, index expressions and
+-- predicates, column defaults and generation expressions, domain constraints of its column
+-- types, each through a function or an operator; and any rule on it (a DO ALSO rule copies
+-- every tenant's new rows). NULL when there is none. The drift guard refuses DDL by a role
+-- that is not a superuser which leaves such code behind; the report flags it.
+CREATE OR REPLACE FUNCTION tenancy.foreign_code_problem(rel regclass) RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+  WITH objects AS (
+    SELECT 'pg_constraint'::regclass AS classid, k.oid AS objid FROM pg_constraint k WHERE k.conrelid = $1
+    UNION ALL
+    SELECT 'pg_class'::regclass, i.indexrelid FROM pg_index i WHERE i.indrelid = $1
+    UNION ALL
+    SELECT 'pg_attrdef'::regclass, d.oid FROM pg_attrdef d WHERE d.adrelid = $1
+    UNION ALL
+    SELECT 'pg_constraint'::regclass, k.oid
+      FROM pg_attribute a JOIN pg_constraint k ON k.contypid = a.atttypid
+     WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
+  ),
+  calls AS (
+    SELECT d.classid, d.objid, d.objsubid,
+           CASE d.refclassid WHEN 'pg_proc'::regclass THEN d.refobjid
+                             ELSE (SELECT o.oprcode::oid FROM pg_operator o WHERE o.oid = d.refobjid) END AS fn
+      FROM objects x JOIN pg_depend d ON d.classid = x.classid AND d.objid = x.objid
+     WHERE d.refclassid IN ('pg_proc'::regclass, 'pg_operator'::regclass)
+  )
+  SELECT coalesce(
+    (SELECT format('rule %I runs on every change of every tenant''s rows', r.rulename)
+       FROM pg_rewrite r WHERE r.ev_class = $1 ORDER BY r.rulename LIMIT 1),
+    (SELECT format('%s runs %s of role %I over every tenant''s rows',
+                   pg_describe_object(c.classid, c.objid, c.objsubid), f.oid::regprocedure, r.rolname)
+       FROM calls c JOIN pg_proc f ON f.oid = c.fn JOIN pg_roles r ON r.oid = f.proowner
+      WHERE NOT r.rolsuper
+      ORDER BY 1 LIMIT 1))
+$$;
+-- Whether a table holds any row (every tenant's, RLS aside: it runs as the extension's owner
+-- from the drift guard). ONLY: its own rows, not its children's.
+CREATE OR REPLACE FUNCTION tenancy.has_rows(rel regclass) RETURNS boolean
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  found boolean;
+BEGIN
+  EXECUTE format('SELECT EXISTS (SELECT 1 FROM ONLY %s)', rel) INTO found;
+  RETURN found;
+END $$;
+-- Problems with one protected table's protection, or NULL when intact. Policies are checked by
+-- definition (command, roles, RESTRICTIVE/PERMISSIVE, USING and WITH CHECK), not by name: a
+-- policy dropped and re-created as USING (true) under pg_tenancy's name is a problem.
+CREATE OR REPLACE FUNCTION tenancy.protection_problem(rel regclass) RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+  WITH t AS (
+    SELECT c.oid, c.relrowsecurity, c.relforcerowsecurity, p.audited, p.tenant_column,
+           format('(%I = %s)', p.tenant_column,
+                  CASE p.tenant_type WHEN 'uuid' THEN 'tenancy.current_org_id()' ELSE 'tenancy.current_org_id_text()' END) AS pred
+      FROM pg_class c
+      LEFT JOIN tenancy.protected_tables p ON p.rel = c.oid
+     WHERE c.oid = $1
+  )
+  SELECT CASE
+    WHEN NOT t.relrowsecurity THEN 'row level security is disabled'
+    WHEN NOT t.relforcerowsecurity THEN 'row level security is not forced'
+    WHEN t.tenant_column IS NOT NULL AND NOT EXISTS (
+           SELECT 1 FROM pg_attribute a WHERE a.attrelid = t.oid AND a.attname = t.tenant_column AND NOT a.attisdropped)
+      THEN format('the tenant column %I was renamed or dropped', t.tenant_column)
+    WHEN NOT EXISTS (SELECT 1 FROM pg_policy WHERE polrelid = t.oid AND polname = 'tenancy_tenant_floor')
+      THEN 'the tenant floor policy is missing'
+    WHEN NOT EXISTS (SELECT 1 FROM pg_policy WHERE polrelid = t.oid AND polname = 'tenancy_tenant_floor'
+                       AND NOT polpermissive AND polcmd = '*' AND polroles = '{0}'
+                       AND (t.pred IS NULL OR (pg_get_expr(polqual, polrelid) = t.pred
+                                               AND pg_get_expr(polwithcheck, polrelid) = t.pred)))
+      THEN 'the tenant floor policy is not as pg_tenancy defines it'
+    WHEN NOT EXISTS (SELECT 1 FROM pg_policy WHERE polrelid = t.oid AND polname = 'tenancy_tenant_rows')
+      THEN 'the tenant policy is missing'
+    WHEN NOT EXISTS (SELECT 1 FROM pg_policy WHERE polrelid = t.oid AND polname = 'tenancy_tenant_rows'
+                       AND polpermissive AND polcmd = '*' AND polroles = '{0}'
+                       AND (t.pred IS NULL OR (pg_get_expr(polqual, polrelid) = t.pred
+                                               AND pg_get_expr(polwithcheck, polrelid) = t.pred)))
+      THEN 'the tenant policy is not as pg_tenancy defines it'
+    WHEN (SELECT count(*) FROM pg_trigger WHERE tgrelid = t.oid AND tgenabled = 'A'
+            AND tgname IN ('tenancy_tenant_immutable', 'tenancy_no_truncate')) < 2
+      THEN 'a tenancy trigger is missing or not enabled ALWAYS'
+    WHEN t.audited AND (SELECT count(*) FROM pg_trigger WHERE tgrelid = t.oid AND tgenabled = 'A'
+            AND tgname IN ('tenancy_audit_lock', 'tenancy_audit_insert', 'tenancy_audit_update', 'tenancy_audit_delete')) < 4
+      THEN 'an audit trigger is missing or not enabled ALWAYS'
+  END
+  FROM t
+$$;
+-- The audit trail's own append-only triggers and RLS must stay as installed.
+CREATE OR REPLACE FUNCTION tenancy.check_audit_trail_guards() RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  IF to_regclass('tenancy.audit_events') IS NULL THEN
+    RETURN;  -- during CREATE EXTENSION, before the table exists
+  END IF;
+  IF (SELECT count(*) FROM pg_trigger WHERE tgrelid = 'tenancy.audit_events'::regclass AND tgenabled = 'A'
+        AND tgname IN ('audit_events_append_only', 'audit_events_no_truncate')) < 2
+     OR NOT (SELECT relrowsecurity AND relforcerowsecurity FROM pg_class WHERE oid = 'tenancy.audit_events'::regclass) THEN
+    RAISE EXCEPTION 'the audit trail''s append-only guards and row level security cannot be removed'
+      USING ERRCODE = '42501', HINT = 'tenancy.audit_events is append-only by design.';
+  END IF;
+END $$;
+CREATE OR REPLACE FUNCTION tenancy.guard_ddl() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  cmd record;
+  parent_col name;
+  schema_col name;
+  problem text;
+  target regclass;
+  t record;
+BEGIN
+  -- protect()/unprotect() at work, or a superuser restoring a dump (tenancy.restore_mode).
+  IF tenancy.in_maintenance() OR coalesce(current_setting('tenancy.restore_mode', true), 'off') = 'on' THEN
+    RETURN;
+  END IF;
+  PERFORM tenancy.check_audit_trail_guards();
+  FOR cmd IN SELECT * FROM pg_event_trigger_ddl_commands() LOOP
+    IF cmd.object_type = 'table' AND cmd.command_tag IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO') THEN
+      target := cmd.objid::regclass;
+      -- A partition or inheritance child of a protected table.
+      SELECT p.tenant_column INTO parent_col
+        FROM pg_inherits i JOIN tenancy.protected_tables p ON p.rel = i.inhparent
+       WHERE i.inhrelid = cmd.objid;
+      IF parent_col IS NOT NULL THEN
+        PERFORM tenancy.protect(target::text, parent_col);
+        INSERT INTO tenancy.protection_log (action, object, detail) VALUES ('auto_protect', target::text, 'child of a protected table');
+        CONTINUE;
+      END IF;
+      -- A new table with the tenant column in a protected schema.
+      SELECT s.tenant_column INTO schema_col
+        FROM tenancy.protected_schemas s
+       WHERE s.schema_name = cmd.schema_name
+         AND EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = cmd.objid AND a.attname = s.tenant_column AND NOT a.attisdropped);
+      IF schema_col IS NOT NULL THEN
+        IF coalesce(current_setting('tenancy.new_table_action', true), 'protect') = 'refuse' THEN
+          RAISE EXCEPTION 'new table % has tenant column "%" in protected schema "%"', target, schema_col, cmd.schema_name
+            USING ERRCODE = '42501', HINT = 'tenancy.new_table_action is ''refuse'': ask a superuser to create it and run tenancy.protect().';
+        END IF;
+        PERFORM tenancy.protect(target::text, schema_col);
+        INSERT INTO tenancy.protection_log (action, object, detail) VALUES ('auto_protect', target::text, 'new table in a protected schema');
+      END IF;
+    ELSIF cmd.object_type IN ('table', 'table column', 'table constraint', 'policy', 'trigger', 'index', 'rule') THEN
+      -- ALTER TABLE, ALTER POLICY, CREATE INDEX, CREATE RULE ...: re-check every protected
+      -- table touched.
+      target := CASE cmd.object_type
+               WHEN 'table' THEN cmd.objid::regclass
+               WHEN 'table column' THEN cmd.objid::regclass
+               WHEN 'table constraint' THEN (SELECT conrelid FROM pg_constraint WHERE oid = cmd.objid)::regclass
+               WHEN 'policy' THEN (SELECT polrelid FROM pg_policy WHERE oid = cmd.objid)::regclass
+               WHEN 'trigger' THEN (SELECT tgrelid FROM pg_trigger WHERE oid = cmd.objid)::regclass
+               WHEN 'index' THEN (SELECT indrelid FROM pg_index WHERE indexrelid = cmd.objid)::regclass
+               WHEN 'rule' THEN (SELECT ev_class FROM pg_rewrite WHERE oid = cmd.objid)::regclass
+             END;
+      -- ALTER TABLE child INHERIT parent: the command names the child. Rows of a table that
+      -- was not protected would appear in the parent's tenants' reads: only an empty table
+      -- may join (it is protected at once below), unless a superuser does it.
+      IF target IS NOT NULL AND NOT EXISTS (SELECT 1 FROM tenancy.protected_tables p WHERE p.rel = target)
+         AND EXISTS (SELECT 1 FROM pg_inherits i JOIN tenancy.protected_tables p ON p.rel = i.inhparent
+                      WHERE i.inhrelid = target) THEN
+        IF NOT (SELECT rolsuper FROM pg_roles WHERE rolname = session_user) AND tenancy.has_rows(target) THEN
+          RAISE EXCEPTION '% refused: % holds rows and would join protected table % unprotected', cmd.command_tag, target,
+                (SELECT i.inhparent::regclass FROM pg_inherits i WHERE i.inhrelid = target LIMIT 1)
+            USING ERRCODE = '42501', HINT = 'Only an empty table can become a child of a protected table; move its rows in through tenant transactions afterwards.';
+        END IF;
+        PERFORM tenancy.protect(target::text, (SELECT p.tenant_column FROM pg_inherits i JOIN tenancy.protected_tables p ON p.rel = i.inhparent
+                                                WHERE i.inhrelid = target LIMIT 1));
+        INSERT INTO tenancy.protection_log (action, object, detail) VALUES ('auto_protect', target::text, 'inherits from a protected table');
+      END IF;
+      IF target IS NOT NULL AND EXISTS (SELECT 1 FROM tenancy.protected_tables p WHERE p.rel = target) THEN
+        problem := tenancy.protection_problem(target);
+        IF problem IS NULL AND cmd.object_type = 'policy' AND EXISTS (
+             SELECT 1 FROM pg_policy WHERE oid = cmd.objid AND polname IN ('tenancy_tenant_floor', 'tenancy_tenant_rows'))
+           AND cmd.command_tag = 'ALTER POLICY' THEN
+          problem := 'pg_tenancy''s policies cannot be altered';
+        END IF;
+        -- Code of a role that is not a superuser left to run over every tenant's rows.
+        IF problem IS NULL AND NOT (SELECT rolsuper FROM pg_roles WHERE rolname = session_user) THEN
+          problem := tenancy.foreign_code_problem(target);
+        END IF;
+        IF problem IS NOT NULL THEN
+          RAISE EXCEPTION '% refused on protected table %: %', cmd.command_tag, target, problem
+            USING ERRCODE = '42501', HINT = format('Use SELECT tenancy.unprotect(%L) as a superuser; it is recorded. Restoring a dump? Run pg_restore as a superuser with PGOPTIONS=''-c tenancy.restore_mode=on''.', target::text);
+        END IF;
+        -- RENAME / SET SCHEMA: the registry follows the table (it is keyed by the table, the
+        -- names are kept current for people reading it).
+        UPDATE tenancy.protected_tables p SET schema_name = n.nspname, table_name = c.relname
+          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE p.rel = target AND c.oid = target
+           AND (p.schema_name, p.table_name) IS DISTINCT FROM (n.nspname, c.relname);
+        IF FOUND THEN
+          INSERT INTO tenancy.protection_log (action, object, detail) VALUES ('renamed', target::text, cmd.command_tag);
+        END IF;
+        -- ATTACH PARTITION / INHERIT: a new child of a protected table is protected too.
+        FOR t IN SELECT i.inhrelid::regclass AS child FROM pg_inherits i
+                  WHERE i.inhparent = target
+                    AND NOT EXISTS (SELECT 1 FROM tenancy.protected_tables p WHERE p.rel = i.inhrelid) LOOP
+          IF NOT (SELECT rolsuper FROM pg_roles WHERE rolname = session_user) AND tenancy.has_rows(t.child) THEN
+            RAISE EXCEPTION '% refused: % holds rows and would join protected table % unprotected', cmd.command_tag, t.child, target
+              USING ERRCODE = '42501', HINT = 'Only an empty table can become a partition or child of a protected table; move its rows in through tenant transactions afterwards.';
+          END IF;
+          PERFORM tenancy.protect(t.child::text, (SELECT p.tenant_column FROM tenancy.protected_tables p WHERE p.rel = target));
+          INSERT INTO tenancy.protection_log (action, object, detail) VALUES ('auto_protect', t.child::text, 'attached to a protected table');
+        END LOOP;
+      END IF;
+    END IF;
+  END LOOP;
+END $$;
+CREATE OR REPLACE FUNCTION tenancy.guard_drop() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  t record;
+  problem text;
+BEGIN
+  -- protect()/unprotect() at work, or a superuser restoring a dump (tenancy.restore_mode).
+  IF tenancy.in_maintenance() OR coalesce(current_setting('tenancy.restore_mode', true), 'off') = 'on' THEN
+    RETURN;
+  END IF;
+  PERFORM tenancy.check_audit_trail_guards();
+  FOR t IN SELECT p.schema_name, p.table_name, p.rel,
+                  EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = p.rel) AS present
+             FROM tenancy.protected_tables p LOOP
+    IF NOT t.present THEN
+      -- The table itself was dropped: nothing left to protect.
+      DELETE FROM tenancy.protected_tables p WHERE p.rel = t.rel;
+      INSERT INTO tenancy.protection_log (action, object) VALUES ('dropped', format('%I.%I', t.schema_name, t.table_name));
+      CONTINUE;
+    END IF;
+    problem := tenancy.protection_problem(t.rel);
+    IF problem IS NOT NULL THEN
+      RAISE EXCEPTION 'DROP refused on protected table %: %', t.rel, problem
+        USING ERRCODE = '42501', HINT = format('Use SELECT tenancy.unprotect(%L) as a superuser; it is recorded. Restoring a dump? Run pg_restore as a superuser with PGOPTIONS=''-c tenancy.restore_mode=on''.', t.rel::text);
+    END IF;
+  END LOOP;
+END $$;
+CREATE OR REPLACE FUNCTION tenancy.isolation_report()
+RETURNS TABLE (severity text, object text, finding text, fix text)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+WITH registered AS (
+  SELECT c.oid, p.tenant_column
+    FROM tenancy.protected_tables p
+    JOIN pg_class c ON c.oid = p.rel
+),
+-- Column names that make an unregistered table a tenant table.
+tenant_cols AS (
+  SELECT 'organization_id'::name AS col
+  UNION SELECT tenant_column FROM tenancy.protected_schemas
+),
+tenant_tables AS (
+  SELECT c.oid, c.oid::regclass::text AS name, a.attnum AS tenant_attnum, a.attname AS tenant_col,
+         c.relrowsecurity, c.relforcerowsecurity, c.relowner
+    FROM pg_class c
+    JOIN pg_namespace n ON n.oid = c.relnamespace
+    JOIN pg_attribute a ON a.attrelid = c.oid AND NOT a.attisdropped
+    JOIN tenant_cols t ON t.col = a.attname
+   WHERE c.relkind IN ('r', 'p')
+     AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'tenancy') AND n.nspname NOT LIKE 'pg_toast%'
+     AND c.oid NOT IN (SELECT oid FROM registered)
+  UNION ALL
+  SELECT c.oid, c.oid::regclass::text, a.attnum, a.attname, c.relrowsecurity, c.relforcerowsecurity, c.relowner
+    FROM registered r
+    JOIN pg_class c ON c.oid = r.oid
+    JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = r.tenant_column
+),
+findings AS (
+  SELECT 'critical' AS severity, t.name AS object,
+         'tenant table without row level security' AS finding,
+         format('SELECT tenancy.protect(%L);', t.name) AS fix
+    FROM tenant_tables t WHERE NOT t.relrowsecurity
+  UNION ALL
+  SELECT 'critical', t.name, 'row level security is not forced: the owner bypasses it',
+         format('SELECT tenancy.protect(%L);', t.name)
+    FROM tenant_tables t WHERE t.relrowsecurity AND NOT t.relforcerowsecurity
+  UNION ALL
+  SELECT 'critical', t.name, 'no RESTRICTIVE tenant policy: any permissive policy widens access',
+         format('SELECT tenancy.protect(%L);', t.name)
+    FROM tenant_tables t
+   WHERE t.relrowsecurity
+     AND NOT EXISTS (SELECT 1 FROM pg_policy p WHERE p.polrelid = t.oid AND NOT p.polpermissive)
+  UNION ALL
+  SELECT 'critical', format('policy %I on %s', p.polname, t.name),
+         'policy may fail open (OR / IS NULL in its expression)',
+         'Drop it, or rewrite it without OR and IS NULL branches.'
+    FROM tenant_tables t JOIN pg_policy p ON p.polrelid = t.oid
+   WHERE coalesce(pg_get_expr(p.polqual, p.polrelid), '') || ' ' || coalesce(pg_get_expr(p.polwithcheck, p.polrelid), '')
+         ~* '(\mis\s+null\M|\mor\M)'
+  UNION ALL
+  SELECT 'warning', format('policy %I on %s', p.polname, t.name),
+         'no WITH CHECK: new rows are checked only by USING',
+         'State WITH CHECK explicitly (tenancy.protect does).'
+    FROM tenant_tables t JOIN pg_policy p ON p.polrelid = t.oid
+   WHERE p.polcmd IN ('*', 'w') AND p.polwithcheck IS NULL
+  UNION ALL
+  SELECT 'high', format('constraint %I on %s', k.conname, t.name),
+         CASE k.contype WHEN 'f' THEN 'foreign key without the tenant column: a cross-tenant reference'
+                        WHEN 'x' THEN 'EXCLUDE constraint without the tenant column: other tenants'' rows conflict, an oracle across tenants'
+                        ELSE 'UNIQUE/PRIMARY KEY without the tenant column: an existence oracle across tenants' END,
+         'Include the tenant column in the key (composite keys).'
+    FROM tenant_tables t JOIN pg_constraint k ON k.conrelid = t.oid
+   WHERE k.contype IN ('u', 'p', 'f', 'x') AND NOT (t.tenant_attnum = ANY (k.conkey))
+  UNION ALL
+  SELECT 'high', format('index %s on %s', i.indexrelid::regclass, t.name),
+         'unique index without the tenant column: an existence oracle across tenants',
+         'Include the tenant column in the index.'
+    FROM tenant_tables t JOIN pg_index i ON i.indrelid = t.oid
+   -- Key columns only: a tenant column in INCLUDE does not make the uniqueness per tenant.
+   WHERE i.indisunique
+     AND NOT EXISTS (SELECT 1 FROM unnest(i.indkey::int2[]) WITH ORDINALITY u(attnum, n)
+                      WHERE u.n <= i.indnkeyatts AND u.attnum = t.tenant_attnum)
+     AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid)
+  UNION ALL
+  SELECT 'warning', t.name, 'no index led by the tenant column: every tenant query scans the table',
+         format('CREATE INDEX ON %s (%I);', t.name, t.tenant_col)
+    FROM tenant_tables t
+   WHERE NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = t.oid AND i.indkey[0] = t.tenant_attnum)
+  UNION ALL
+  SELECT DISTINCT CASE v.relkind WHEN 'm' THEN 'critical' ELSE 'high' END, v.oid::regclass::text,
+         CASE v.relkind WHEN 'm' THEN format('materialized view over tenant table %s holds every tenant''s rows', t.name)
+                        ELSE format('view over tenant table %s runs with its owner''s rights (no security_invoker)', t.name) END,
+         CASE v.relkind WHEN 'm' THEN 'Drop it, or replace it with a security_invoker view.'
+                        ELSE format('ALTER VIEW %s SET (security_invoker = true);  -- PG 15+', v.oid::regclass) END
+    FROM tenant_tables t
+    JOIN pg_depend d ON d.refobjid = t.oid AND d.classid = 'pg_rewrite'::regclass
+    JOIN pg_rewrite r ON r.oid = d.objid
+    JOIN pg_class v ON v.oid = r.ev_class AND v.oid <> t.oid
+   WHERE v.relkind = 'm'
+      OR (v.relkind = 'v' AND NOT coalesce(v.reloptions, '{}') && ARRAY['security_invoker=true', 'security_invoker=on', 'security_invoker=1'])
+  UNION ALL
+  SELECT DISTINCT 'high', p.oid::regprocedure::text,
+         format('SECURITY DEFINER function mentions tenant table %s: it reads with its owner''s rights', t.name),
+         'Make it SECURITY INVOKER, or make sure its owner is subject to FORCE RLS and the context.'
+    FROM pg_proc p
+    JOIN pg_namespace pn ON pn.oid = p.pronamespace
+    JOIN tenant_tables t ON p.prosrc ILIKE '%' || (SELECT relname FROM pg_class WHERE oid = t.oid) || '%'
+   WHERE p.prosecdef AND pn.nspname NOT IN ('pg_catalog', 'information_schema', 'tenancy')
+  UNION ALL
+  SELECT DISTINCT 'high', format('trigger %I on %s', tg.tgname, tg.tgrelid::regclass),
+         'trigger runs a SECURITY DEFINER function on a tenant table',
+         'Make the trigger function SECURITY INVOKER.'
+    FROM pg_trigger tg JOIN pg_proc p ON p.oid = tg.tgfoid JOIN tenant_tables t ON t.oid = tg.tgrelid
+   WHERE p.prosecdef AND NOT tg.tgisinternal
+     AND p.pronamespace <> 'tenancy'::regnamespace
+  UNION ALL
+  SELECT 'high', r.rolname::text,
+         CASE WHEN r.rolsuper THEN 'login role is a superuser: it bypasses row level security'
+              ELSE 'login role has BYPASSRLS' END,
+         format('ALTER ROLE %I NOSUPERUSER NOBYPASSRLS;  -- or NOLOGIN', r.rolname)
+    FROM pg_roles r
+   WHERE r.rolcanlogin AND (r.rolsuper OR r.rolbypassrls)
+     AND r.oid <> 10  -- the bootstrap superuser that installs extensions
+     AND has_database_privilege(r.oid, current_database(), 'CONNECT')
+  UNION ALL
+  SELECT 'high', format('%s on %s', g.grantee, t.name),
+         format('role holds %s on a tenant table', g.privilege_type),
+         format('REVOKE %s ON %s FROM %I;', g.privilege_type, t.name, g.grantee)
+    FROM tenant_tables t
+    JOIN LATERAL (SELECT (aclexplode(c.relacl)).* FROM pg_class c WHERE c.oid = t.oid) a ON true
+    JOIN LATERAL (SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE a.grantee::regrole::text END AS grantee,
+                         a.privilege_type) g ON true
+   WHERE a.privilege_type IN ('TRUNCATE', 'REFERENCES') AND a.grantee <> t.relowner
+  UNION ALL
+  SELECT 'critical', p.oid::regprocedure::text,
+         'IMMUTABLE function reads the tenant context or reveals PHI: its result can be frozen into plans, indexes and statistics',
+         'Declare it STABLE.'
+    FROM pg_proc p JOIN pg_namespace pn ON pn.oid = p.pronamespace
+   WHERE p.provolatile = 'i' AND pn.nspname NOT IN ('pg_catalog', 'information_schema', 'tenancy')
+     AND (p.prosrc ILIKE '%current_org_id%' OR p.prosrc ILIKE '%require_org%' OR p.prosrc ILIKE '%phi_reveal%')
+  UNION ALL
+  SELECT 'high', r.rolname::text,
+         format('login role is a member of %s: it can read or write server files, the PHI key ring included (COPY ... FROM ''<key file>'')', g.rolname),
+         format('REVOKE %I FROM %I;', g.rolname, r.rolname)
+    FROM pg_roles r
+    CROSS JOIN (VALUES ('pg_read_server_files'::name), ('pg_write_server_files'), ('pg_execute_server_program')) g(rolname)
+   WHERE r.rolcanlogin AND NOT r.rolsuper AND r.oid <> 10
+     AND pg_has_role(r.oid, g.rolname, 'MEMBER')
+  UNION ALL
+  SELECT 'critical', format('%s.%I', t.name, t.tenant_col),
+         format('tenant column has the nondeterministic collation %I: tenants whose ids differ only in case or accents are merged', co.collname),
+         format('ALTER TABLE %s ALTER COLUMN %I TYPE text COLLATE "C";', t.name, t.tenant_col)
+    FROM tenant_tables t
+    JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum = t.tenant_attnum
+    JOIN pg_collation co ON co.oid = a.attcollation
+   WHERE NOT co.collisdeterministic
+  UNION ALL
+  SELECT 'high', t.name, tenancy.foreign_code_problem(t.oid::regclass),
+         'Drop it, or have a superuser own the function (review it first): it sees every tenant''s rows.'
+    FROM tenant_tables t
+   WHERE tenancy.foreign_code_problem(t.oid::regclass) IS NOT NULL
+  UNION ALL
+  SELECT 'high', format('publication %I', pub.pubname),
+         format('publishes tenant table %s: subscribers receive every tenant''s rows', t.name),
+         'Publish to subscribers that enforce the same isolation, or drop the table from the publication.'
+    FROM pg_publication pub JOIN tenant_tables t
+      ON pub.puballtables OR EXISTS (SELECT 1 FROM pg_publication_rel pr WHERE pr.prpubid = pub.oid AND pr.prrelid = t.oid)
+  UNION ALL
+  SELECT 'critical', format('event trigger %I', e.evtname),
+         'pg_tenancy drift guard is not enabled ALWAYS: protected tables can be weakened unnoticed',
+         format('ALTER EVENT TRIGGER %I ENABLE ALWAYS;', e.evtname)
+    FROM pg_event_trigger e
+   WHERE e.evtname IN ('tenancy_guard_ddl', 'tenancy_guard_drop') AND e.evtenabled <> 'A'
+  UNION ALL
+  SELECT 'critical', p.rel::text,
+         'registered as protected but ' || tenancy.protection_problem(p.rel),
+         format('SELECT tenancy.protect(%L);', p.rel::text)
+    FROM tenancy.protected_tables p
+   WHERE EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = p.rel)
+     AND tenancy.protection_problem(p.rel) IS NOT NULL
+)
+SELECT severity, object, finding, fix FROM findings
+ORDER BY CASE severity WHEN 'critical' THEN 0 WHEN 'high' THEN 1 ELSE 2 END, object, finding
+$$;
+-- The whole column, committing after each batch; CALL it outside a transaction block. A batch
+-- of 0 with values still under an old key means their rows were locked: wait and go on.
+CREATE OR REPLACE PROCEDURE tenancy.phi_rotate_all(
+  table_name text, column_name text, tenant_column text DEFAULT 'organization_id',
+  label text DEFAULT NULL, batch_size integer DEFAULT 1000)
+-- No SET clause: a procedure with one cannot COMMIT. So it runs under the caller's search_path,
+-- and every function and operator below is qualified (a superuser runs it; an owner-controlled
+-- schema early in the database's search_path must not shadow anything).
+LANGUAGE plpgsql AS $$
+DECLARE
+  n bigint;
+  total bigint := 0;
+  remaining boolean;
+BEGIN
+  LOOP
+    n := tenancy.phi_rotate_column(table_name, column_name, tenant_column, label, batch_size);
+    total := total OPERATOR(pg_catalog.+) n;
+    COMMIT;
+    IF n OPERATOR(pg_catalog.=) 0 THEN
+      EXECUTE pg_catalog.format(
+        'SELECT EXISTS (SELECT 1 FROM %1$s s WHERE s.%2$I IS NOT NULL AND tenancy.phi_key_id(s.%2$I) OPERATOR(pg_catalog.<>)
+                          (SELECT k.key_id FROM tenancy.phi_key_status() k WHERE k.active))',
+        table_name::pg_catalog.regclass, column_name) INTO remaining;
+      EXIT WHEN NOT remaining;
+      PERFORM pg_catalog.pg_sleep(0.1);
+    ELSE
+      RAISE NOTICE 'pg_tenancy: % rotated % values so far', column_name, total;
+    END IF;
+  END LOOP;
+  RAISE NOTICE 'pg_tenancy: % rotated, % values in all', column_name, total;
+END $$;
+REVOKE EXECUTE ON FUNCTION tenancy.has_rows(regclass) FROM PUBLIC;
+COMMENT ON FUNCTION tenancy.foreign_code_problem(regclass) IS
+  'Code of a role that is not a superuser which a table''s constraints, indexes, defaults, domains or rules run over its rows, or NULL.';
+COMMENT ON FUNCTION tenancy.has_rows(regclass) IS 'Whether a table holds rows of its own (for the drift guard).';
+
+ALTER EVENT TRIGGER tenancy_guard_ddl ENABLE ALWAYS;
+ALTER EVENT TRIGGER tenancy_guard_drop ENABLE ALWAYS;
+
+-- The same loop as finalize.sql: it pins every function (the SQL ones' new definitions say
+-- `SET search_path = pg_catalog, pg_temp`; ALTER FUNCTION gives the identical catalog entry).
+DO $pin$
+DECLARE
+  f record;
+BEGIN
+  FOR f IN
+    SELECT p.oid::pg_catalog.regprocedure AS sig, p.prokind
+      FROM pg_catalog.pg_proc p
+     WHERE p.pronamespace OPERATOR(pg_catalog.=) 'tenancy'::pg_catalog.regnamespace
+       AND p.prokind OPERATOR(pg_catalog.<>) 'p'
+       AND (p.proname::text || '(' || pg_catalog.oidvectortypes(p.proargtypes) || ')') NOT IN (
+         'current_org_id()', 'current_org_id_text()', 'require_org()', 'require_org_text()',
+         'current_actor()', 'context_is_signed()', 'set_org(text, text, text)', 'set_org(uuid, text, text)',
+         'phi_encrypt(text, text)', 'phi_encrypt(bytea, text)', 'phi_encrypt(jsonb, text)',
+         'phi_reveal(bytea, text)', 'phi_reveal_bytea(bytea, text)', 'phi_reveal_jsonb(bytea, text)',
+         'phi_rotate(bytea, text)', 'phi_rotate_for_tenant(bytea, text, text)', 'phi_key_id(bytea)',
+         'phi_is_envelope(bytea)', 'audit_payload(bytea, bigint)', 'in_maintenance()',
+         'is_loaded_by_preload()', 'assert_preloaded()')
+  LOOP
+    EXECUTE pg_catalog.format('ALTER FUNCTION %s SET search_path = pg_catalog, pg_temp', f.sig);
+  END LOOP;
+END
+$pin$;
+
+-- Values are compared and rendered by their output functions: pin the settings those depend
+-- on, so a session cannot hide an UPDATE (extra_float_digits = -15 rendered 37 and 39.4 alike)
+-- or change how the trail spells a value. TimeZone stays the session's: the text carries the
+-- offset, so an instant is never lost.
+ALTER FUNCTION tenancy.audit_trigger() SET extra_float_digits = 1;
+ALTER FUNCTION tenancy.audit_trigger() SET DateStyle = 'ISO, MDY';
+ALTER FUNCTION tenancy.audit_trigger() SET IntervalStyle = 'postgres';
+ALTER FUNCTION tenancy.audit_trigger() SET bytea_output = 'hex';

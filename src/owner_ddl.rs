@@ -1,0 +1,197 @@
+//! DDL on a table with forced row level security runs no code of a role that is not a
+//! superuser (II-2/9 finding 4, ATTACKS.md O4/O5).
+//!
+//! FORCE ROW LEVEL SECURITY keeps the table's owner out of other tenants' rows, but utility
+//! commands read every row without RLS: `ADD CONSTRAINT ... CHECK (f(row))`, `CREATE INDEX ON
+//! t (f(col))`, `ALTER COLUMN ... TYPE ... USING (f(...))`, a generated column, `REINDEX`,
+//! `CLUSTER`, `VACUUM FULL` and `ANALYZE` (expression indexes) evaluate expressions over all
+//! tenants' rows. If `f` is the owner's function it sees them all (a `RAISE NOTICE` of each
+//! row is enough). While such a command runs for a role that is not a superuser, every call
+//! of a function whose owner is not a superuser is refused before it starts: the `fmgr` hooks
+//! (`needs_fmgr_hook`/`fmgr_hook`, the ones sepgsql uses) see every call, through operators,
+//! SQL functions and PL handlers alike, whatever the function is named or wrapped in.
+//!
+//! That covers what runs *during* the command. What such DDL would leave behind (a CHECK
+//! constraint, index expression, generated column or rule that runs the owner's code on
+//! every later write) is refused by the drift guard at the end of the command
+//! (`tenancy.foreign_code_problem`, sql/guards.sql).
+
+use pgrx::prelude::*;
+use std::cell::Cell;
+
+thread_local! {
+    /// How many guarded utility commands are running (they nest: an event trigger's DDL).
+    static GUARDED: Cell<u32> = const { Cell::new(0) };
+}
+
+static mut PREV_NEEDS_FMGR_HOOK: pg_sys::needs_fmgr_hook_type = None;
+static mut PREV_FMGR_HOOK: pg_sys::fmgr_hook_type = None;
+
+pub fn init() {
+    // SAFETY: called once from _PG_init, before any backend code runs; the previous hooks are
+    // kept and chained.
+    unsafe {
+        PREV_NEEDS_FMGR_HOOK = pg_sys::needs_fmgr_hook;
+        pg_sys::needs_fmgr_hook = Some(needs_fmgr_hook);
+        PREV_FMGR_HOOK = pg_sys::fmgr_hook;
+        pg_sys::fmgr_hook = Some(fmgr_hook);
+    }
+}
+
+/// Marks a utility statement as guarded for its duration, when a role that is not a
+/// superuser runs it on a table with forced row level security.
+pub struct Guard(bool);
+
+impl Guard {
+    /// # Safety
+    /// `pstmt` is the utility statement ProcessUtility was given.
+    pub unsafe fn enter(pstmt: *mut pg_sys::PlannedStmt) -> Guard {
+        let guarded = !pg_sys::superuser() && targets_forced_table((*pstmt).utilityStmt);
+        if guarded {
+            GUARDED.with(|g| g.set(g.get() + 1));
+        }
+        Guard(guarded)
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if self.0 {
+            GUARDED.with(|g| g.set(g.get().saturating_sub(1)));
+        }
+    }
+}
+
+/// Whether `stmt` evaluates expressions over the rows of a table with forced RLS.
+unsafe fn targets_forced_table(stmt: *mut pg_sys::Node) -> bool {
+    use pg_sys::NodeTag::*;
+    let relation: *mut pg_sys::RangeVar = if pgrx::is_a(stmt, T_AlterTableStmt) {
+        (*stmt.cast::<pg_sys::AlterTableStmt>()).relation
+    } else if pgrx::is_a(stmt, T_IndexStmt) {
+        (*stmt.cast::<pg_sys::IndexStmt>()).relation
+    } else if pgrx::is_a(stmt, T_RuleStmt) {
+        (*stmt.cast::<pg_sys::RuleStmt>()).relation
+    } else if pgrx::is_a(stmt, T_ReindexStmt) {
+        let reindex = stmt.cast::<pg_sys::ReindexStmt>();
+        if (*reindex).relation.is_null() {
+            return true; // REINDEX SCHEMA / DATABASE / SYSTEM: every table it reaches
+        }
+        (*reindex).relation
+    } else if pgrx::is_a(stmt, T_ClusterStmt) {
+        let cluster = stmt.cast::<pg_sys::ClusterStmt>();
+        if (*cluster).relation.is_null() {
+            return true; // CLUSTER of every clustered table
+        }
+        (*cluster).relation
+    } else if pgrx::is_a(stmt, T_VacuumStmt) {
+        let vacuum = stmt.cast::<pg_sys::VacuumStmt>();
+        let rels = (*vacuum).rels;
+        if rels.is_null() {
+            return true; // VACUUM / ANALYZE of the whole database
+        }
+        // A List of VacuumRelation (PostgreSQL 13+ lists are arrays of cells).
+        return (0..(*rels).length as usize).any(|i| {
+            let vr = (*(*rels).elements.add(i))
+                .ptr_value
+                .cast::<pg_sys::VacuumRelation>();
+            is_forced((*vr).relation)
+        });
+    } else {
+        return false;
+    };
+    is_forced(relation)
+}
+
+/// Whether the table `rv` names (if any) has FORCE ROW LEVEL SECURITY.
+unsafe fn is_forced(rv: *mut pg_sys::RangeVar) -> bool {
+    if rv.is_null() {
+        return false;
+    }
+    let oid = pg_sys::RangeVarGetRelidExtended(
+        rv,
+        pg_sys::NoLock as pg_sys::LOCKMODE,
+        pg_sys::RVROption::RVR_MISSING_OK,
+        None,
+        std::ptr::null_mut(),
+    );
+    if oid == pg_sys::InvalidOid {
+        return false;
+    }
+    let tuple = pg_sys::SearchSysCache1(
+        pg_sys::SysCacheIdentifier::RELOID as i32,
+        pg_sys::Datum::from(oid),
+    );
+    if tuple.is_null() {
+        return false;
+    }
+    let class = pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_class>(tuple);
+    let forced = (*class).relforcerowsecurity;
+    pg_sys::ReleaseSysCache(tuple);
+    forced
+}
+
+/// The owner of function `fn_oid`, when it is not a superuser (None for superusers' code,
+/// built-in functions, and functions that no longer exist).
+unsafe fn untrusted_owner(fn_oid: pg_sys::Oid) -> Option<pg_sys::Oid> {
+    if u32::from(fn_oid) < pg_sys::FirstNormalObjectId {
+        return None; // built in
+    }
+    let tuple = pg_sys::SearchSysCache1(
+        pg_sys::SysCacheIdentifier::PROCOID as i32,
+        pg_sys::Datum::from(fn_oid),
+    );
+    if tuple.is_null() {
+        return None;
+    }
+    let proc_ = pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_proc>(tuple);
+    let owner = (*proc_).proowner;
+    pg_sys::ReleaseSysCache(tuple);
+    (!pg_sys::superuser_arg(owner)).then_some(owner)
+}
+
+fn guarded() -> bool {
+    GUARDED.with(|g| g.get() > 0)
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn needs_fmgr_hook(fn_oid: pg_sys::Oid) -> bool {
+    if let Some(prev) = PREV_NEEDS_FMGR_HOOK {
+        if prev(fn_oid) {
+            return true;
+        }
+    }
+    guarded() && untrusted_owner(fn_oid).is_some()
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn fmgr_hook(
+    event: pg_sys::FmgrHookEventType::Type,
+    flinfo: *mut pg_sys::FmgrInfo,
+    arg: *mut pg_sys::Datum,
+) {
+    if event == pg_sys::FmgrHookEventType::FHET_START && guarded() {
+        let fn_oid = (*flinfo).fn_oid;
+        if let Some(owner) = untrusted_owner(fn_oid) {
+            crate::error::TenancyError::ForeignCodeInDdl {
+                function: object_name(fn_oid, "regprocedure"),
+                owner: object_name(owner, "regrole"),
+            }
+            .report();
+        }
+    }
+    if let Some(prev) = PREV_FMGR_HOOK {
+        prev(event, flinfo, arg);
+    }
+}
+
+/// `oid` as `name(argtypes)` (a function) or a role name.
+unsafe fn object_name(oid: pg_sys::Oid, kind: &str) -> String {
+    let ptr = match kind {
+        "regprocedure" => pg_sys::format_procedure(oid),
+        _ => pg_sys::GetUserNameFromId(oid, true),
+    };
+    if ptr.is_null() {
+        return format!("{}", u32::from(oid));
+    }
+    std::ffi::CStr::from_ptr(ptr).to_string_lossy().into_owned()
+}

@@ -1,0 +1,210 @@
+//! Nothing created from one tenant's rows outlives its transaction in the session (II-2/9
+//! finding 7, ATTACKS.md S1).
+//!
+//! A pooled connection serves tenant A's transaction, then tenant B's. Whatever A's
+//! transaction leaves in the *session* is there for B: a temporary table that keeps its rows
+//! (`ON COMMIT PRESERVE ROWS`, the default), rows written into a temporary table made earlier,
+//! a large object (owned by the role, readable by every later session of it). WITH HOLD
+//! cursors are refused by the context (context.rs). In a tenant transaction:
+//! - `CREATE TEMP TABLE` (and `CREATE TEMP TABLE AS`, `SELECT INTO TEMP`) is refused unless
+//!   `ON COMMIT DROP` or `ON COMMIT DELETE ROWS`;
+//! - writing into a temporary table whose rows outlive the transaction (any not made `ON
+//!   COMMIT DROP` or `ON COMMIT DELETE ROWS`, whenever it was made: INSERT, UPDATE, DELETE,
+//!   MERGE, COPY FROM, also from functions and data-modifying CTEs) is refused;
+//! - creating a large object is refused.
+
+use crate::error::TenancyError;
+use pgrx::prelude::*;
+use std::cell::RefCell;
+use std::collections::HashSet;
+
+thread_local! {
+    /// Temporary tables of this session made `ON COMMIT DROP` or `ON COMMIT DELETE ROWS`:
+    /// their rows never outlive a transaction. PostgreSQL keeps the ON COMMIT action in a
+    /// private list, so it is noted here when the table is created.
+    static CONFINED: RefCell<HashSet<pg_sys::Oid>> = RefCell::new(HashSet::new());
+}
+
+static mut PREV_EXECUTOR_START: pg_sys::ExecutorStart_hook_type = None;
+static mut PREV_OBJECT_ACCESS: pg_sys::object_access_hook_type = None;
+
+/// pg_largeobject: the class id of large objects in object access events.
+const LARGE_OBJECT_RELATION_ID: u32 = 2613;
+
+pub fn init() {
+    // SAFETY: called once from _PG_init; the previous hooks are kept and chained.
+    unsafe {
+        PREV_EXECUTOR_START = pg_sys::ExecutorStart_hook;
+        pg_sys::ExecutorStart_hook = Some(executor_start);
+        PREV_OBJECT_ACCESS = pg_sys::object_access_hook;
+        pg_sys::object_access_hook = Some(object_access);
+    }
+}
+
+fn in_tenant_transaction() -> bool {
+    crate::context::in_tenant_transaction()
+}
+
+/// Utility statements in a tenant transaction: temporary tables that would keep rows past
+/// it, and COPY FROM into a temporary table from before it.
+///
+/// # Safety
+/// `pstmt` is the utility statement ProcessUtility was given.
+pub unsafe fn check_utility(pstmt: *mut pg_sys::PlannedStmt) {
+    if !in_tenant_transaction() {
+        return;
+    }
+    use pg_sys::NodeTag::*;
+    let stmt = (*pstmt).utilityStmt;
+    let (rel, on_commit) = if pgrx::is_a(stmt, T_CreateStmt) {
+        let create = stmt.cast::<pg_sys::CreateStmt>();
+        ((*create).relation, (*create).oncommit)
+    } else if pgrx::is_a(stmt, T_CreateTableAsStmt) {
+        let into = (*stmt.cast::<pg_sys::CreateTableAsStmt>()).into;
+        if into.is_null() {
+            return;
+        }
+        ((*into).rel, (*into).onCommit)
+    } else if pgrx::is_a(stmt, T_CopyStmt) {
+        let copy = stmt.cast::<pg_sys::CopyStmt>();
+        if (*copy).is_from && !(*copy).relation.is_null() {
+            let oid = pg_sys::RangeVarGetRelidExtended(
+                (*copy).relation,
+                pg_sys::NoLock as pg_sys::LOCKMODE,
+                pg_sys::RVROption::RVR_MISSING_OK,
+                None,
+                std::ptr::null_mut(),
+            );
+            if oid != pg_sys::InvalidOid {
+                refuse_if_session_temp(oid);
+            }
+        }
+        return;
+    } else {
+        return;
+    };
+    if rel.is_null() || (*rel).relpersistence as u8 != pg_sys::RELPERSISTENCE_TEMP {
+        return;
+    }
+    if on_commit != pg_sys::OnCommitAction::ONCOMMIT_DROP
+        && on_commit != pg_sys::OnCommitAction::ONCOMMIT_DELETE_ROWS
+    {
+        TenancyError::SessionObject {
+            what: "a temporary table that keeps its rows after the transaction".into(),
+        }
+        .report();
+    }
+}
+
+/// Refuses a write into `relid` when it is a temporary table whose rows outlive the
+/// transaction (any but those made `ON COMMIT DROP` or `ON COMMIT DELETE ROWS`).
+unsafe fn refuse_if_session_temp(relid: pg_sys::Oid) {
+    if pg_sys::get_rel_persistence(relid) as u8 != pg_sys::RELPERSISTENCE_TEMP {
+        return;
+    }
+    if CONFINED.with(|c| c.borrow().contains(&relid)) {
+        return;
+    }
+    let rel = pg_sys::RelationIdGetRelation(relid);
+    if rel.is_null() {
+        return;
+    }
+    let name = std::ffi::CStr::from_ptr((*(*rel).rd_rel).relname.data.as_ptr())
+        .to_string_lossy()
+        .into_owned();
+    pg_sys::RelationClose(rel);
+    TenancyError::SessionObject {
+        what: format!("rows in temporary table \"{name}\", which outlives the transaction"),
+    }
+    .report();
+}
+
+/// After a utility statement ran: notes temporary tables whose rows never outlive a
+/// transaction (in tenant transactions and outside them alike).
+///
+/// # Safety
+/// `pstmt` is the utility statement ProcessUtility was given, and it completed.
+pub unsafe fn after_utility(pstmt: *mut pg_sys::PlannedStmt) {
+    use pg_sys::NodeTag::*;
+    let stmt = (*pstmt).utilityStmt;
+    let (rel, on_commit) = if pgrx::is_a(stmt, T_CreateStmt) {
+        let create = stmt.cast::<pg_sys::CreateStmt>();
+        ((*create).relation, (*create).oncommit)
+    } else if pgrx::is_a(stmt, T_CreateTableAsStmt) {
+        let into = (*stmt.cast::<pg_sys::CreateTableAsStmt>()).into;
+        if into.is_null() {
+            return;
+        }
+        ((*into).rel, (*into).onCommit)
+    } else {
+        return;
+    };
+    if rel.is_null()
+        || (on_commit != pg_sys::OnCommitAction::ONCOMMIT_DROP
+            && on_commit != pg_sys::OnCommitAction::ONCOMMIT_DELETE_ROWS)
+    {
+        return;
+    }
+    let oid = pg_sys::RangeVarGetRelidExtended(
+        rel,
+        pg_sys::NoLock as pg_sys::LOCKMODE,
+        pg_sys::RVROption::RVR_MISSING_OK,
+        None,
+        std::ptr::null_mut(),
+    );
+    if oid != pg_sys::InvalidOid
+        && pg_sys::get_rel_persistence(oid) as u8 == pg_sys::RELPERSISTENCE_TEMP
+    {
+        CONFINED.with(|c| c.borrow_mut().insert(oid));
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn executor_start(query_desc: *mut pg_sys::QueryDesc, eflags: i32) {
+    if in_tenant_transaction() && eflags & pg_sys::EXEC_FLAG_EXPLAIN_ONLY as i32 == 0 {
+        let planned = (*query_desc).plannedstmt;
+        let results = (*planned).resultRelations;
+        if !results.is_null() {
+            let rtable = (*planned).rtable;
+            // Lists are arrays of cells (PostgreSQL 13+): result relations are RT indexes.
+            for i in 0..(*results).length as usize {
+                let rt_index = (*(*results).elements.add(i)).int_value as usize;
+                if rtable.is_null() || rt_index == 0 || rt_index > (*rtable).length as usize {
+                    continue;
+                }
+                let rte = (*(*rtable).elements.add(rt_index - 1))
+                    .ptr_value
+                    .cast::<pg_sys::RangeTblEntry>();
+                if !rte.is_null() && (*rte).relid != pg_sys::InvalidOid {
+                    refuse_if_session_temp((*rte).relid);
+                }
+            }
+        }
+    }
+    match PREV_EXECUTOR_START {
+        Some(prev) => prev(query_desc, eflags),
+        None => pg_sys::standard_ExecutorStart(query_desc, eflags),
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn object_access(
+    access: pg_sys::ObjectAccessType::Type,
+    class_id: pg_sys::Oid,
+    object_id: pg_sys::Oid,
+    sub_id: i32,
+    arg: *mut core::ffi::c_void,
+) {
+    if access == pg_sys::ObjectAccessType::OAT_POST_CREATE
+        && u32::from(class_id) == LARGE_OBJECT_RELATION_ID
+        && in_tenant_transaction()
+    {
+        TenancyError::SessionObject {
+            what: "a large object (readable by every later session of the role)".into(),
+        }
+        .report();
+    }
+    if let Some(prev) = PREV_OBJECT_ACCESS {
+        prev(access, class_id, object_id, sub_id, arg);
+    }
+}
