@@ -146,7 +146,10 @@ pypi_pg() { # major
 
 source_pg13() {
   local prefix="$CACHE/pg13" tarball="postgresql-13_${PG13_VERSION}.orig.tar.bz2"
-  if present "$prefix" && [ "$(cat "$prefix/.artifact" 2>/dev/null)" = "$tarball" ]; then
+  # The core, plus the contrib modules the tests load (pg_stat_statements chains the hooks
+  # pg_tenancy chains too); the marker names both, so an older cache is rebuilt.
+  local marker="$tarball+pg_stat_statements"
+  if present "$prefix" && [ "$(cat "$prefix/.artifact" 2>/dev/null)" = "$marker" ]; then
     echo "PostgreSQL 13 present in $prefix ($("$prefix/bin/pg_config" --version), from $tarball)"
     return
   fi
@@ -165,8 +168,9 @@ source_pg13() {
      || { tail -n 30 "$src/configure.log"; exit 1; })
   (cd "$dir" && make -j"$(nproc)" -s >"$src/make.log" 2>&1 || { tail -n 40 "$src/make.log"; exit 1; })
   (cd "$dir" && make -s install >"$src/install.log" 2>&1 || { tail -n 40 "$src/install.log"; exit 1; })
+  (cd "$dir/contrib/pg_stat_statements" && make -s install >"$src/contrib.log" 2>&1 || { tail -n 40 "$src/contrib.log"; exit 1; })
   rm -rf "$src"
-  echo "$tarball" >"$prefix/.artifact"
+  echo "$marker" >"$prefix/.artifact"
   chmod -R a+rX "$prefix"
   echo "PostgreSQL 13 built into $prefix ($("$prefix/bin/pg_config" --version))"
 }

@@ -214,7 +214,13 @@ unsafe extern "C-unwind" fn process_utility(
     let _storing = StoringCommand::enter(pstmt);
     let _owner_ddl = crate::owner_ddl::Guard::enter(pstmt);
     match PREV_PROCESS_UTILITY {
-        Some(prev) => prev(pstmt, query_string, context, params, query_env, dest, qc),
+        // A chained hook (pg_stat_statements, ...) is C: an ERROR in it longjmps, so it is
+        // called inside pgrx's FFI boundary, which turns the ERROR into a Rust unwind (the
+        // guards above are dropped) and re-raises it at this function's #[pg_guard].
+        // SAFETY: `prev` is the hook that was installed before ours, with this signature.
+        Some(prev) => pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| {
+            prev(pstmt, query_string, context, params, query_env, dest, qc)
+        }),
         None => pg_sys::standard_ProcessUtility(
             pstmt,
             query_string,
@@ -246,16 +252,22 @@ unsafe extern "C-unwind" fn process_utility(
     let _storing = StoringCommand::enter(pstmt);
     let _owner_ddl = crate::owner_ddl::Guard::enter(pstmt);
     match PREV_PROCESS_UTILITY {
-        Some(prev) => prev(
-            pstmt,
-            query_string,
-            read_only_tree,
-            context,
-            params,
-            query_env,
-            dest,
-            qc,
-        ),
+        // A chained hook (pg_stat_statements, ...) is C: an ERROR in it longjmps, so it is
+        // called inside pgrx's FFI boundary, which turns the ERROR into a Rust unwind (the
+        // guards above are dropped) and re-raises it at this function's #[pg_guard].
+        // SAFETY: `prev` is the hook that was installed before ours, with this signature.
+        Some(prev) => pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| {
+            prev(
+                pstmt,
+                query_string,
+                read_only_tree,
+                context,
+                params,
+                query_env,
+                dest,
+                qc,
+            )
+        }),
         None => pg_sys::standard_ProcessUtility(
             pstmt,
             query_string,

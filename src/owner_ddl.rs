@@ -156,7 +156,8 @@ fn guarded() -> bool {
 #[pg_guard]
 unsafe extern "C-unwind" fn needs_fmgr_hook(fn_oid: pg_sys::Oid) -> bool {
     if let Some(prev) = PREV_NEEDS_FMGR_HOOK {
-        if prev(fn_oid) {
+        // SAFETY: the hook installed before ours; C, so called inside the FFI boundary.
+        if pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| prev(fn_oid)) {
             return true;
         }
     }
@@ -180,7 +181,8 @@ unsafe extern "C-unwind" fn fmgr_hook(
         }
     }
     if let Some(prev) = PREV_FMGR_HOOK {
-        prev(event, flinfo, arg);
+        // SAFETY: the hook installed before ours; C, so called inside the FFI boundary.
+        pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| prev(event, flinfo, arg));
     }
 }
 

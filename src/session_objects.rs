@@ -182,7 +182,8 @@ unsafe extern "C-unwind" fn executor_start(query_desc: *mut pg_sys::QueryDesc, e
         }
     }
     match PREV_EXECUTOR_START {
-        Some(prev) => prev(query_desc, eflags),
+        // SAFETY: the hook installed before ours; C, so called inside the FFI boundary.
+        Some(prev) => pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| prev(query_desc, eflags)),
         None => pg_sys::standard_ExecutorStart(query_desc, eflags),
     }
 }
@@ -205,6 +206,9 @@ unsafe extern "C-unwind" fn object_access(
         .report();
     }
     if let Some(prev) = PREV_OBJECT_ACCESS {
-        prev(access, class_id, object_id, sub_id, arg);
+        // SAFETY: the hook installed before ours; C, so called inside the FFI boundary.
+        pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| {
+            prev(access, class_id, object_id, sub_id, arg)
+        });
     }
 }

@@ -74,7 +74,8 @@ unsafe fn request_shmem() {
 #[pg_guard]
 unsafe extern "C-unwind" fn shmem_request() {
     if let Some(prev) = PREV_SHMEM_REQUEST {
-        prev();
+        // SAFETY: the hook installed before ours; C, so called inside the FFI boundary.
+        pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| prev());
     }
     request_shmem();
 }
@@ -82,7 +83,8 @@ unsafe extern "C-unwind" fn shmem_request() {
 #[pg_guard]
 unsafe extern "C-unwind" fn shmem_startup() {
     if let Some(prev) = PREV_SHMEM_STARTUP {
-        prev();
+        // SAFETY: the hook installed before ours; C, so called inside the FFI boundary.
+        pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| prev());
     }
     // AddinShmemInitLock is MainLWLockArray[21] (lwlocknames.txt).
     let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;

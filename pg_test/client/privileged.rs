@@ -737,3 +737,67 @@ fn test_o4_filled_tables_cannot_be_attached_as_partitions() {
         "no forged row joined the protected table"
     );
 }
+
+/// pg_tenancy's hooks chain to hooks installed before them (here pg_stat_statements'): an
+/// ERROR raised while a chained hook runs (the owner-DDL refusal, a failed CREATE INDEX)
+/// unwinds through pg_tenancy's guards, so nothing is left set after it: the owner's own
+/// functions run again, and reveals work after a failed index build rolled back to a
+/// savepoint.
+#[test]
+fn test_chained_hooks_leave_no_state_behind_after_an_error() {
+    let c =
+        Cluster::start_with_phi(&["shared_preload_libraries = 'pg_stat_statements,pg_tenancy'"]);
+    let mut su = c.connect("postgres", "app");
+    su.batch_execute(
+        "CREATE EXTENSION pg_tenancy;
+         CREATE TABLE public.t (id int, organization_id uuid NOT NULL, secret bytea);
+         GRANT SELECT, INSERT ON public.t TO app;
+         ALTER TABLE public.t OWNER TO owner;
+         SELECT tenancy.protect('public.t');",
+    )
+    .unwrap();
+    assert_eq!(
+        strings(&mut su, "SHOW shared_preload_libraries"),
+        ["pg_stat_statements,pg_tenancy"]
+    );
+    let mut owner = c.connect("owner", "app");
+    owner
+        .batch_execute(&format!(
+            "CREATE FUNCTION public.mine(t int) RETURNS boolean LANGUAGE sql IMMUTABLE AS 'SELECT true';
+             BEGIN; SELECT tenancy.set_org('{SHERWOOD}'); INSERT INTO public.t (id) VALUES (1); COMMIT;"
+        ))
+        .unwrap();
+    assert_eq!(
+        sqlstate(
+            owner.batch_execute("ALTER TABLE public.t ADD CONSTRAINT c CHECK (public.mine(id))")
+        ),
+        "42501"
+    );
+    // The refusal did not leave the guard set: the owner's function runs in its own queries.
+    let ok: bool = owner
+        .query_one("SELECT public.mine(1)", &[])
+        .unwrap()
+        .get(0);
+    assert!(ok);
+    // A failed CREATE INDEX (a storing command) rolled back to a savepoint: reveals work.
+    let mut app = c.connect("app", "app");
+    app.batch_execute(&format!(
+        "BEGIN; SELECT tenancy.set_org('{SHERWOOD}'); SAVEPOINT s;"
+    ))
+    .unwrap();
+    assert_ne!(
+        sqlstate(app.batch_execute("CREATE INDEX ON public.t (no_such_column)")),
+        "ok"
+    );
+    app.batch_execute("ROLLBACK TO SAVEPOINT s").unwrap();
+    let revealed: String = app
+        .query_one(
+            "SELECT tenancy.phi_reveal(tenancy.phi_encrypt('after'))",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(revealed, "after");
+    app.batch_execute("COMMIT").unwrap();
+    assert!(!c.log().contains("PANIC"));
+}
