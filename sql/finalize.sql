@@ -121,7 +121,7 @@ BEGIN
          'phi_reveal(bytea, text)', 'phi_reveal_bytea(bytea, text)', 'phi_reveal_jsonb(bytea, text)',
          'phi_rotate(bytea, text)', 'phi_rotate_for_tenant(bytea, text, text)', 'phi_key_id(bytea)',
          'phi_is_envelope(bytea)', 'audit_payload(bytea, bigint)', 'in_maintenance()',
-         'is_loaded_by_preload()', 'assert_preloaded()')
+         'is_loaded_by_preload()', 'assert_preloaded()', 'confined_ddl()')
   LOOP
     EXECUTE pg_catalog.format('ALTER FUNCTION %s SET search_path = pg_catalog, pg_temp', f.sig);
   END LOOP;

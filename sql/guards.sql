@@ -50,8 +50,9 @@ $$;
 
 -- Code that a protected table's own objects would run over its rows and that belongs to a
 -- role other than a superuser: CHECK and EXCLUDE constraints, index expressions and
--- predicates, column defaults and generation expressions, domain constraints of its column
--- types, each through a function or an operator; and any rule on it (a DO ALSO rule copies
+-- predicates, column defaults and generation expressions, extended statistics expressions
+-- (ANALYZE by a superuser or autovacuum evaluates them), policies, domain constraints of its
+-- column types, each through a function or an operator; and any rule on it (a DO ALSO rule copies
 -- every tenant's new rows). NULL when there is none. The drift guard refuses DDL by a role
 -- that is not a superuser which leaves such code behind; the report flags it.
 CREATE FUNCTION tenancy.foreign_code_problem(rel regclass) RETURNS text
@@ -62,6 +63,10 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT 'pg_class'::regclass, i.indexrelid FROM pg_index i WHERE i.indrelid = $1
     UNION ALL
     SELECT 'pg_attrdef'::regclass, d.oid FROM pg_attrdef d WHERE d.adrelid = $1
+    UNION ALL
+    SELECT 'pg_statistic_ext'::regclass, x.oid FROM pg_statistic_ext x WHERE x.stxrelid = $1
+    UNION ALL
+    SELECT 'pg_policy'::regclass, y.oid FROM pg_policy y WHERE y.polrelid = $1
     UNION ALL
     SELECT 'pg_constraint'::regclass, k.oid
       FROM pg_attribute a JOIN pg_constraint k ON k.contypid = a.atttypid
@@ -84,14 +89,15 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
       ORDER BY 1 LIMIT 1))
 $$;
 
--- Whether a table holds any row (every tenant's, RLS aside: it runs as the extension's owner
--- from the drift guard). ONLY: its own rows, not its children's.
+-- Whether a table or any of its children or partitions holds a row (every tenant's, RLS
+-- aside: it runs as the extension's owner from the drift guard). Rows kept in a child of the
+-- table count: an "empty" table with a filled child would graft them in.
 CREATE FUNCTION tenancy.has_rows(rel regclass) RETURNS boolean
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   found boolean;
 BEGIN
-  EXECUTE format('SELECT EXISTS (SELECT 1 FROM ONLY %s)', rel) INTO found;
+  EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s)', rel) INTO found;
   RETURN found;
 END $$;
 
@@ -119,13 +125,25 @@ DECLARE
   problem text;
   target regclass;
   t record;
+  su boolean;
+  graft record;
 BEGIN
   -- protect()/unprotect() at work, or a superuser restoring a dump (tenancy.restore_mode).
   IF tenancy.in_maintenance() OR coalesce(current_setting('tenancy.restore_mode', true), 'off') = 'on' THEN
     RETURN;
   END IF;
   PERFORM tenancy.check_audit_trail_guards();
+  su := (SELECT rolsuper FROM pg_roles WHERE rolname = session_user);
   FOR cmd IN SELECT * FROM pg_event_trigger_ddl_commands() LOOP
+    -- S1: in a tenant transaction nothing is made or changed that outlives it: temporary
+    -- functions, views, types, comments, defaults and tables that keep their definition would
+    -- carry this tenant's data into the next transaction on the connection. Only a temporary
+    -- table made ON COMMIT DROP (gone at commit) may be created there.
+    IF tenancy.current_org_id_text() IS NOT NULL AND NOT su AND NOT tenancy.confined_ddl() THEN
+      RAISE EXCEPTION '% cannot run in a tenant transaction: what it makes or changes outlives the transaction', cmd.command_tag
+        USING ERRCODE = '0A000',
+              HINT = 'Run DDL outside tenant transactions; for scratch space use CREATE TEMP TABLE ... ON COMMIT DROP.';
+    END IF;
     IF cmd.object_type = 'table' AND cmd.command_tag IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO') THEN
       target := cmd.objid::regclass;
       -- A partition or inheritance child of a protected table.
@@ -150,7 +168,20 @@ BEGIN
         PERFORM tenancy.protect(target::text, schema_col);
         INSERT INTO tenancy.protection_log (action, object, detail) VALUES ('auto_protect', target::text, 'new table in a protected schema');
       END IF;
-    ELSIF cmd.object_type IN ('table', 'table column', 'table constraint', 'policy', 'trigger', 'index', 'rule') THEN
+    ELSIF cmd.object_type = 'schema' AND cmd.command_tag = 'ALTER SCHEMA' THEN
+      -- RENAME: the registry follows the schema (a protected schema keeps protecting new
+      -- tables under its new name), and its tables' names are kept current.
+      UPDATE tenancy.protected_schemas s SET schema_name = n.nspname
+        FROM pg_namespace n
+       WHERE n.oid = cmd.objid
+         AND NOT EXISTS (SELECT 1 FROM pg_namespace o WHERE o.nspname = s.schema_name);
+      IF FOUND THEN
+        INSERT INTO tenancy.protection_log (action, object, detail) VALUES ('renamed', cmd.object_identity, 'ALTER SCHEMA');
+      END IF;
+      UPDATE tenancy.protected_tables p SET schema_name = n.nspname
+        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+       WHERE p.rel = c.oid AND n.oid = cmd.objid AND p.schema_name <> n.nspname;
+    ELSIF cmd.object_type IN ('table', 'table column', 'table constraint', 'policy', 'trigger', 'index', 'rule', 'statistics object') THEN
       -- ALTER TABLE, ALTER POLICY, CREATE INDEX, CREATE RULE ...: re-check every protected
       -- table touched.
       target := CASE cmd.object_type
@@ -161,14 +192,28 @@ BEGIN
                WHEN 'trigger' THEN (SELECT tgrelid FROM pg_trigger WHERE oid = cmd.objid)::regclass
                WHEN 'index' THEN (SELECT indrelid FROM pg_index WHERE indexrelid = cmd.objid)::regclass
                WHEN 'rule' THEN (SELECT ev_class FROM pg_rewrite WHERE oid = cmd.objid)::regclass
+               WHEN 'statistics object' THEN (SELECT stxrelid FROM pg_statistic_ext WHERE oid = cmd.objid)::regclass
              END;
+      -- A protected table must not become a child of a table that is not protected (a query
+      -- on the parent reads the child's rows without the child's row level security), whoever
+      -- asks: ALTER TABLE protected INHERIT other, ATTACH PARTITION protected into another.
+      SELECT i.inhrelid::regclass AS child, i.inhparent::regclass AS parent INTO graft
+        FROM pg_inherits i JOIN tenancy.protected_tables p ON p.rel = i.inhrelid
+       WHERE (i.inhrelid = target OR i.inhparent = target)
+         AND NOT EXISTS (SELECT 1 FROM tenancy.protected_tables q WHERE q.rel = i.inhparent)
+       LIMIT 1;
+      IF graft.child IS NOT NULL THEN
+        RAISE EXCEPTION '% refused: protected table % cannot become a child of %, which is not protected', cmd.command_tag, graft.child, graft.parent
+          USING ERRCODE = '42501',
+                HINT = 'Reads through the parent would skip the child''s row level security. Protect the parent first (tenancy.protect), as a superuser.';
+      END IF;
       -- ALTER TABLE child INHERIT parent: the command names the child. Rows of a table that
       -- was not protected would appear in the parent's tenants' reads: only an empty table
       -- may join (it is protected at once below), unless a superuser does it.
       IF target IS NOT NULL AND NOT EXISTS (SELECT 1 FROM tenancy.protected_tables p WHERE p.rel = target)
          AND EXISTS (SELECT 1 FROM pg_inherits i JOIN tenancy.protected_tables p ON p.rel = i.inhparent
                       WHERE i.inhrelid = target) THEN
-        IF NOT (SELECT rolsuper FROM pg_roles WHERE rolname = session_user) AND tenancy.has_rows(target) THEN
+        IF NOT su AND tenancy.has_rows(target) THEN
           RAISE EXCEPTION '% refused: % holds rows and would join protected table % unprotected', cmd.command_tag, target,
                 (SELECT i.inhparent::regclass FROM pg_inherits i WHERE i.inhrelid = target LIMIT 1)
             USING ERRCODE = '42501', HINT = 'Only an empty table can become a child of a protected table; move its rows in through tenant transactions afterwards.';
@@ -184,8 +229,15 @@ BEGIN
            AND cmd.command_tag = 'ALTER POLICY' THEN
           problem := 'pg_tenancy''s policies cannot be altered';
         END IF;
+        -- Policies run over every row, before the tenant floor when the planner finds them
+        -- cheaper (a RESTRICTIVE policy calling a COST 0.0001 function saw every tenant's
+        -- rows): only a superuser may add or change one on a protected table.
+        IF problem IS NULL AND NOT su AND cmd.object_type = 'policy'
+           AND cmd.command_tag IN ('CREATE POLICY', 'ALTER POLICY') THEN
+          problem := 'only a superuser may add or change its policies (they run over every tenant''s rows)';
+        END IF;
         -- Code of a role that is not a superuser left to run over every tenant's rows.
-        IF problem IS NULL AND NOT (SELECT rolsuper FROM pg_roles WHERE rolname = session_user) THEN
+        IF problem IS NULL AND NOT su THEN
           problem := tenancy.foreign_code_problem(target);
         END IF;
         IF problem IS NOT NULL THEN
@@ -205,7 +257,7 @@ BEGIN
         FOR t IN SELECT i.inhrelid::regclass AS child FROM pg_inherits i
                   WHERE i.inhparent = target
                     AND NOT EXISTS (SELECT 1 FROM tenancy.protected_tables p WHERE p.rel = i.inhrelid) LOOP
-          IF NOT (SELECT rolsuper FROM pg_roles WHERE rolname = session_user) AND tenancy.has_rows(t.child) THEN
+          IF NOT su AND tenancy.has_rows(t.child) THEN
             RAISE EXCEPTION '% refused: % holds rows and would join protected table % unprotected', cmd.command_tag, t.child, target
               USING ERRCODE = '42501', HINT = 'Only an empty table can become a partition or child of a protected table; move its rows in through tenant transactions afterwards.';
           END IF;

@@ -101,7 +101,7 @@ findings AS (
          'Make it SECURITY INVOKER, or make sure its owner is subject to FORCE RLS and the context.'
     FROM pg_proc p
     JOIN pg_namespace pn ON pn.oid = p.pronamespace
-    JOIN tenant_tables t ON p.prosrc ILIKE '%' || (SELECT relname FROM pg_class WHERE oid = t.oid) || '%'
+    JOIN tenant_tables t ON strpos(lower(p.prosrc), lower((SELECT relname FROM pg_class WHERE oid = t.oid)::text)) > 0
    WHERE p.prosecdef AND pn.nspname NOT IN ('pg_catalog', 'information_schema', 'tenancy')
   UNION ALL
   SELECT DISTINCT 'high', format('trigger %I on %s', tg.tgname, tg.tgrelid::regclass),
@@ -152,10 +152,45 @@ findings AS (
     JOIN pg_collation co ON co.oid = a.attcollation
    WHERE NOT co.collisdeterministic
   UNION ALL
+  -- O5: an index, constraint or default/generated expression that reads a PHI column through a
+  -- function that is not built in (a wrapper may reveal, and the result is stored).
+  SELECT DISTINCT 'high', pg_describe_object(d.classid, d.objid, d.objsubid) || ' on ' || t.name,
+         format('expression over PHI column %I calls %s: if it reveals, plaintext is stored', a.attname, f.oid::regprocedure),
+         'Drop it: index or check only the ciphertext (tenancy.phi_key_id) or a keyed hash computed by the application.'
+    FROM tenant_tables t
+    JOIN (SELECT 'pg_class'::regclass AS classid, i.indexrelid AS objid, i.indrelid AS rel FROM pg_index i
+          UNION ALL SELECT 'pg_constraint'::regclass, k.oid, k.conrelid FROM pg_constraint k WHERE k.conrelid <> 0
+          UNION ALL SELECT 'pg_attrdef'::regclass, ad.oid, ad.adrelid FROM pg_attrdef ad) o ON o.rel = t.oid
+    JOIN pg_depend d ON d.classid = o.classid AND d.objid = o.objid
+    JOIN pg_depend dc ON dc.classid = o.classid AND dc.objid = o.objid AND dc.refclassid = 'pg_class'::regclass
+                     AND dc.refobjid = t.oid AND dc.refobjsubid > 0
+    JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum = dc.refobjsubid AND a.atttypid = 'tenancy.phi'::regtype
+    JOIN pg_proc f ON d.refclassid = 'pg_proc'::regclass AND f.oid = d.refobjid
+   WHERE f.oid >= 16384
+     AND f.oid NOT IN ('tenancy.phi_key_id(bytea)'::regprocedure, 'tenancy.phi_is_envelope(bytea)'::regprocedure)
+  UNION ALL
   SELECT 'high', t.name, tenancy.foreign_code_problem(t.oid::regclass),
          'Drop it, or have a superuser own the function (review it first): it sees every tenant''s rows.'
     FROM tenant_tables t
    WHERE tenancy.foreign_code_problem(t.oid::regclass) IS NOT NULL
+  UNION ALL
+  SELECT 'critical', t.name,
+         format('child of %s, which is not protected: reads through the parent skip this table''s row level security', i.inhparent::regclass),
+         format('SELECT tenancy.protect(%L);', i.inhparent::regclass::text)
+    FROM tenant_tables t JOIN tenancy.protected_tables p ON p.rel = t.oid
+    JOIN pg_inherits i ON i.inhrelid = t.oid
+   WHERE NOT EXISTS (SELECT 1 FROM tenancy.protected_tables q WHERE q.rel = i.inhparent)
+  UNION ALL
+  SELECT 'high', coalesce('database ' || d.datname, 'all databases') || coalesce(', role ' || r.rolname, ''),
+         format('setting %s makes sessions (superusers'' included) start as another role', cfg),
+         format('ALTER %s RESET %s;', CASE WHEN s.setrole = 0 THEN 'DATABASE ' || quote_ident(d.datname) ELSE 'ROLE ' || quote_ident(r.rolname) END,
+                split_part(cfg, '=', 1))
+    FROM pg_db_role_setting s
+    LEFT JOIN pg_database d ON d.oid = s.setdatabase
+    LEFT JOIN pg_roles r ON r.oid = s.setrole
+    CROSS JOIN LATERAL unnest(s.setconfig) cfg
+   WHERE split_part(cfg, '=', 1) IN ('role', 'session_authorization')
+     AND (s.setdatabase = 0 OR d.datname = current_database())
   UNION ALL
   SELECT 'high', format('publication %I', pub.pubname),
          format('publishes tenant table %s: subscribers receive every tenant''s rows', t.name),

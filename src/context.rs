@@ -213,6 +213,7 @@ unsafe extern "C-unwind" fn process_utility(
     crate::session_objects::check_utility(pstmt);
     let _storing = StoringCommand::enter(pstmt);
     let _owner_ddl = crate::owner_ddl::Guard::enter(pstmt);
+    let _confined = crate::session_objects::ConfinedDdl::enter(pstmt);
     match PREV_PROCESS_UTILITY {
         // A chained hook (pg_stat_statements, ...) is C: an ERROR in it longjmps, so it is
         // called inside pgrx's FFI boundary, which turns the ERROR into a Rust unwind (the
@@ -251,6 +252,7 @@ unsafe extern "C-unwind" fn process_utility(
     crate::session_objects::check_utility(pstmt);
     let _storing = StoringCommand::enter(pstmt);
     let _owner_ddl = crate::owner_ddl::Guard::enter(pstmt);
+    let _confined = crate::session_objects::ConfinedDdl::enter(pstmt);
     match PREV_PROCESS_UTILITY {
         // A chained hook (pg_stat_statements, ...) is C: an ERROR in it longjmps, so it is
         // called inside pgrx's FFI boundary, which turns the ERROR into a Rust unwind (the

@@ -22,9 +22,12 @@ use std::time::Duration;
 /// Room for bursts: 16 pooled clients revealing in every transaction filled 512 slots under
 /// load (the hostile suite's soak on PG 13, with the worker polling every 100 ms); 2,048
 /// records are about 1.4 MB of shared memory.
-/// Settings the worker pins over whatever the database's owner set for the database: its SQL
-/// resolves names in the catalogs only, is not cut short, and commits durably.
+/// Settings the worker pins over whatever the database's owner set for the database: it runs
+/// as itself, its SQL resolves names in the catalogs only, is not cut short, and commits
+/// durably.
 const WORKER_SETTINGS: &[(&str, &str)] = &[
+    // First: `ALTER DATABASE ... SET role = owner` made the worker run as the owner (and fail).
+    ("role", "none"),
     ("search_path", "pg_catalog, pg_temp"),
     ("statement_timeout", "0"),
     ("lock_timeout", "0"),

@@ -7,7 +7,9 @@
 //! a large object (owned by the role, readable by every later session of it). WITH HOLD
 //! cursors are refused by the context (context.rs). In a tenant transaction:
 //! - `CREATE TEMP TABLE` (and `CREATE TEMP TABLE AS`, `SELECT INTO TEMP`) is refused unless
-//!   `ON COMMIT DROP` or `ON COMMIT DELETE ROWS`;
+//!   `ON COMMIT DROP`; any other DDL by a role that is not a superuser is refused by the drift
+//!   guard (temporary functions, views, types, comments, defaults outlive the transaction),
+//!   which asks [`confined_ddl`] whether the statement is such an ON COMMIT DROP table;
 //! - writing into a temporary table whose rows outlive the transaction (any not made `ON
 //!   COMMIT DROP` or `ON COMMIT DELETE ROWS`, whenever it was made: INSERT, UPDATE, DELETE,
 //!   MERGE, COPY FROM, also from functions and data-modifying CTEs) is refused;
@@ -15,7 +17,7 @@
 
 use crate::error::TenancyError;
 use pgrx::prelude::*;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashSet;
 
 thread_local! {
@@ -86,9 +88,9 @@ pub unsafe fn check_utility(pstmt: *mut pg_sys::PlannedStmt) {
     if rel.is_null() || (*rel).relpersistence as u8 != pg_sys::RELPERSISTENCE_TEMP {
         return;
     }
-    if on_commit != pg_sys::OnCommitAction::ONCOMMIT_DROP
-        && on_commit != pg_sys::OnCommitAction::ONCOMMIT_DELETE_ROWS
-    {
+    // ON COMMIT DELETE ROWS empties the table but keeps its definition (defaults, comments):
+    // only ON COMMIT DROP is gone with the transaction.
+    if on_commit != pg_sys::OnCommitAction::ONCOMMIT_DROP {
         TenancyError::SessionObject {
             what: "a temporary table that keeps its rows after the transaction".into(),
         }
@@ -117,6 +119,54 @@ unsafe fn refuse_if_session_temp(relid: pg_sys::Oid) {
         what: format!("rows in temporary table \"{name}\", which outlives the transaction"),
     }
     .report();
+}
+
+thread_local! {
+    static CONFINED_DDL: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Marks, for the duration of a utility statement, whether it creates a temporary table
+/// `ON COMMIT DROP` (the one kind of DDL a tenant transaction may run).
+pub struct ConfinedDdl(Option<bool>);
+
+impl ConfinedDdl {
+    /// # Safety
+    /// `pstmt` is the utility statement ProcessUtility was given.
+    pub unsafe fn enter(pstmt: *mut pg_sys::PlannedStmt) -> ConfinedDdl {
+        use pg_sys::NodeTag::*;
+        let stmt = (*pstmt).utilityStmt;
+        let (rel, on_commit) = if pgrx::is_a(stmt, T_CreateStmt) {
+            let create = stmt.cast::<pg_sys::CreateStmt>();
+            ((*create).relation, (*create).oncommit)
+        } else if pgrx::is_a(stmt, T_CreateTableAsStmt) {
+            let into = (*stmt.cast::<pg_sys::CreateTableAsStmt>()).into;
+            if into.is_null() {
+                return ConfinedDdl(None);
+            }
+            ((*into).rel, (*into).onCommit)
+        } else {
+            return ConfinedDdl(None);
+        };
+        let confined = !rel.is_null()
+            && (*rel).relpersistence as u8 == pg_sys::RELPERSISTENCE_TEMP
+            && on_commit == pg_sys::OnCommitAction::ONCOMMIT_DROP;
+        ConfinedDdl(confined.then(|| CONFINED_DDL.with(|c| c.replace(true))))
+    }
+}
+
+impl Drop for ConfinedDdl {
+    fn drop(&mut self) {
+        if let Some(previous) = self.0 {
+            CONFINED_DDL.with(|c| c.set(previous));
+        }
+    }
+}
+
+/// Whether the running utility statement creates a temporary table `ON COMMIT DROP` (for the
+/// drift guard, which refuses every other DDL in a tenant transaction).
+#[pg_extern(stable, parallel_restricted)]
+fn confined_ddl() -> bool {
+    CONFINED_DDL.with(Cell::get)
 }
 
 /// After a utility statement ran: notes temporary tables whose rows never outlive a

@@ -639,9 +639,13 @@ fn fuzz_sql(
     call: &str,
     iterations: i32,
 ) -> BTreeMap<String, i64> {
+    // Made outside the tenant transaction: DDL inside one is refused (S1).
+    c.batch_execute(
+        "CREATE TEMP TABLE IF NOT EXISTS fuzz_result (code text) ON COMMIT DELETE ROWS",
+    )
+    .unwrap();
     c.batch_execute(&format!(
         "BEGIN; {setup}
-         CREATE TEMP TABLE IF NOT EXISTS fuzz_result (code text) ON COMMIT DELETE ROWS;
          DO $fuzz$
          DECLARE input text; code text;
          BEGIN

@@ -48,6 +48,7 @@ const UNPINNED: &[&str] = &[
     "in_maintenance()",
     "is_loaded_by_preload()",
     "assert_preloaded()",
+    "confined_ddl()",
 ];
 
 #[test]
@@ -691,6 +692,29 @@ fn test_o4_o5_owner_ddl_runs_no_owner_code_over_tenant_rows() {
     );
     su.batch_execute("ALTER TABLE clinic.ddl_target DROP CONSTRAINT peek")
         .unwrap();
+    // A superuser (trusted) can still make an index over a PHI column through a wrapper of its
+    // own: the report names it (here one that indexes no row yet, WHERE false).
+    su.batch_execute(
+        "CREATE FUNCTION public.su_helper(b bytea) RETURNS text LANGUAGE plpgsql STABLE AS $$
+         BEGIN RETURN tenancy.phi_reveal(b); EXCEPTION WHEN OTHERS THEN RETURN NULL; END $$;
+         CREATE FUNCTION public.su_wrap(b bytea) RETURNS text LANGUAGE sql IMMUTABLE AS 'SELECT public.su_helper(b)';
+         CREATE INDEX patients_plain ON clinic.patients (public.su_wrap(first_name)) WHERE false;",
+    )
+    .unwrap();
+    let found = strings(
+        &mut su,
+        "SELECT object || ': ' || finding FROM tenancy.isolation_report() WHERE object LIKE '%patients_plain%'",
+    );
+    assert!(
+        found
+            .iter()
+            .any(|f| f.contains("PHI column first_name") && f.contains("su_wrap")),
+        "{found:?}"
+    );
+    su.batch_execute(
+        "DROP INDEX clinic.patients_plain; DROP FUNCTION public.su_wrap(bytea); DROP FUNCTION public.su_helper(bytea);",
+    )
+    .unwrap();
     assert!(!is_superuser(&mut su, "owner"));
 }
 
@@ -800,4 +824,136 @@ fn test_chained_hooks_leave_no_state_behind_after_an_error() {
     assert_eq!(revealed, "after");
     app.batch_execute("COMMIT").unwrap();
     assert!(!c.log().contains("PANIC"));
+}
+
+/// Found by an attacker pass on 0.2.1 (II-2/9 follow-up), each as the owner:
+/// a RESTRICTIVE policy with a cheap function ran before the tenant floor over every row;
+/// a protected table made a child of the owner's unprotected parent was read and written
+/// through the parent; an "empty" table whose child held forged rows joined a protected table;
+/// a CREATE STATISTICS expression ran the owner's code in a superuser's (or autovacuum's)
+/// ANALYZE; a schema rename left new tables unprotected.
+#[test]
+fn test_attacker_pass_owner_variants_are_refused() {
+    let c = cluster();
+    let mut owner = c.connect("owner", "app");
+    owner
+        .batch_execute(
+            "CREATE SCHEMA IF NOT EXISTS owner_code2;
+             CREATE FUNCTION owner_code2.peek(r clinic.reviews) RETURNS boolean LANGUAGE plpgsql COST 0.0001
+               AS $$ BEGIN RAISE NOTICE 'peek: %', r; RETURN true; END $$;
+             CREATE FUNCTION owner_code2.lk(t text) RETURNS text LANGUAGE plpgsql IMMUTABLE AS $$ BEGIN RETURN t; END $$;
+             CREATE TABLE owner_code2.p (body text);
+             CREATE TABLE owner_code2.pp (id bigint, organization_id uuid NOT NULL, v text) PARTITION BY LIST (id);
+             CREATE TABLE owner_code2.c1 (LIKE clinic.locations);
+             CREATE TABLE owner_code2.g1 () INHERITS (owner_code2.c1);",
+        )
+        .unwrap();
+    owner
+        .batch_execute(&format!(
+            "INSERT INTO owner_code2.g1 (organization_id, id, name) VALUES ('{CONWAY}', gen_random_uuid(), 'forged by owner')"
+        ))
+        .unwrap();
+    owner
+        .batch_execute(
+            "CREATE TABLE clinic.parts (id bigint, organization_id uuid NOT NULL, v text) PARTITION BY LIST (id);
+             CREATE TABLE clinic.parts_1 (id bigint, organization_id uuid NOT NULL, v text);",
+        )
+        .unwrap();
+    for stmt in [
+        "CREATE POLICY aaa_helper ON clinic.reviews AS RESTRICTIVE FOR SELECT TO PUBLIC USING (owner_code2.peek(reviews))",
+        "CREATE POLICY aaa_plain ON clinic.reviews AS PERMISSIVE FOR SELECT TO PUBLIC USING (true)",
+        "ALTER POLICY tenancy_tenant_rows ON clinic.reviews RENAME TO x",
+        "ALTER TABLE clinic.reviews INHERIT owner_code2.p",
+        "ALTER TABLE owner_code2.c1 INHERIT clinic.locations",
+        "CREATE STATISTICS clinic.st3 ON (owner_code2.lk(body)), rating FROM clinic.reviews",
+    ] {
+        assert_eq!(sqlstate(owner.batch_execute(stmt)), "42501", "refused: {stmt}");
+    }
+    // ATTACH PARTITION of a protected table into the owner's unprotected partitioned table.
+    let mut su = c.connect("postgres", "app");
+    assert_eq!(
+        sqlstate(su.batch_execute(
+            "ALTER TABLE owner_code2.pp ATTACH PARTITION clinic.parts_1 FOR VALUES IN (1)"
+        )),
+        "42501",
+        "not even a superuser makes a protected table a child of an unprotected one"
+    );
+    // Nothing forged reached Conway's locations.
+    assert_eq!(
+        count(
+            &mut su,
+            "SELECT count(*) FROM clinic.locations WHERE name = 'forged by owner'"
+        ),
+        0
+    );
+    // A schema rename: the protected schema keeps protecting new tables under its new name.
+    owner.batch_execute("CREATE SCHEMA moving; ").unwrap();
+    su.batch_execute(
+        "CREATE TABLE moving.first (id int, organization_id uuid NOT NULL);
+         SELECT tenancy.protect_all('moving');",
+    )
+    .unwrap();
+    owner
+        .batch_execute(
+            "ALTER SCHEMA moving RENAME TO moved;
+             CREATE TABLE moved.later (id int, organization_id uuid NOT NULL, secret text);",
+        )
+        .unwrap();
+    assert_eq!(
+        count(
+            &mut su,
+            "SELECT count(*) FROM tenancy.protected_tables WHERE rel = 'moved.later'::regclass"
+        ),
+        1,
+        "new table in the renamed schema is protected"
+    );
+    assert_eq!(
+        strings(
+            &mut su,
+            "SELECT schema_name::text FROM tenancy.protected_schemas WHERE schema_name IN ('moving', 'moved')"
+        ),
+        ["moved"]
+    );
+    assert!(!is_superuser(&mut su, "owner"));
+}
+
+/// F6 of the attacker pass: `ALTER DATABASE ... SET role = <owner>` by the database owner made
+/// the reveal worker (and every superuser session) start as the owner: the worker failed and
+/// reveals went unrecorded. The worker now runs as itself; the report names the setting.
+#[test]
+fn test_a_database_role_setting_does_not_take_over_the_reveal_worker() {
+    let c = reference_cluster();
+    let mut owner = c.connect("owner", "app");
+    owner
+        .batch_execute("ALTER DATABASE app SET role = 'owner'")
+        .unwrap();
+    c.restart();
+    let mut app = c.connect("app", "app");
+    app.batch_execute(&format!(
+        "BEGIN; SELECT tenancy.set_org('{CONWAY}');
+         SELECT tenancy.phi_reveal(last_name) FROM clinic.patients; COMMIT;"
+    ))
+    .unwrap();
+    let mut su = c.connect("postgres", "postgres");
+    let mut clean = c.connect("postgres", "app");
+    clean.batch_execute("SET ROLE NONE").unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while count(
+        &mut clean,
+        "SELECT count(*) FROM tenancy.audit_events WHERE action = 'REVEAL'",
+    ) == 0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the worker recorded the reveal: {}",
+            c.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let found = strings(
+        &mut clean,
+        "SELECT object || ': ' || finding FROM tenancy.isolation_report() WHERE finding LIKE 'setting role%'",
+    );
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(!is_superuser(&mut su, "owner"));
 }

@@ -79,15 +79,31 @@ fn test_s1_temp_tables_keep_no_tenant_rows_past_the_transaction() {
     app.batch_execute(
         "CREATE TEMP TABLE scratch ON COMMIT DROP AS SELECT * FROM clinic.patients;
          INSERT INTO scratch SELECT * FROM clinic.patients;
-         CREATE TEMP TABLE scratch2 (first_name bytea) ON COMMIT DELETE ROWS;
-         INSERT INTO scratch2 SELECT first_name FROM clinic.patients;
+         CREATE TEMP TABLE scratch3 (first_name bytea) ON COMMIT DROP;
+         INSERT INTO scratch3 SELECT first_name FROM clinic.patients;
          COMMIT;",
     )
     .unwrap();
+    // Everything else that would outlive the transaction with this tenant's data in its
+    // definition is refused: temporary functions, views, types, comments, defaults, a table
+    // ON COMMIT DELETE ROWS (rows go, its definition stays).
+    for stmt in [
+        "DO $$ BEGIN EXECUTE format('CREATE FUNCTION pg_temp.leak() RETURNS text LANGUAGE sql AS %L',
+            'SELECT ' || quote_literal((SELECT body FROM clinic.reviews LIMIT 1))); END $$",
+        "DO $$ BEGIN EXECUTE format('CREATE TEMP VIEW leak AS SELECT %L AS v', (SELECT body FROM clinic.reviews LIMIT 1)); END $$",
+        "DO $$ BEGIN EXECUTE format('COMMENT ON TABLE earlier IS %L', (SELECT body FROM clinic.reviews LIMIT 1)); END $$",
+        "DO $$ BEGIN EXECUTE format('ALTER TABLE earlier ADD COLUMN leak text DEFAULT %L', (SELECT body FROM clinic.reviews LIMIT 1)); END $$",
+        "DO $$ BEGIN EXECUTE format('CREATE TYPE pg_temp.leakt AS ENUM (%L)', (SELECT body FROM clinic.reviews LIMIT 1)); END $$",
+        "CREATE TEMP TABLE scratch2 (first_name bytea) ON COMMIT DELETE ROWS",
+        "CREATE TEMP SEQUENCE leak_seq",
+    ] {
+        enter(&mut app, SHERWOOD);
+        assert_eq!(sqlstate(app.batch_execute(stmt)), "0A000", "{stmt}");
+        app.batch_execute("ROLLBACK").unwrap();
+    }
     // The next tenant on the connection finds nothing of Sherwood's.
     enter(&mut app, CONWAY);
     assert_eq!(count(&mut app, "SELECT count(*) FROM earlier"), 0);
-    assert_eq!(count(&mut app, "SELECT count(*) FROM scratch2"), 0);
     assert_eq!(
         sqlstate(app.query("SELECT * FROM scratch", &[])),
         "42P01",
