@@ -196,6 +196,17 @@ BEGIN
         PERFORM tenancy.protect(target::text, schema_col);
         INSERT INTO tenancy.protection_log (action, object, detail) VALUES ('auto_protect', target::text, 'new table in a protected schema');
       END IF;
+    ELSIF cmd.object_type = 'domain' AND NOT su THEN
+      -- ALTER DOMAIN ... ADD CONSTRAINT: the constraint runs on every write of every protected
+      -- table with a column of the domain.
+      FOR t IN SELECT DISTINCT p.rel FROM tenancy.protected_tables p
+                 JOIN pg_attribute a ON a.attrelid = p.rel AND a.atttypid = cmd.objid AND NOT a.attisdropped LOOP
+        problem := tenancy.foreign_code_problem(t.rel);
+        IF problem IS NOT NULL THEN
+          RAISE EXCEPTION '% refused on protected table %: %', cmd.command_tag, t.rel, problem
+            USING ERRCODE = '42501', HINT = 'Ask a superuser to review the function and own it.';
+        END IF;
+      END LOOP;
     ELSIF cmd.object_type = 'schema' AND cmd.command_tag = 'ALTER SCHEMA' THEN
       -- RENAME: the registry follows the schema (a protected schema keeps protecting new
       -- tables under its new name), and its tables' names are kept current.

@@ -83,6 +83,10 @@ unsafe fn targets_forced_table(stmt: *mut pg_sys::Node) -> bool {
             return true; // CLUSTER of every clustered table
         }
         (*cluster).relation
+    } else if pgrx::is_a(stmt, T_AlterDomainStmt) {
+        // ALTER DOMAIN ... ADD CONSTRAINT / VALIDATE checks every column of the domain, in
+        // protected tables too: whatever domain it is, no owner code runs meanwhile.
+        return true;
     } else if pgrx::is_a(stmt, T_VacuumStmt) {
         let vacuum = stmt.cast::<pg_sys::VacuumStmt>();
         let rels = (*vacuum).rels;

@@ -869,6 +869,23 @@ fn test_attacker_pass_owner_variants_are_refused() {
     ] {
         assert_eq!(sqlstate(owner.batch_execute(stmt)), "42501", "refused: {stmt}");
     }
+    // A domain constraint added later runs over every row of every table using the domain.
+    owner
+        .batch_execute(
+            "CREATE DOMAIN owner_code2.note AS text;
+             ALTER TABLE clinic.reviews ADD COLUMN note owner_code2.note;",
+        )
+        .unwrap();
+    assert_eq!(
+        sqlstate(owner.batch_execute(
+            "ALTER DOMAIN owner_code2.note ADD CONSTRAINT peek CHECK (owner_code2.lk(VALUE) IS NOT NULL OR VALUE IS NULL)"
+        )),
+        "42501",
+        "ALTER DOMAIN ADD CONSTRAINT with owner code"
+    );
+    owner
+        .batch_execute("ALTER TABLE clinic.reviews DROP COLUMN note")
+        .unwrap();
     // ATTACH PARTITION of a protected table into the owner's unprotected partitioned table.
     let mut su = c.connect("postgres", "app");
     assert_eq!(
