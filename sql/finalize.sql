@@ -49,6 +49,7 @@ COMMENT ON FUNCTION tenancy.in_maintenance() IS
 -- PHI encryption.
 REVOKE EXECUTE ON FUNCTION tenancy.phi_rotate_for_tenant(bytea, text, text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION tenancy.phi_key_status() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION tenancy.refuse_foreign_code_in_transaction() FROM PUBLIC;
 COMMENT ON FUNCTION tenancy.phi_encrypt(text, text) IS
   'Encrypt a text value with AES-256-GCM under the active key, bound to the current tenant (and the optional label). Requires a tenant context.';
 COMMENT ON FUNCTION tenancy.phi_encrypt(bytea, text) IS 'phi_encrypt for bytea values.';
@@ -121,7 +122,8 @@ BEGIN
          'phi_reveal(bytea, text)', 'phi_reveal_bytea(bytea, text)', 'phi_reveal_jsonb(bytea, text)',
          'phi_rotate(bytea, text)', 'phi_rotate_for_tenant(bytea, text, text)', 'phi_key_id(bytea)',
          'phi_is_envelope(bytea)', 'audit_payload(bytea, bigint)', 'in_maintenance()',
-         'is_loaded_by_preload()', 'assert_preloaded()', 'confined_ddl()')
+         'is_loaded_by_preload()', 'assert_preloaded()', 'confined_ddl()',
+         'refuse_foreign_code_in_transaction()')
   LOOP
     EXECUTE pg_catalog.format('ALTER FUNCTION %s SET search_path = pg_catalog, pg_temp', f.sig);
   END LOOP;

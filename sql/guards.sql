@@ -57,7 +57,18 @@ $$;
 -- that is not a superuser which leaves such code behind; the report flags it.
 CREATE FUNCTION tenancy.foreign_code_problem(rel regclass) RETURNS text
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-  WITH objects AS (
+  WITH RECURSIVE types(oid) AS (
+    SELECT a.atttypid FROM pg_attribute a WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
+    UNION
+    SELECT nxt.oid FROM types ty JOIN pg_type t ON t.oid = ty.oid
+      CROSS JOIN LATERAL (
+        SELECT t.typbasetype WHERE t.typtype = 'd'
+        UNION ALL SELECT t.typelem WHERE t.typelem <> 0
+        UNION ALL SELECT ca.atttypid FROM pg_attribute ca
+                   WHERE t.typtype = 'c' AND ca.attrelid = t.typrelid AND ca.attnum > 0 AND NOT ca.attisdropped
+      ) nxt(oid)
+  ),
+  objects AS (
     SELECT 'pg_constraint'::regclass AS classid, k.oid AS objid FROM pg_constraint k WHERE k.conrelid = $1
     UNION ALL
     SELECT 'pg_class'::regclass, i.indexrelid FROM pg_index i WHERE i.indrelid = $1
@@ -68,9 +79,10 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     UNION ALL
     SELECT 'pg_policy'::regclass, y.oid FROM pg_policy y WHERE y.polrelid = $1
     UNION ALL
+    -- Domain constraints of every type a column holds: its domain, that domain's base
+    -- domains, and domains inside composite and array types, at any depth.
     SELECT 'pg_constraint'::regclass, k.oid
-      FROM pg_attribute a JOIN pg_constraint k ON k.contypid = a.atttypid
-     WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
+      FROM types ty JOIN pg_constraint k ON k.contypid = ty.oid
   ),
   calls AS (
     SELECT d.classid, d.objid, d.objsubid,
@@ -151,7 +163,10 @@ BEGIN
         FROM pg_inherits i JOIN tenancy.protected_tables p ON p.rel = i.inhparent
        WHERE i.inhrelid = cmd.objid;
       IF parent_col IS NOT NULL THEN
-        PERFORM tenancy.protect(target::text, parent_col);
+        -- Audited like its parent: writes straight into a partition are changes too.
+        PERFORM tenancy.protect(target::text, parent_col,
+                                audit => EXISTS (SELECT 1 FROM pg_inherits i JOIN tenancy.protected_tables p ON p.rel = i.inhparent
+                                                  WHERE i.inhrelid = cmd.objid AND p.audited));
         INSERT INTO tenancy.protection_log (action, object, detail) VALUES ('auto_protect', target::text, 'child of a protected table');
         CONTINUE;
       END IF;
@@ -168,17 +183,25 @@ BEGIN
         PERFORM tenancy.protect(target::text, schema_col);
         INSERT INTO tenancy.protection_log (action, object, detail) VALUES ('auto_protect', target::text, 'new table in a protected schema');
       END IF;
-    ELSIF cmd.object_type = 'domain' AND NOT su THEN
+    ELSIF cmd.command_tag IN ('ALTER DOMAIN', 'CREATE DOMAIN') AND NOT su THEN
       -- ALTER DOMAIN ... ADD CONSTRAINT: the constraint runs on every write of every protected
       -- table with a column of the domain.
-      FOR t IN SELECT DISTINCT p.rel FROM tenancy.protected_tables p
-                 JOIN pg_attribute a ON a.attrelid = p.rel AND a.atttypid = cmd.objid AND NOT a.attisdropped LOOP
+      FOR t IN SELECT p.rel FROM tenancy.protected_tables p LOOP
         problem := tenancy.foreign_code_problem(t.rel);
         IF problem IS NOT NULL THEN
           RAISE EXCEPTION '% refused on protected table %: %', cmd.command_tag, t.rel, problem
             USING ERRCODE = '42501', HINT = 'Ask a superuser to review the function and own it.';
         END IF;
       END LOOP;
+    ELSIF cmd.object_type = 'type' AND cmd.command_tag = 'ALTER TYPE' AND NOT su
+          AND EXISTS (SELECT 1 FROM tenancy.protected_tables p
+                        JOIN pg_attribute a ON a.attrelid = p.rel AND NOT a.attisdropped
+                        JOIN pg_type ty ON ty.oid = a.atttypid
+                       WHERE a.atttypid = cmd.objid OR ty.typelem = cmd.objid OR ty.typbasetype = cmd.objid) THEN
+      -- Renaming an enum's values relabels every tenant's rows at once (the event does not
+      -- tell RENAME VALUE from ADD VALUE, so both are a superuser's).
+      RAISE EXCEPTION 'ALTER TYPE refused: % is used by a protected table, and changing it can change every tenant''s values', cmd.object_identity
+        USING ERRCODE = '42501', HINT = 'Ask a superuser to run it.';
     ELSIF cmd.object_type = 'schema' AND cmd.command_tag = 'ALTER SCHEMA' THEN
       -- RENAME: the registry follows the schema (a protected schema keeps protecting new
       -- tables under its new name), and its tables' names are kept current.
@@ -221,6 +244,26 @@ BEGIN
       -- ALTER TABLE child INHERIT parent: the command names the child. Rows of a table that
       -- was not protected would appear in the parent's tenants' reads: only an empty table
       -- may join (it is protected at once below), unless a superuser does it.
+      -- ALTER TABLE ... SET SCHEMA into a protected schema, or ADD COLUMN of the tenant column
+      -- there: the table becomes a tenant table like one created there, and it may not bring
+      -- rows of its own (they would be adopted into the tenants they name).
+      IF target IS NOT NULL AND cmd.object_type IN ('table', 'table column')
+         AND NOT EXISTS (SELECT 1 FROM tenancy.protected_tables p WHERE p.rel = target)
+         AND NOT EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhrelid = target) THEN
+        SELECT s.tenant_column INTO schema_col
+          FROM tenancy.protected_schemas s JOIN pg_class c ON c.oid = target
+          JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = s.schema_name
+         WHERE c.relkind IN ('r', 'p')
+           AND EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = target AND a.attname = s.tenant_column AND NOT a.attisdropped);
+        IF schema_col IS NOT NULL THEN
+          IF NOT su AND tenancy.has_rows(target) THEN
+            RAISE EXCEPTION '% refused: % holds rows and would become a tenant table of a protected schema', cmd.command_tag, target
+              USING ERRCODE = '42501', HINT = 'Only an empty table can join a protected schema; move its rows in through tenant transactions afterwards.';
+          END IF;
+          PERFORM tenancy.protect(target::text, schema_col);
+          INSERT INTO tenancy.protection_log (action, object, detail) VALUES ('auto_protect', target::text, 'moved into a protected schema');
+        END IF;
+      END IF;
       IF target IS NOT NULL AND NOT EXISTS (SELECT 1 FROM tenancy.protected_tables p WHERE p.rel = target)
          AND EXISTS (SELECT 1 FROM pg_inherits i JOIN tenancy.protected_tables p ON p.rel = i.inhparent
                       WHERE i.inhrelid = target) THEN
@@ -230,7 +273,9 @@ BEGIN
             USING ERRCODE = '42501', HINT = 'Only an empty table can become a child of a protected table; move its rows in through tenant transactions afterwards.';
         END IF;
         PERFORM tenancy.protect(target::text, (SELECT p.tenant_column FROM pg_inherits i JOIN tenancy.protected_tables p ON p.rel = i.inhparent
-                                                WHERE i.inhrelid = target LIMIT 1));
+                                                WHERE i.inhrelid = target LIMIT 1),
+                                audit => EXISTS (SELECT 1 FROM pg_inherits i JOIN tenancy.protected_tables p ON p.rel = i.inhparent
+                                                  WHERE i.inhrelid = target AND p.audited));
         INSERT INTO tenancy.protection_log (action, object, detail) VALUES ('auto_protect', target::text, 'inherits from a protected table');
       END IF;
       IF target IS NOT NULL AND EXISTS (SELECT 1 FROM tenancy.protected_tables p WHERE p.rel = target) THEN
@@ -272,7 +317,8 @@ BEGIN
             RAISE EXCEPTION '% refused: % holds rows and would join protected table % unprotected', cmd.command_tag, t.child, target
               USING ERRCODE = '42501', HINT = 'Only an empty table can become a partition or child of a protected table; move its rows in through tenant transactions afterwards.';
           END IF;
-          PERFORM tenancy.protect(t.child::text, (SELECT p.tenant_column FROM tenancy.protected_tables p WHERE p.rel = target));
+          PERFORM tenancy.protect(t.child::text, (SELECT p.tenant_column FROM tenancy.protected_tables p WHERE p.rel = target),
+                                  audit => (SELECT p.audited FROM tenancy.protected_tables p WHERE p.rel = target));
           INSERT INTO tenancy.protection_log (action, object, detail) VALUES ('auto_protect', t.child::text, 'attached to a protected table');
         END LOOP;
       END IF;

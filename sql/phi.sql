@@ -22,6 +22,9 @@ BEGIN
   IF NOT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
     RAISE EXCEPTION 'only a superuser may call tenancy.phi_rotate_column()' USING ERRCODE = '42501';
   END IF;
+  -- The UPDATE below fires the table's triggers and domain checks as this superuser: code
+  -- of any other role (the schema owner's triggers) is refused for the rest of the batch.
+  PERFORM tenancy.refuse_foreign_code_in_transaction();
   SELECT key_id INTO active FROM tenancy.phi_key_status() WHERE phi_key_status.active;
   IF active IS NULL THEN
     RAISE EXCEPTION 'no active PHI key is loaded' USING ERRCODE = '55000',

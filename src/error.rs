@@ -90,7 +90,11 @@ pub enum TenancyError {
         "{function} of role {owner} cannot run in DDL on a table with forced row level security"
     )]
     ForeignCodeInDdl { function: String, owner: String },
-    #[error("{what} cannot be made in a tenant transaction")]
+    #[error(
+        "ALTER COLUMN ... TYPE ... USING cannot run on a table with forced row level security"
+    )]
+    RewriteInDdl,
+    #[error("{what} is not allowed in a tenant transaction")]
     SessionObject { what: String },
     #[error("audit action name \"{action}\" is reserved for pg_tenancy's own events")]
     ReservedAction { action: String },
@@ -140,7 +144,7 @@ impl TenancyError {
             Self::BadAction => ERRCODE_INVALID_PARAMETER_VALUE,
             Self::ReservedAction { .. } => ERRCODE_RESERVED_NAME,
             Self::SessionObject { .. } => ERRCODE_FEATURE_NOT_SUPPORTED,
-            Self::ForeignCodeInDdl { .. } => ERRCODE_INSUFFICIENT_PRIVILEGE,
+            Self::ForeignCodeInDdl { .. } | Self::RewriteInDdl => ERRCODE_INSUFFICIENT_PRIVILEGE,
             Self::RevealNotAudited { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             Self::AuditTriggerMisdefined { .. } => ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
         }
@@ -245,6 +249,9 @@ impl TenancyError {
                 "ANALYZE, CREATE INDEX, REINDEX and CLUSTER would store plaintext at rest; drop statistics or indexes on decrypted values.",
             ),
             Self::BadAction => Some("Action names are 1 to 64 letters, digits, '_', '.', ':' or '-'."),
+            Self::RewriteInDdl => Some(
+                "It rewrites every tenant's values with an expression of your choice: ask a superuser, or change the type without USING.",
+            ),
             Self::ForeignCodeInDdl { .. } => Some(
                 "Utility commands read every tenant's rows: on protected tables they run only built-in functions and functions a superuser owns. Ask a superuser to run it, or to own the function after review.",
             ),
@@ -341,6 +348,7 @@ mod tests {
                 function: "f()".into(),
                 owner: "o".into(),
             },
+            TenancyError::RewriteInDdl,
             TenancyError::TenantColumnCollation {
                 relation: "t".into(),
                 column: "c".into(),

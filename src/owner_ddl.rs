@@ -22,7 +22,17 @@ use std::cell::Cell;
 thread_local! {
     /// How many guarded utility commands are running (they nest: an event trigger's DDL).
     static GUARDED: Cell<u32> = const { Cell::new(0) };
+    /// Guarded until the transaction ends: set by maintenance functions a superuser runs over
+    /// every tenant's rows (key rotation), so the owner's triggers and domain checks cannot run
+    /// with the superuser's rights.
+    static GUARDED_XACT: Cell<bool> = const { Cell::new(false) };
+    /// The error that aborted a guarded command is reported without its message and detail:
+    /// they can hold other tenants' values ("invalid input syntax for type integer: ...",
+    /// "Key (body)=(...) is duplicated", "Failing row contains (...)").
+    static SCRUB_NEXT_ERROR: Cell<bool> = const { Cell::new(false) };
 }
+
+static mut PREV_EMIT_LOG_HOOK: pg_sys::emit_log_hook_type = None;
 
 static mut PREV_NEEDS_FMGR_HOOK: pg_sys::needs_fmgr_hook_type = None;
 static mut PREV_FMGR_HOOK: pg_sys::fmgr_hook_type = None;
@@ -35,6 +45,73 @@ pub fn init() {
         pg_sys::needs_fmgr_hook = Some(needs_fmgr_hook);
         PREV_FMGR_HOOK = pg_sys::fmgr_hook;
         pg_sys::fmgr_hook = Some(fmgr_hook);
+        PREV_EMIT_LOG_HOOK = pg_sys::emit_log_hook;
+        pg_sys::emit_log_hook = Some(emit_log_hook);
+        pg_sys::RegisterXactCallback(Some(xact_callback), std::ptr::null_mut());
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn xact_callback(
+    event: pg_sys::XactEvent::Type,
+    _arg: *mut core::ffi::c_void,
+) {
+    use pg_sys::XactEvent::*;
+    if matches!(
+        event,
+        XACT_EVENT_COMMIT
+            | XACT_EVENT_ABORT
+            | XACT_EVENT_PARALLEL_COMMIT
+            | XACT_EVENT_PARALLEL_ABORT
+            | XACT_EVENT_PREPARE
+    ) {
+        GUARDED_XACT.with(|g| g.set(false));
+        GUARDED.with(|g| g.set(0));
+    }
+}
+
+/// Refuses code of roles that are not superusers until the end of the transaction. Called by
+/// maintenance functions that write every tenant's rows as a superuser (phi_rotate_column).
+#[pg_extern(volatile, parallel_unsafe)]
+fn refuse_foreign_code_in_transaction() -> bool {
+    GUARDED_XACT.with(|g| g.set(true));
+    true
+}
+
+/// The category bits of SQLSTATE class `c1c2` (PostgreSQL's MAKE_SQLSTATE, first two chars).
+const fn sqlstate_class(c1: u8, c2: u8) -> i32 {
+    (((c1 - b'0') & 0x3F) as i32) | ((((c2 - b'0') & 0x3F) as i32) << 6)
+}
+
+/// Replaces the message and detail of the error that aborted a guarded command.
+#[pg_guard]
+unsafe extern "C-unwind" fn emit_log_hook(edata: *mut pg_sys::ErrorData) {
+    // Data exceptions (class 22: "invalid input syntax for type integer: <value>") and
+    // integrity violations (class 23: "Key (col)=(<value>)", "Failing row contains (...)")
+    // carry row values; pg_tenancy's own refusals (42501, 0A000) keep their text.
+    let category = |code: i32| code & 0xFFF;
+    let carries_values = |code: i32| {
+        category(code) == sqlstate_class(b'2', b'2') || category(code) == sqlstate_class(b'2', b'3')
+    };
+    if !edata.is_null()
+        && (*edata).elevel >= pg_sys::PGERROR as i32
+        && SCRUB_NEXT_ERROR.with(|s| s.replace(false))
+        && carries_values((*edata).sqlerrcode)
+    {
+        const MESSAGE: &std::ffi::CStr =
+            c"pg_tenancy: a command over a protected table's rows failed; its message is withheld (it could show other tenants' values)";
+        const HINT: &std::ffi::CStr =
+            c"Run it as a superuser to see the message, or add constraints NOT VALID and let a superuser validate them.";
+        (*edata).message = pg_sys::pstrdup(MESSAGE.as_ptr());
+        (*edata).detail = std::ptr::null_mut();
+        (*edata).detail_log = std::ptr::null_mut();
+        (*edata).hint = pg_sys::pstrdup(HINT.as_ptr());
+        (*edata).context = std::ptr::null_mut();
+        (*edata).internalquery = std::ptr::null_mut();
+    }
+    if let Some(prev) = PREV_EMIT_LOG_HOOK {
+        // SAFETY: the hook installed before ours; C, so called inside the FFI boundary.
+        pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| prev(edata));
     }
 }
 
@@ -46,8 +123,15 @@ impl Guard {
     /// # Safety
     /// `pstmt` is the utility statement ProcessUtility was given.
     pub unsafe fn enter(pstmt: *mut pg_sys::PlannedStmt) -> Guard {
-        let guarded = !pg_sys::superuser() && targets_forced_table((*pstmt).utilityStmt);
+        let stmt = (*pstmt).utilityStmt;
+        // A superuser's maintenance (REINDEX, CLUSTER, VACUUM, ANALYZE) is guarded too: an
+        // index or statistics object an owner left behind must not run the owner's code with
+        // a superuser's rights.
+        let guarded = targets_forced_table(stmt) && (!pg_sys::superuser() || is_maintenance(stmt));
         if guarded {
+            if !pg_sys::superuser() {
+                refuse_rewrites(stmt);
+            }
             GUARDED.with(|g| g.set(g.get() + 1));
         }
         Guard(guarded)
@@ -58,6 +142,42 @@ impl Drop for Guard {
     fn drop(&mut self) {
         if self.0 {
             GUARDED.with(|g| g.set(g.get().saturating_sub(1)));
+            if std::thread::panicking() {
+                // The command is being aborted by an ERROR: withhold its text.
+                SCRUB_NEXT_ERROR.with(|s| s.set(true));
+            }
+        }
+    }
+}
+
+unsafe fn is_maintenance(stmt: *mut pg_sys::Node) -> bool {
+    use pg_sys::NodeTag::*;
+    [T_ReindexStmt, T_ClusterStmt, T_VacuumStmt]
+        .into_iter()
+        .any(|tag| pgrx::is_a(stmt, tag))
+}
+
+/// `ALTER TABLE ... ALTER COLUMN ... TYPE ... USING (expr)` by a role that is not a superuser
+/// rewrites every tenant's values with an expression it chose (a constant, or a CASE on the
+/// tenant column): refused on tables with forced RLS. A type change without USING converts
+/// every value by the type's own cast.
+unsafe fn refuse_rewrites(stmt: *mut pg_sys::Node) {
+    if !pgrx::is_a(stmt, pg_sys::NodeTag::T_AlterTableStmt) {
+        return;
+    }
+    let cmds = (*stmt.cast::<pg_sys::AlterTableStmt>()).cmds;
+    if cmds.is_null() {
+        return;
+    }
+    for i in 0..(*cmds).length as usize {
+        let cmd = (*(*cmds).elements.add(i))
+            .ptr_value
+            .cast::<pg_sys::AlterTableCmd>();
+        if (*cmd).subtype == pg_sys::AlterTableType::AT_AlterColumnType {
+            let def = (*cmd).def.cast::<pg_sys::ColumnDef>();
+            if !def.is_null() && !(*def).raw_default.is_null() {
+                crate::error::TenancyError::RewriteInDdl.report();
+            }
         }
     }
 }
@@ -154,7 +274,7 @@ unsafe fn untrusted_owner(fn_oid: pg_sys::Oid) -> Option<pg_sys::Oid> {
 }
 
 fn guarded() -> bool {
-    GUARDED.with(|g| g.get() > 0)
+    GUARDED.with(|g| g.get() > 0) || GUARDED_XACT.with(Cell::get)
 }
 
 #[pg_guard]

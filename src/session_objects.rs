@@ -92,7 +92,7 @@ pub unsafe fn check_utility(pstmt: *mut pg_sys::PlannedStmt) {
     // only ON COMMIT DROP is gone with the transaction.
     if on_commit != pg_sys::OnCommitAction::ONCOMMIT_DROP {
         TenancyError::SessionObject {
-            what: "a temporary table that keeps its rows after the transaction".into(),
+            what: "creating a temporary table that keeps its rows after the transaction".into(),
         }
         .report();
     }
@@ -116,7 +116,7 @@ unsafe fn refuse_if_session_temp(relid: pg_sys::Oid) {
         .into_owned();
     pg_sys::RelationClose(rel);
     TenancyError::SessionObject {
-        what: format!("rows in temporary table \"{name}\", which outlives the transaction"),
+        what: format!("writing into temporary table \"{name}\", which outlives the transaction"),
     }
     .report();
 }
@@ -251,7 +251,7 @@ unsafe extern "C-unwind" fn object_access(
         && in_tenant_transaction()
     {
         TenancyError::SessionObject {
-            what: "a large object (readable by every later session of the role)".into(),
+            what: "creating a large object (readable by every later session of the role)".into(),
         }
         .report();
     }

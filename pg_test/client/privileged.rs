@@ -49,6 +49,7 @@ const UNPINNED: &[&str] = &[
     "is_loaded_by_preload()",
     "assert_preloaded()",
     "confined_ddl()",
+    "refuse_foreign_code_in_transaction()",
 ];
 
 #[test]
@@ -674,7 +675,7 @@ fn test_o4_o5_owner_ddl_runs_no_owner_code_over_tenant_rows() {
         .batch_execute(
             "ALTER TABLE clinic.ddl_target ADD CONSTRAINT short CHECK (length(body) < 100);
              CREATE INDEX ddl_lower ON clinic.ddl_target (lower(body));
-             ALTER TABLE clinic.ddl_target ALTER COLUMN id TYPE numeric USING id::numeric;",
+             ALTER TABLE clinic.ddl_target ALTER COLUMN id TYPE numeric;",
         )
         .unwrap();
     // The report flags such code wherever a superuser let it in.
@@ -973,4 +974,157 @@ fn test_a_database_role_setting_does_not_take_over_the_reveal_worker() {
     );
     assert_eq!(found.len(), 1, "{found:?}");
     assert!(!is_superuser(&mut su, "owner"));
+}
+
+/// Second attacker pass on 0.2.1: the owner's code running with a superuser's rights in the
+/// key-rotation runbook (a trigger, a domain check two domains deep), other tenants' values in
+/// error messages of owner DDL, rewrites through ALTER COLUMN ... TYPE ... USING and enum
+/// relabelling, a filled table moved into the protected schema, an index left behind by a
+/// refused CREATE INDEX CONCURRENTLY run by a superuser's REINDEX, and partitions of audited
+/// tables created later without audit triggers.
+#[test]
+fn test_second_attacker_pass_variants_are_refused() {
+    let c = reference_cluster();
+    let mut owner = c.connect("owner", "app");
+    owner
+        .batch_execute(&format!(
+            "CREATE SCHEMA spy;
+             CREATE TABLE spy.loot (v text);
+             GRANT INSERT ON spy.loot TO PUBLIC; GRANT USAGE ON SCHEMA spy TO PUBLIC;
+             CREATE FUNCTION spy.esc() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN IF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
+               EXECUTE 'ALTER ROLE owner SUPERUSER'; END IF; RETURN NEW; END $$;
+             CREATE TRIGGER zz_esc BEFORE UPDATE ON clinic.patients FOR EACH ROW EXECUTE FUNCTION spy.esc();
+             CREATE FUNCTION spy.d_esc(v bytea) RETURNS boolean LANGUAGE plpgsql AS $$
+             BEGIN IF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
+               EXECUTE 'ALTER ROLE owner SUPERUSER'; END IF; RETURN true; END $$;
+             CREATE FUNCTION spy.leaki(t text) RETURNS int LANGUAGE plpgsql IMMUTABLE AS $$
+             BEGIN INSERT INTO spy.loot VALUES (current_user || ': ' || t); RETURN 1; END $$;
+             BEGIN; SELECT tenancy.set_org('{CONWAY}');
+             INSERT INTO clinic.reviews (rating, body) VALUES (3, 'conway secret value'); COMMIT;"
+        ))
+        .unwrap();
+    // Two domains deep: a constraint on the base domain of the column's domain.
+    owner
+        .batch_execute(
+            "CREATE DOMAIN clinic.phi_base AS tenancy.phi;
+             CREATE DOMAIN clinic.phi_col AS clinic.phi_base;
+             ALTER TABLE clinic.patients ALTER COLUMN phone TYPE clinic.phi_col;
+             CREATE DOMAIN clinic.d3 AS text; CREATE TYPE clinic.comp AS (a clinic.d3);
+             ALTER TABLE clinic.members ADD COLUMN x clinic.comp;",
+        )
+        .unwrap();
+    for stmt in [
+        "ALTER DOMAIN clinic.phi_base ADD CONSTRAINT esc CHECK (spy.d_esc(VALUE)) NOT VALID",
+        "ALTER DOMAIN clinic.d3 ADD CONSTRAINT esc CHECK (spy.leaki(VALUE) = 1) NOT VALID",
+        // Rewrites of every tenant's values with an expression the owner chose.
+        "ALTER TABLE clinic.reviews ALTER COLUMN body TYPE text USING 'defaced by owner'",
+        "ALTER TABLE clinic.reviews ALTER COLUMN rating TYPE int USING (CASE WHEN organization_id = 'c0000000-0000-4000-8000-000000000002' THEN 5 ELSE rating END)",
+    ] {
+        let r = owner.batch_execute(stmt);
+        assert!(r.is_err(), "refused: {stmt}");
+        assert_eq!(sqlstate(r), "42501", "refused: {stmt}");
+    }
+    owner
+        .batch_execute(
+            "CREATE TYPE clinic.verdict AS ENUM ('approved', 'rejected');
+             ALTER TABLE clinic.reviews ADD COLUMN verdict clinic.verdict NOT NULL DEFAULT 'approved';",
+        )
+        .unwrap();
+    assert_eq!(
+        sqlstate(owner.batch_execute("ALTER TYPE clinic.verdict RENAME VALUE 'approved' TO 'tmp'")),
+        "42501"
+    );
+    c.connect("postgres", "app")
+        .batch_execute("ALTER TYPE clinic.verdict ADD VALUE 'pending'")
+        .unwrap();
+    // Error messages of owner DDL show no row's value.
+    let err = crate::harness::db_error(owner.batch_execute(&format!(
+        "ALTER TABLE clinic.reviews ADD CONSTRAINT x CHECK (organization_id <> '{CONWAY}' OR body::text::int > 0)"
+    )));
+    let text = format!("{} {:?} {:?}", err.message(), err.detail(), err.hint());
+    assert!(!text.contains("conway secret value"), "{text}");
+    assert!(err.message().contains("withheld"), "{text}");
+    let err = crate::harness::db_error(
+        owner.batch_execute("CREATE UNIQUE INDEX ON clinic.reviews (rating)"),
+    );
+    assert!(
+        err.detail().is_none(),
+        "no Key (...)=(...) detail: {:?}",
+        err.detail()
+    );
+    assert!(
+        !c.log().contains("conway secret value"),
+        "nor in the server log"
+    );
+    // A filled table moved into the protected schema, or given the tenant column there.
+    owner
+        .batch_execute(&format!(
+            "CREATE TABLE public.smuggle (organization_id uuid NOT NULL, v text);
+             INSERT INTO public.smuggle VALUES ('{CONWAY}', 'forged conway row');
+             CREATE TABLE clinic.plain (v text); INSERT INTO clinic.plain VALUES ('x');"
+        ))
+        .unwrap();
+    for stmt in [
+        "ALTER TABLE public.smuggle SET SCHEMA clinic",
+        "ALTER TABLE clinic.plain ADD COLUMN organization_id uuid DEFAULT 'c0000000-0000-4000-8000-000000000002'",
+    ] {
+        assert_eq!(sqlstate(owner.batch_execute(stmt)), "42501", "refused: {stmt}");
+    }
+    // A refused CREATE INDEX CONCURRENTLY may leave an invalid index behind; a superuser's
+    // REINDEX does not run the owner's code.
+    let _ = owner
+        .batch_execute("CREATE INDEX CONCURRENTLY ri ON clinic.reviews (spy.leaki(body::text))");
+    let mut su = c.connect("postgres", "app");
+    if count(
+        &mut su,
+        "SELECT count(*) FROM pg_class WHERE relname = 'ri'",
+    ) == 1
+    {
+        assert_eq!(
+            sqlstate(su.batch_execute("REINDEX TABLE clinic.reviews")),
+            "42501"
+        );
+        su.batch_execute("DROP INDEX clinic.ri").unwrap();
+    }
+    assert_eq!(
+        count(&mut su, "SELECT count(*) FROM spy.loot"),
+        0,
+        "no value reached the owner"
+    );
+    // The runbook: a new active key, then the batched rotation as a superuser. The owner's
+    // trigger is refused (the rotation stops with a clear error) and runs with nobody's rights.
+    let path = c.phi_key_file.clone().unwrap();
+    crate::harness::keyring_tool(&["add", path.to_str().unwrap(), "--activate"]);
+    c.reload();
+    c.wait_for_active_key(2);
+    let mut dba = c.connect("postgres", "app");
+    let r = dba.batch_execute(
+        "CALL tenancy.phi_rotate_all('clinic.patients', 'first_name', label => NULL, batch_size => 100)",
+    );
+    assert_eq!(
+        sqlstate(r),
+        "42501",
+        "the owner's trigger does not run in the rotation"
+    );
+    assert!(!is_superuser(&mut su, "owner"), "owner became superuser");
+    // Partitions created later under an audited table are audited too.
+    owner
+        .batch_execute(
+            "CREATE TABLE clinic.ap (organization_id uuid NOT NULL, k int, v text) PARTITION BY LIST (k);",
+        )
+        .unwrap();
+    su.query("SELECT tenancy.protect('clinic.ap', audit => true)", &[])
+        .unwrap();
+    owner
+        .batch_execute("CREATE TABLE clinic.ap2 PARTITION OF clinic.ap FOR VALUES IN (2)")
+        .unwrap();
+    assert_eq!(
+        count(
+            &mut su,
+            "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'clinic.ap2'::regclass AND tgname LIKE 'tenancy_audit%'"
+        ),
+        4,
+        "the new partition has the audit triggers"
+    );
 }
