@@ -94,6 +94,38 @@ fn ring() -> Result<Rc<KeyRing>> {
     })
 }
 
+/// Reads the loaded key ring's file again, at most once a second per backend; installs and
+/// returns the new ring when it loads (a file that fails to load leaves the old ring).
+fn reread_for_unknown_key() -> Option<Rc<KeyRing>> {
+    thread_local! {
+        static LAST: std::cell::Cell<Option<std::time::Instant>> = const { std::cell::Cell::new(None) };
+    }
+    let now = std::time::Instant::now();
+    if LAST.with(|l| {
+        l.get()
+            .is_some_and(|t| now.duration_since(t) < std::time::Duration::from_secs(1))
+    }) {
+        return None;
+    }
+    LAST.with(|l| l.set(Some(now)));
+    let path = RING.with(|r| match &*r.borrow() {
+        RingState::Loaded { path, .. } => Some(path.clone()),
+        _ => None,
+    })?;
+    match load(&path) {
+        RingState::Loaded { path, ring } => {
+            RING.with(|r| {
+                *r.borrow_mut() = RingState::Loaded {
+                    path,
+                    ring: ring.clone(),
+                }
+            });
+            Some(ring)
+        }
+        _ => None,
+    }
+}
+
 fn check_label(label: Option<&str>) -> Result<()> {
     match label {
         Some(l) if l.is_empty() || l.len() > MAX_LABEL_LEN => Err(TenancyError::PhiBadLabel),
@@ -185,7 +217,15 @@ pub fn decrypt_for(
             want: want.name(),
         });
     }
-    let ring = ring()?;
+    let mut ring = ring()?;
+    if !ring.keys.contains_key(&header.key_id) {
+        // A key added to the ring file since this backend last read it: a rotation writes
+        // envelopes under the new key while transactions that began before the reload signal
+        // are still running here. Read the file again (at most once a second) before failing.
+        if let Some(fresh) = reread_for_unknown_key() {
+            ring = fresh;
+        }
+    }
     let key = ring
         .keys
         .get(&header.key_id)
