@@ -219,7 +219,8 @@ fn test_o7_owner_temp_pg_roles_view_does_not_allow_truncate() {
 
 #[test]
 fn test_o7_shadow_catalogs_do_not_reach_the_report_or_protect() {
-    let c = cluster();
+    // A cluster of its own: it compares two reports, which other tests' DDL would change.
+    let c = &reference_cluster();
     let mut su = c.connect("postgres", "app");
     let before = strings(
         &mut su,
