@@ -302,7 +302,7 @@ def bench_set_org(c, rep, cfg, tmp, rounds, secs, clients):
     # mint, so the ratio is the cost of verifying (and remembering) the token.
     c.psql(f"""CREATE FUNCTION bench.mint(org text) RETURNS text LANGUAGE sql VOLATILE AS $$
   SELECT 'v2.' || e || '.' || n || '.' ||
-         rtrim(translate(encode(hmac('pg_tenancy.context.v2' || chr(10) || org || chr(10) || chr(10) || e || chr(10) || n,
+         rtrim(translate(encode(hmac(convert_to('pg_tenancy.context.v2' || chr(10) || org || chr(10) || chr(10) || e || chr(10) || n, 'UTF8'),
                                      decode('{key.hex()}', 'hex'), 'sha256'), 'base64'), '+/', '-_'), '=')
     FROM (SELECT (extract(epoch FROM now())::bigint + 600)::text AS e,
                  rtrim(translate(encode(gen_random_bytes(16), 'base64'), '+/', '-_'), '=') AS n) s
