@@ -75,6 +75,10 @@ pub fn init() {
         pg_sys::RegisterSubXactCallback(Some(subxact_callback), std::ptr::null_mut());
         PREV_PROCESS_UTILITY = pg_sys::ProcessUtility_hook;
         pg_sys::ProcessUtility_hook = Some(process_utility);
+        PREV_EXECUTOR_START = pg_sys::ExecutorStart_hook;
+        pg_sys::ExecutorStart_hook = Some(executor_start);
+        PREV_OBJECT_ACCESS = pg_sys::object_access_hook;
+        pg_sys::object_access_hook = Some(object_access);
     }
 }
 
@@ -182,6 +186,43 @@ impl Drop for StoringCommand {
     }
 }
 
+static mut PREV_EXECUTOR_START: pg_sys::ExecutorStart_hook_type = None;
+static mut PREV_OBJECT_ACCESS: pg_sys::object_access_hook_type = None;
+
+/// Plans of a tenant transaction: no writes into session-lived temporary tables
+/// (session_objects.rs).
+#[pg_guard]
+unsafe extern "C-unwind" fn executor_start(query_desc: *mut pg_sys::QueryDesc, eflags: i32) {
+    if in_tenant_transaction() {
+        crate::session_objects::check_plan(query_desc, eflags);
+    }
+    match PREV_EXECUTOR_START {
+        // SAFETY: the hook installed before ours; C, so called inside the FFI boundary.
+        Some(prev) => pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| prev(query_desc, eflags)),
+        None => pg_sys::standard_ExecutorStart(query_desc, eflags),
+    }
+}
+
+/// Objects created in a tenant transaction: no large objects (session_objects.rs).
+#[pg_guard]
+unsafe extern "C-unwind" fn object_access(
+    access: pg_sys::ObjectAccessType::Type,
+    class_id: pg_sys::Oid,
+    object_id: pg_sys::Oid,
+    sub_id: i32,
+    arg: *mut c_void,
+) {
+    if access == pg_sys::ObjectAccessType::OAT_POST_CREATE && in_tenant_transaction() {
+        crate::session_objects::check_object_created(class_id);
+    }
+    if let Some(prev) = PREV_OBJECT_ACCESS {
+        // SAFETY: the hook installed before ours; C, so called inside the FFI boundary.
+        pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| {
+            prev(access, class_id, object_id, sub_id, arg)
+        });
+    }
+}
+
 /// Refuses `DECLARE ... WITH HOLD` in a tenant transaction: such a cursor is materialised at
 /// commit with this tenant's rows and can then be fetched by whatever transaction runs next
 /// on the (pooled) connection.
@@ -210,7 +251,9 @@ unsafe extern "C-unwind" fn process_utility(
     qc: *mut pg_sys::QueryCompletion,
 ) {
     check_utility(pstmt);
-    crate::session_objects::check_utility(pstmt);
+    if in_tenant_transaction() {
+        crate::session_objects::check_utility(pstmt);
+    }
     let _storing = StoringCommand::enter(pstmt);
     let _owner_ddl = crate::owner_ddl::Guard::enter(pstmt);
     let _confined = crate::session_objects::ConfinedDdl::enter(pstmt);
@@ -249,7 +292,9 @@ unsafe extern "C-unwind" fn process_utility(
     qc: *mut pg_sys::QueryCompletion,
 ) {
     check_utility(pstmt);
-    crate::session_objects::check_utility(pstmt);
+    if in_tenant_transaction() {
+        crate::session_objects::check_utility(pstmt);
+    }
     let _storing = StoringCommand::enter(pstmt);
     let _owner_ddl = crate::owner_ddl::Guard::enter(pstmt);
     let _confined = crate::session_objects::ConfinedDdl::enter(pstmt);

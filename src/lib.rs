@@ -69,7 +69,6 @@ pub extern "C-unwind" fn _PG_init() {
     context::init();
     reveal_log::init();
     owner_ddl::init();
-    session_objects::init();
     token::init();
 }
 

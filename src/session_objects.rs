@@ -27,35 +27,15 @@ thread_local! {
     static CONFINED: RefCell<HashSet<pg_sys::Oid>> = RefCell::new(HashSet::new());
 }
 
-static mut PREV_EXECUTOR_START: pg_sys::ExecutorStart_hook_type = None;
-static mut PREV_OBJECT_ACCESS: pg_sys::object_access_hook_type = None;
-
 /// pg_largeobject: the class id of large objects in object access events.
 const LARGE_OBJECT_RELATION_ID: u32 = 2613;
 
-pub fn init() {
-    // SAFETY: called once from _PG_init; the previous hooks are kept and chained.
-    unsafe {
-        PREV_EXECUTOR_START = pg_sys::ExecutorStart_hook;
-        pg_sys::ExecutorStart_hook = Some(executor_start);
-        PREV_OBJECT_ACCESS = pg_sys::object_access_hook;
-        pg_sys::object_access_hook = Some(object_access);
-    }
-}
-
-fn in_tenant_transaction() -> bool {
-    crate::context::in_tenant_transaction()
-}
-
-/// Utility statements in a tenant transaction: temporary tables that would keep rows past
-/// it, and COPY FROM into a temporary table from before it.
+/// Utility statements in a tenant transaction (the caller knows it is one): temporary tables
+/// that would keep rows past it, and COPY FROM into a temporary table from before it.
 ///
 /// # Safety
 /// `pstmt` is the utility statement ProcessUtility was given.
 pub unsafe fn check_utility(pstmt: *mut pg_sys::PlannedStmt) {
-    if !in_tenant_transaction() {
-        return;
-    }
     use pg_sys::NodeTag::*;
     let stmt = (*pstmt).utilityStmt;
     let (rel, on_commit) = if pgrx::is_a(stmt, T_CreateStmt) {
@@ -209,56 +189,43 @@ pub unsafe fn after_utility(pstmt: *mut pg_sys::PlannedStmt) {
     }
 }
 
-#[pg_guard]
-unsafe extern "C-unwind" fn executor_start(query_desc: *mut pg_sys::QueryDesc, eflags: i32) {
-    if in_tenant_transaction() && eflags & pg_sys::EXEC_FLAG_EXPLAIN_ONLY as i32 == 0 {
-        let planned = (*query_desc).plannedstmt;
-        let results = (*planned).resultRelations;
-        if !results.is_null() {
-            let rtable = (*planned).rtable;
-            // Lists are arrays of cells (PostgreSQL 13+): result relations are RT indexes.
-            for i in 0..(*results).length as usize {
-                let rt_index = (*(*results).elements.add(i)).int_value as usize;
-                if rtable.is_null() || rt_index == 0 || rt_index > (*rtable).length as usize {
-                    continue;
-                }
-                let rte = (*(*rtable).elements.add(rt_index - 1))
-                    .ptr_value
-                    .cast::<pg_sys::RangeTblEntry>();
-                if !rte.is_null() && (*rte).relid != pg_sys::InvalidOid {
-                    refuse_if_session_temp((*rte).relid);
-                }
-            }
-        }
+/// A plan about to run in a tenant transaction (the caller knows it is one): refuses writes
+/// into temporary tables whose rows outlive the transaction.
+///
+/// # Safety
+/// `query_desc` is the QueryDesc ExecutorStart was given.
+pub unsafe fn check_plan(query_desc: *mut pg_sys::QueryDesc, eflags: i32) {
+    if eflags & pg_sys::EXEC_FLAG_EXPLAIN_ONLY as i32 != 0 {
+        return;
     }
-    match PREV_EXECUTOR_START {
-        // SAFETY: the hook installed before ours; C, so called inside the FFI boundary.
-        Some(prev) => pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| prev(query_desc, eflags)),
-        None => pg_sys::standard_ExecutorStart(query_desc, eflags),
+    let planned = (*query_desc).plannedstmt;
+    let results = (*planned).resultRelations;
+    if results.is_null() {
+        return;
+    }
+    let rtable = (*planned).rtable;
+    // Lists are arrays of cells (PostgreSQL 13+): result relations are RT indexes.
+    for i in 0..(*results).length as usize {
+        let rt_index = (*(*results).elements.add(i)).int_value as usize;
+        if rtable.is_null() || rt_index == 0 || rt_index > (*rtable).length as usize {
+            continue;
+        }
+        let rte = (*(*rtable).elements.add(rt_index - 1))
+            .ptr_value
+            .cast::<pg_sys::RangeTblEntry>();
+        if !rte.is_null() && (*rte).relid != pg_sys::InvalidOid {
+            refuse_if_session_temp((*rte).relid);
+        }
     }
 }
 
-#[pg_guard]
-unsafe extern "C-unwind" fn object_access(
-    access: pg_sys::ObjectAccessType::Type,
-    class_id: pg_sys::Oid,
-    object_id: pg_sys::Oid,
-    sub_id: i32,
-    arg: *mut core::ffi::c_void,
-) {
-    if access == pg_sys::ObjectAccessType::OAT_POST_CREATE
-        && u32::from(class_id) == LARGE_OBJECT_RELATION_ID
-        && in_tenant_transaction()
-    {
+/// An object created in a tenant transaction (the caller knows it is one): large objects are
+/// refused.
+pub fn check_object_created(class_id: pg_sys::Oid) {
+    if u32::from(class_id) == LARGE_OBJECT_RELATION_ID {
         TenancyError::SessionObject {
             what: "creating a large object (readable by every later session of the role)".into(),
         }
         .report();
-    }
-    if let Some(prev) = PREV_OBJECT_ACCESS {
-        // SAFETY: the hook installed before ours; C, so called inside the FFI boundary.
-        pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| {
-            prev(access, class_id, object_id, sub_id, arg)
-        });
     }
 }
