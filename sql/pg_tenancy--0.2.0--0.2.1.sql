@@ -90,6 +90,18 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
   SELECT coalesce(
     (SELECT format('rule %I runs on every change of every tenant''s rows', r.rulename)
        FROM pg_rewrite r WHERE r.ev_class = $1 ORDER BY r.rulename LIMIT 1),
+    -- CHECK constraints (the table's and its domains') may call only IMMUTABLE functions:
+    -- others run SQL (query_to_xml), keep state (set_config) or reach files and large
+    -- objects while every tenant's rows are validated, by whoever validates them.
+    -- Read from the stored expression: calls of built-in functions leave no pg_depend row.
+    (SELECT format('%s calls %s, which is not IMMUTABLE, over every tenant''s rows',
+                   pg_describe_object('pg_constraint'::regclass, k.oid, 0), f.oid::regprocedure)
+       FROM pg_constraint k
+       CROSS JOIN LATERAL regexp_matches(k.conbin::text, ':(?:funcid|opfuncid) ([0-9]+)', 'g') m
+       JOIN pg_proc f ON f.oid = m[1]::oid
+      WHERE k.contype = 'c' AND (k.conrelid = $1 OR k.contypid IN (SELECT ty.oid FROM types ty))
+        AND f.provolatile <> 'i'
+      ORDER BY 1 LIMIT 1),
     (SELECT format('%s runs %s of role %I over every tenant''s rows',
                    pg_describe_object(c.classid, c.objid, c.objsubid), f.oid::regprocedure, r.rolname)
        FROM calls c JOIN pg_proc f ON f.oid = c.fn JOIN pg_roles r ON r.oid = f.proowner
@@ -211,6 +223,12 @@ BEGIN
        WHERE s.schema_name = cmd.schema_name
          AND EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = cmd.objid AND a.attname = s.tenant_column AND NOT a.attisdropped);
       IF schema_col IS NOT NULL THEN
+        -- CREATE TABLE AS / SELECT INTO come with rows: they would be adopted into the
+        -- tenants they name.
+        IF NOT su AND cmd.command_tag IN ('CREATE TABLE AS', 'SELECT INTO') AND tenancy.has_rows(target) THEN
+          RAISE EXCEPTION '% refused: new table % in protected schema "%" holds rows', cmd.command_tag, target, cmd.schema_name
+            USING ERRCODE = '42501', HINT = 'Create the table empty; tenants'' rows go in through tenant transactions.';
+        END IF;
         IF coalesce(current_setting('tenancy.new_table_action', true), 'protect') = 'refuse' THEN
           RAISE EXCEPTION 'new table % has tenant column "%" in protected schema "%"', target, schema_col, cmd.schema_name
             USING ERRCODE = '42501', HINT = 'tenancy.new_table_action is ''refuse'': ask a superuser to create it and run tenancy.protect().';

@@ -901,6 +901,50 @@ fn test_attacker_pass_owner_variants_are_refused() {
     owner
         .batch_execute("ALTER TABLE clinic.reviews DROP COLUMN note")
         .unwrap();
+    // Third pass: built-ins that keep state, run SQL or fail with a row's value in the message.
+    owner
+        .batch_execute("SELECT set_config('x.leak', '', false)")
+        .unwrap();
+    assert_eq!(
+        sqlstate(owner.batch_execute(
+            "ALTER TABLE clinic.reviews ADD CONSTRAINT leak_chk CHECK (set_config('x.leak', current_setting('x.leak') || body, false) IS NOT NULL)"
+        )),
+        "42501"
+    );
+    assert_eq!(
+        strings(&mut owner, "SELECT current_setting('x.leak')"),
+        [""],
+        "rolled back with the refusal"
+    );
+    let err = crate::harness::db_error(owner.batch_execute(
+        "ALTER TABLE clinic.reviews ADD CONSTRAINT e4 CHECK (current_setting(body) IS NOT NULL)",
+    ));
+    assert!(
+        err.message().contains("withheld") && !err.message().contains("secret"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(
+        sqlstate(owner.batch_execute(&format!(
+            "CREATE TABLE clinic.forged AS SELECT '{CONWAY}'::uuid AS organization_id, 'FORGED'::text AS body"
+        ))),
+        "42501",
+        "CREATE TABLE AS with rows into the protected schema"
+    );
+    // A superuser validating a constraint runs no owner code, even behind query_to_xml.
+    let mut dba = c.connect("postgres", "app");
+    dba.batch_execute(
+        "CREATE FUNCTION owner_code2.pwn() RETURNS int LANGUAGE plpgsql AS 'BEGIN RETURN 1; END';
+         ALTER FUNCTION owner_code2.pwn() OWNER TO owner;
+         ALTER TABLE clinic.reviews ADD CONSTRAINT su_pwn CHECK (query_to_xml('SELECT owner_code2.pwn()', false, false, '') IS NOT NULL) NOT VALID;",
+    )
+    .unwrap();
+    assert_eq!(
+        sqlstate(dba.batch_execute("ALTER TABLE clinic.reviews VALIDATE CONSTRAINT su_pwn")),
+        "42501"
+    );
+    dba.batch_execute("ALTER TABLE clinic.reviews DROP CONSTRAINT su_pwn")
+        .unwrap();
     // ATTACH PARTITION of a protected table into the owner's unprotected partitioned table.
     let mut su = c.connect("postgres", "app");
     assert_eq!(
