@@ -226,19 +226,9 @@ unsafe fn targets_forced_table(stmt: *mut pg_sys::Node) -> bool {
 
 /// Whether the table `rv` names (if any) has FORCE ROW LEVEL SECURITY.
 unsafe fn is_forced(rv: *mut pg_sys::RangeVar) -> bool {
-    if rv.is_null() {
+    let Some(oid) = crate::session_objects::relation_oid(rv) else {
         return false;
-    }
-    let oid = pg_sys::RangeVarGetRelidExtended(
-        rv,
-        pg_sys::NoLock as pg_sys::LOCKMODE,
-        pg_sys::RVROption::RVR_MISSING_OK,
-        None,
-        std::ptr::null_mut(),
-    );
-    if oid == pg_sys::InvalidOid {
-        return false;
-    }
+    };
     let tuple = pg_sys::SearchSysCache1(
         pg_sys::SysCacheIdentifier::RELOID as i32,
         pg_sys::Datum::from(oid),

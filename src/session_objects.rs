@@ -30,42 +30,65 @@ thread_local! {
 /// pg_largeobject: the class id of large objects in object access events.
 const LARGE_OBJECT_RELATION_ID: u32 = 2613;
 
-/// Utility statements in a tenant transaction (the caller knows it is one): temporary tables
-/// that would keep rows past it, and COPY FROM into a temporary table from before it.
-///
-/// # Safety
-/// `pstmt` is the utility statement ProcessUtility was given.
-pub unsafe fn check_utility(pstmt: *mut pg_sys::PlannedStmt) {
+/// The table a CREATE TABLE or CREATE TABLE AS / SELECT INTO statement makes, with its
+/// ON COMMIT action; None for any other statement.
+unsafe fn created_table(
+    stmt: *mut pg_sys::Node,
+) -> Option<(*mut pg_sys::RangeVar, pg_sys::OnCommitAction::Type)> {
     use pg_sys::NodeTag::*;
-    let stmt = (*pstmt).utilityStmt;
     let (rel, on_commit) = if pgrx::is_a(stmt, T_CreateStmt) {
         let create = stmt.cast::<pg_sys::CreateStmt>();
         ((*create).relation, (*create).oncommit)
     } else if pgrx::is_a(stmt, T_CreateTableAsStmt) {
         let into = (*stmt.cast::<pg_sys::CreateTableAsStmt>()).into;
         if into.is_null() {
-            return;
+            return None;
         }
         ((*into).rel, (*into).onCommit)
-    } else if pgrx::is_a(stmt, T_CopyStmt) {
+    } else {
+        return None;
+    };
+    (!rel.is_null()).then_some((rel, on_commit))
+}
+
+/// The relation `rv` names, resolved as the statement will (no lock taken), if it exists.
+///
+/// # Safety
+/// `rv` is null or a RangeVar of the statement being run, inside a transaction.
+pub unsafe fn relation_oid(rv: *mut pg_sys::RangeVar) -> Option<pg_sys::Oid> {
+    if rv.is_null() {
+        return None;
+    }
+    let oid = pg_sys::RangeVarGetRelidExtended(
+        rv,
+        pg_sys::NoLock as pg_sys::LOCKMODE,
+        pg_sys::RVROption::RVR_MISSING_OK,
+        None,
+        std::ptr::null_mut(),
+    );
+    (oid != pg_sys::InvalidOid).then_some(oid)
+}
+
+/// Utility statements in a tenant transaction (the caller knows it is one): temporary tables
+/// that would keep rows past it, and COPY FROM into a temporary table from before it.
+///
+/// # Safety
+/// `pstmt` is the utility statement ProcessUtility was given.
+pub unsafe fn check_utility(pstmt: *mut pg_sys::PlannedStmt) {
+    let stmt = (*pstmt).utilityStmt;
+    if pgrx::is_a(stmt, pg_sys::NodeTag::T_CopyStmt) {
         let copy = stmt.cast::<pg_sys::CopyStmt>();
-        if (*copy).is_from && !(*copy).relation.is_null() {
-            let oid = pg_sys::RangeVarGetRelidExtended(
-                (*copy).relation,
-                pg_sys::NoLock as pg_sys::LOCKMODE,
-                pg_sys::RVROption::RVR_MISSING_OK,
-                None,
-                std::ptr::null_mut(),
-            );
-            if oid != pg_sys::InvalidOid {
+        if (*copy).is_from {
+            if let Some(oid) = relation_oid((*copy).relation) {
                 refuse_if_session_temp(oid);
             }
         }
         return;
-    } else {
+    }
+    let Some((rel, on_commit)) = created_table(stmt) else {
         return;
     };
-    if rel.is_null() || (*rel).relpersistence as u8 != pg_sys::RELPERSISTENCE_TEMP {
+    if (*rel).relpersistence as u8 != pg_sys::RELPERSISTENCE_TEMP {
         return;
     }
     // ON COMMIT DELETE ROWS empties the table but keeps its definition (defaults, comments):
@@ -113,23 +136,10 @@ impl ConfinedDdl {
     /// # Safety
     /// `pstmt` is the utility statement ProcessUtility was given.
     pub unsafe fn enter(pstmt: *mut pg_sys::PlannedStmt) -> ConfinedDdl {
-        use pg_sys::NodeTag::*;
-        let stmt = (*pstmt).utilityStmt;
-        let (rel, on_commit) = if pgrx::is_a(stmt, T_CreateStmt) {
-            let create = stmt.cast::<pg_sys::CreateStmt>();
-            ((*create).relation, (*create).oncommit)
-        } else if pgrx::is_a(stmt, T_CreateTableAsStmt) {
-            let into = (*stmt.cast::<pg_sys::CreateTableAsStmt>()).into;
-            if into.is_null() {
-                return ConfinedDdl(None);
-            }
-            ((*into).rel, (*into).onCommit)
-        } else {
-            return ConfinedDdl(None);
-        };
-        let confined = !rel.is_null()
-            && (*rel).relpersistence as u8 == pg_sys::RELPERSISTENCE_TEMP
-            && on_commit == pg_sys::OnCommitAction::ONCOMMIT_DROP;
+        let confined = created_table((*pstmt).utilityStmt).is_some_and(|(rel, on_commit)| {
+            (*rel).relpersistence as u8 == pg_sys::RELPERSISTENCE_TEMP
+                && on_commit == pg_sys::OnCommitAction::ONCOMMIT_DROP
+        });
         ConfinedDdl(confined.then(|| CONFINED_DDL.with(|c| c.replace(true))))
     }
 }
@@ -155,37 +165,18 @@ fn confined_ddl() -> bool {
 /// # Safety
 /// `pstmt` is the utility statement ProcessUtility was given, and it completed.
 pub unsafe fn after_utility(pstmt: *mut pg_sys::PlannedStmt) {
-    use pg_sys::NodeTag::*;
-    let stmt = (*pstmt).utilityStmt;
-    let (rel, on_commit) = if pgrx::is_a(stmt, T_CreateStmt) {
-        let create = stmt.cast::<pg_sys::CreateStmt>();
-        ((*create).relation, (*create).oncommit)
-    } else if pgrx::is_a(stmt, T_CreateTableAsStmt) {
-        let into = (*stmt.cast::<pg_sys::CreateTableAsStmt>()).into;
-        if into.is_null() {
-            return;
-        }
-        ((*into).rel, (*into).onCommit)
-    } else {
+    let Some((rel, on_commit)) = created_table((*pstmt).utilityStmt) else {
         return;
     };
-    if rel.is_null()
-        || (on_commit != pg_sys::OnCommitAction::ONCOMMIT_DROP
-            && on_commit != pg_sys::OnCommitAction::ONCOMMIT_DELETE_ROWS)
+    if on_commit != pg_sys::OnCommitAction::ONCOMMIT_DROP
+        && on_commit != pg_sys::OnCommitAction::ONCOMMIT_DELETE_ROWS
     {
         return;
     }
-    let oid = pg_sys::RangeVarGetRelidExtended(
-        rel,
-        pg_sys::NoLock as pg_sys::LOCKMODE,
-        pg_sys::RVROption::RVR_MISSING_OK,
-        None,
-        std::ptr::null_mut(),
-    );
-    if oid != pg_sys::InvalidOid
-        && pg_sys::get_rel_persistence(oid) as u8 == pg_sys::RELPERSISTENCE_TEMP
-    {
-        CONFINED.with(|c| c.borrow_mut().insert(oid));
+    if let Some(oid) = relation_oid(rel) {
+        if pg_sys::get_rel_persistence(oid) as u8 == pg_sys::RELPERSISTENCE_TEMP {
+            CONFINED.with(|c| c.borrow_mut().insert(oid));
+        }
     }
 }
 
