@@ -79,6 +79,10 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     UNION ALL
     SELECT 'pg_policy'::regclass, y.oid FROM pg_policy y WHERE y.polrelid = $1
     UNION ALL
+    -- Triggers (constraint triggers too) see every row written, by whichever tenant writes
+    -- it, and run with the writer's rights (a superuser's, in maintenance).
+    SELECT 'pg_trigger'::regclass, g.oid FROM pg_trigger g WHERE g.tgrelid = $1 AND NOT g.tgisinternal
+    UNION ALL
     -- Domain constraints of every type a column holds: its domain, that domain's base
     -- domains, and domains inside composite and array types, at any depth.
     SELECT 'pg_constraint'::regclass, k.oid
@@ -364,6 +368,12 @@ BEGIN
       INSERT INTO tenancy.protection_log (action, object) VALUES ('dropped', format('%I.%I', t.schema_name, t.table_name));
       CONTINUE;
     END IF;
+    -- ALTER TABLE ... DROP COLUMN destroys every tenant's values in it: no tenant's audit
+    -- trail can hold that event, so the registry's log records who did it.
+    INSERT INTO tenancy.protection_log (action, object, detail)
+      SELECT 'column_dropped', t.rel::text, d.object_identity
+        FROM pg_event_trigger_dropped_objects() d
+       WHERE d.object_type = 'table column' AND d.objid = t.rel::oid;
     problem := tenancy.protection_problem(t.rel);
     IF problem IS NOT NULL THEN
       RAISE EXCEPTION 'DROP refused on protected table %: %', t.rel, problem
@@ -378,7 +388,7 @@ CREATE EVENT TRIGGER tenancy_guard_drop ON sql_drop EXECUTE FUNCTION tenancy.gua
 REVOKE EXECUTE ON FUNCTION tenancy.guard_ddl(), tenancy.guard_drop() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION tenancy.has_rows(regclass) FROM PUBLIC;
 COMMENT ON FUNCTION tenancy.foreign_code_problem(regclass) IS
-  'Code of a role that is not a superuser which a table''s constraints, indexes, defaults, domains or rules run over its rows, or NULL.';
+  'Code of a role that is not a superuser which a table''s constraints, indexes, defaults, domains, triggers or rules run over its rows, or NULL.';
 COMMENT ON FUNCTION tenancy.has_rows(regclass) IS 'Whether a table holds rows of its own (for the drift guard).';
 COMMENT ON FUNCTION tenancy.protection_problem(regclass) IS
   'What is wrong with a protected table''s protection, or NULL when intact.';

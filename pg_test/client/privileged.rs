@@ -1052,7 +1052,6 @@ fn test_second_attacker_pass_variants_are_refused() {
              CREATE FUNCTION spy.esc() RETURNS trigger LANGUAGE plpgsql AS $$
              BEGIN IF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
                EXECUTE 'ALTER ROLE owner SUPERUSER'; END IF; RETURN NEW; END $$;
-             CREATE TRIGGER zz_esc BEFORE UPDATE ON clinic.patients FOR EACH ROW EXECUTE FUNCTION spy.esc();
              CREATE FUNCTION spy.d_esc(v bytea) RETURNS boolean LANGUAGE plpgsql AS $$
              BEGIN IF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
                EXECUTE 'ALTER ROLE owner SUPERUSER'; END IF; RETURN true; END $$;
@@ -1062,6 +1061,15 @@ fn test_second_attacker_pass_variants_are_refused() {
              INSERT INTO clinic.reviews (rating, body) VALUES (3, 'conway secret value'); COMMIT;"
         ))
         .unwrap();
+    // The owner may not attach its trigger to a protected table (it would see every row
+    // written); one a superuser attached (below, before the rotation) is what the rotation
+    // must not run with superuser rights.
+    assert_eq!(
+        sqlstate(owner.batch_execute(
+            "CREATE TRIGGER zz_esc BEFORE UPDATE ON clinic.patients FOR EACH ROW EXECUTE FUNCTION spy.esc()"
+        )),
+        "42501"
+    );
     // Two domains deep: a constraint on the base domain of the column's domain.
     owner
         .batch_execute(
@@ -1152,6 +1160,10 @@ fn test_second_attacker_pass_variants_are_refused() {
     );
     // The runbook: a new active key, then the batched rotation as a superuser. The owner's
     // trigger is refused (the rotation stops with a clear error) and runs with nobody's rights.
+    su.batch_execute(
+        "CREATE TRIGGER zz_esc BEFORE UPDATE ON clinic.patients FOR EACH ROW EXECUTE FUNCTION spy.esc()",
+    )
+    .unwrap();
     let path = c.phi_key_file.clone().unwrap();
     crate::harness::keyring_tool(&["add", path.to_str().unwrap(), "--activate"]);
     c.reload();
@@ -1184,5 +1196,91 @@ fn test_second_attacker_pass_variants_are_refused() {
         ),
         4,
         "the new partition has the audit triggers"
+    );
+}
+
+/// II-2/9 finding 4's class, for triggers: the owner's trigger function on a protected table
+/// runs on every write of every tenant and sees each row (a SECURITY DEFINER one copied them
+/// into the owner's table). The owner cannot attach one (row, statement with transition
+/// tables, constraint trigger); built-in trigger functions stay allowed; a trigger a superuser
+/// attached with the owner's function is flagged by the report. The owner's DROP COLUMN, which
+/// destroys every tenant's values at once, is recorded in the registry's log.
+#[test]
+fn test_owner_triggers_on_protected_tables_are_refused() {
+    let c = reference_cluster();
+    let mut owner = c.connect("owner", "app");
+    owner
+        .batch_execute(
+            "CREATE SCHEMA spy;
+             CREATE TABLE spy.loot (v text);
+             CREATE FUNCTION spy.copy() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS $$
+             BEGIN INSERT INTO spy.loot VALUES (NEW::text); RETURN NEW; END $$;
+             CREATE FUNCTION spy.copy_all() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS $$
+             BEGIN INSERT INTO spy.loot SELECT n::text FROM new_rows n; RETURN NULL; END $$;",
+        )
+        .unwrap();
+    for stmt in [
+        "CREATE TRIGGER zz_copy BEFORE INSERT ON clinic.reviews FOR EACH ROW EXECUTE FUNCTION spy.copy()",
+        "CREATE TRIGGER zz_copy AFTER INSERT ON clinic.reviews REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION spy.copy_all()",
+        "CREATE CONSTRAINT TRIGGER zz_copy AFTER INSERT ON clinic.reviews DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION spy.copy()",
+        "CREATE TRIGGER zz_copy BEFORE INSERT ON clinic.patients FOR EACH ROW EXECUTE FUNCTION spy.copy()",
+    ] {
+        let err = crate::harness::db_error(owner.batch_execute(stmt));
+        assert_eq!(err.code().code(), "42501", "refused: {stmt}");
+        assert!(
+            err.message().contains("trigger zz_copy") && err.message().contains("spy.copy"),
+            "names the trigger and its function: {}",
+            err.message()
+        );
+    }
+    // A built-in trigger function is not the owner's code.
+    owner
+        .batch_execute(
+            "CREATE TRIGGER zz_same BEFORE UPDATE ON clinic.reviews FOR EACH ROW EXECUTE FUNCTION suppress_redundant_updates_trigger()",
+        )
+        .unwrap();
+    // The application writes as both tenants: nothing reaches the owner.
+    let mut app = c.connect("app", "app");
+    for org in [SHERWOOD, CONWAY] {
+        app.batch_execute(&format!(
+            "BEGIN; SELECT tenancy.set_org('{org}');
+             INSERT INTO clinic.reviews (rating, body) VALUES (4, 'review of {org}'); COMMIT;"
+        ))
+        .unwrap();
+    }
+    let mut su = c.connect("postgres", "app");
+    assert_eq!(count(&mut su, "SELECT count(*) FROM spy.loot"), 0);
+    // A superuser may attach one (trusted); the report then names it.
+    su.batch_execute(
+        "CREATE TRIGGER zz_copy BEFORE INSERT ON clinic.reviews FOR EACH ROW EXECUTE FUNCTION spy.copy()",
+    )
+    .unwrap();
+    let findings = strings(
+        &mut su,
+        "SELECT object || ': ' || finding FROM tenancy.isolation_report() WHERE object = 'clinic.reviews'",
+    );
+    assert!(
+        findings
+            .iter()
+            .any(|f| f.contains("trigger zz_copy") && f.contains("role owner")),
+        "{findings:?}"
+    );
+    // ... and blocks the owner's further DDL on that table until a superuser reviews it.
+    assert_eq!(
+        sqlstate(owner.batch_execute("ALTER TABLE clinic.reviews ADD COLUMN note text")),
+        "42501"
+    );
+    su.batch_execute("DROP TRIGGER zz_copy ON clinic.reviews")
+        .unwrap();
+    // DROP COLUMN by the owner: allowed (a migration), and recorded with who did it.
+    owner
+        .batch_execute("ALTER TABLE clinic.reviews ADD COLUMN note text; ALTER TABLE clinic.reviews DROP COLUMN note")
+        .unwrap();
+    assert_eq!(
+        strings(
+            &mut su,
+            "SELECT by || ' ' || object || ' ' || detail FROM tenancy.protection_log WHERE action = 'column_dropped'",
+        ),
+        vec!["owner clinic.reviews clinic.reviews.note".to_string()]
     );
 }
