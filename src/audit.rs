@@ -137,7 +137,10 @@ fn next_event_ids(n: usize) -> Vec<i64> {
         pg_sys::get_relname_relid(c"audit_event_id".as_ptr(), ns)
     };
     if seq == pg_sys::InvalidOid {
-        pgrx::error!("pg_tenancy: sequence tenancy.audit_event_id is missing");
+        TenancyError::UndefinedTable {
+            name: "tenancy.audit_event_id".into(),
+        }
+        .report();
     }
     (0..n)
         .map(|_| {
@@ -195,7 +198,7 @@ fn take_context_head() {
         return;
     }
     with_plans(|client, plans| take_heads(client, plans, &[org.as_str()]))
-        .unwrap_or_else(|e| pgrx::error!("pg_tenancy: locking the audit chain failed: {e}"));
+        .unwrap_or_else(|e| TenancyError::spi("locking the audit chain", e).report());
 }
 
 /// One event to append, before its place in its tenant's chain is known.
@@ -448,7 +451,7 @@ pub fn append_events(who: &Who, events: &[NewEvent]) {
         )?;
         Ok(())
     });
-    result.unwrap_or_else(|e| pgrx::error!("pg_tenancy: writing the audit event failed: {e}"));
+    result.unwrap_or_else(|e| TenancyError::spi("writing the audit event", e).report());
 }
 
 /// The label an event's payload is bound to.
@@ -458,8 +461,14 @@ pub fn payload_label(event_id: i64) -> String {
 
 /// Decrypts an audit payload of the current tenant.
 #[pg_extern(stable, parallel_restricted)]
-fn audit_payload(payload: Option<&[u8]>, event_id: i64) -> Option<pgrx::JsonB> {
+fn audit_payload(payload: Option<&[u8]>, event_id: Option<i64>) -> Option<pgrx::JsonB> {
     let payload = payload?;
+    let event_id = event_id
+        .ok_or(TenancyError::NullArgument {
+            function: "audit_payload",
+            argument: "event_id",
+        })
+        .or_raise();
     let org = crate::context::current_org()
         .ok_or(TenancyError::NoTenant)
         .or_raise();
@@ -470,14 +479,24 @@ fn audit_payload(payload: Option<&[u8]>, event_id: i64) -> Option<pgrx::JsonB> {
         Some(&payload_label(event_id)),
     )
     .or_raise();
-    Some(pgrx::JsonB(
-        serde_json::from_slice(&plain).expect("authenticated payloads hold JSON"),
-    ))
+    Some(pgrx::JsonB(payload_json(&plain).or_raise()))
+}
+
+/// An audit payload's JSON (written by pg_tenancy's serde_json; authenticated, but parsed
+/// without trusting that: an error, never a panic).
+fn payload_json(plain: &[u8]) -> Result<serde_json::Value, TenancyError> {
+    serde_json::from_slice(plain).map_err(|_| TenancyError::PhiInvalidJson)
 }
 
 /// Records an operator action of the application in the current tenant's audit trail.
 #[pg_extern(volatile, parallel_unsafe)]
-fn log_action(action: &str, details: default!(Option<pgrx::JsonB>, "NULL")) -> bool {
+fn log_action(action: Option<&str>, details: default!(Option<pgrx::JsonB>, "NULL")) -> bool {
+    let action = action
+        .ok_or(TenancyError::NullArgument {
+            function: "log_action",
+            argument: "action",
+        })
+        .or_raise();
     let org = crate::context::current_org()
         .ok_or(TenancyError::NoTenant)
         .or_raise();
@@ -687,8 +706,17 @@ impl Drop for TransitionScan {
 /// It also works as a row trigger (AFTER ... FOR EACH ROW), one event per call; the statement
 /// form is the faster for bulk statements (docs/audit.md has the measurements). Its
 /// argument is the tenant column; each event is filed under that column's value.
+///
+/// Errors are raised here with their own SQLSTATE: an `Err` returned to pgrx's trigger
+/// wrapper would reach the client as "Trigger function panic" (XX000).
 #[pg_trigger]
 fn audit_trigger<'a>(
+    trigger: &'a pgrx::PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, pgrx::AllocatedByPostgres>>, TenancyError> {
+    Ok(audit_trigger_body(trigger).or_raise())
+}
+
+fn audit_trigger_body<'a>(
     trigger: &'a pgrx::PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, pgrx::AllocatedByPostgres>>, TenancyError> {
     use pgrx::trigger_support::{PgTriggerLevel, PgTriggerOperation as Op, PgTriggerWhen};
@@ -799,8 +827,8 @@ fn audit_verify(
     let caller_is_superuser = unsafe { pg_sys::superuser_arg(pg_sys::GetOuterUserId()) };
     let allowed = caller_is_superuser || crate::context::current_org().as_deref() == Some(org);
     if !allowed {
-        TenancyError::SuperuserOnly {
-            what: "audit_verify (for another tenant)",
+        TenancyError::OtherTenant {
+            what: "audit_verify",
         }
         .report();
     }
@@ -869,7 +897,7 @@ fn audit_verify(
         }
         Ok((n, None))
     })
-    .unwrap_or_else(|e| pgrx::error!("pg_tenancy: reading the audit trail failed: {e}"));
+    .unwrap_or_else(|e| TenancyError::spi("reading the audit trail", e).report());
     let (events, broken) = result;
     TableIterator::once((
         broken.is_none(),
@@ -974,7 +1002,7 @@ fn audit_purge(org: &str, before: pgrx::datum::TimestampWithTimeZone) -> i64 {
         let row = rows.first().get_two::<i64, Vec<u8>>()?;
         Ok((row.0.unwrap_or(0), row.1))
     })
-    .unwrap_or_else(|e| pgrx::error!("pg_tenancy: reading the audit trail failed: {e}"));
+    .unwrap_or_else(|e| TenancyError::spi("reading the audit trail", e).report());
     let Some(anchor) = anchor else {
         return 0;
     };
@@ -995,7 +1023,7 @@ fn audit_purge(org: &str, before: pgrx::datum::TimestampWithTimeZone) -> i64 {
             Ok(n)
         })
     })
-    .unwrap_or_else(|e| pgrx::error!("pg_tenancy: purging the audit trail failed: {e}"));
+    .unwrap_or_else(|e| TenancyError::spi("purging the audit trail", e).report());
     write_event(
         org,
         "AUDIT_PURGE",
@@ -1057,9 +1085,7 @@ fn audit_history(
                     Some(&payload_label(event_id)),
                 )
                 .or_raise();
-                pgrx::JsonB(
-                    serde_json::from_slice(&plain).expect("authenticated payloads hold JSON"),
-                )
+                pgrx::JsonB(payload_json(&plain).or_raise())
             });
             out.push((
                 r.get::<i64>(1)?.unwrap_or(0),
@@ -1074,6 +1100,6 @@ fn audit_history(
         }
         Ok(out)
     })
-    .unwrap_or_else(|e| pgrx::error!("pg_tenancy: reading the audit trail failed: {e}"));
+    .unwrap_or_else(|e| TenancyError::spi("reading the audit trail", e).report());
     TableIterator::new(rows)
 }

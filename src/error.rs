@@ -102,6 +102,21 @@ pub enum TenancyError {
     RevealNotAudited { reason: String },
     #[error("tenancy.audit_trigger() is attached the wrong way")]
     AuditTriggerMisdefined { reason: &'static str },
+    #[error("only a superuser may call tenancy.{what}() for another tenant")]
+    OtherTenant { what: &'static str },
+    #[error("argument \"{argument}\" of tenancy.{function}() must not be NULL")]
+    NullArgument {
+        function: &'static str,
+        argument: &'static str,
+    },
+    #[error("relation \"{name}\" does not exist")]
+    UndefinedTable { name: String },
+    #[error("PHI text envelope does not hold valid text")]
+    PhiInvalidText { reason: &'static str },
+    #[error("PHI jsonb envelope does not hold valid JSON")]
+    PhiInvalidJson,
+    #[error("pg_tenancy: {what} failed")]
+    Spi { what: &'static str, reason: String },
 }
 
 impl TenancyError {
@@ -147,6 +162,12 @@ impl TenancyError {
             Self::ForeignCodeInDdl { .. } | Self::RewriteInDdl => ERRCODE_INSUFFICIENT_PRIVILEGE,
             Self::RevealNotAudited { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             Self::AuditTriggerMisdefined { .. } => ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
+            Self::OtherTenant { .. } => ERRCODE_INSUFFICIENT_PRIVILEGE,
+            Self::NullArgument { .. } => ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            Self::UndefinedTable { .. } => ERRCODE_UNDEFINED_TABLE,
+            Self::PhiInvalidText { .. } => ERRCODE_CHARACTER_NOT_IN_REPERTOIRE,
+            Self::PhiInvalidJson => ERRCODE_INVALID_TEXT_REPRESENTATION,
+            Self::Spi { .. } => ERRCODE_EXTERNAL_ROUTINE_EXCEPTION,
         }
     }
 
@@ -163,6 +184,8 @@ impl TenancyError {
             Self::PhiMalformed { reason } => Some((*reason).to_string()),
             Self::RevealNotAudited { reason } => Some(reason.clone()),
             Self::AuditTriggerMisdefined { reason } => Some((*reason).to_string()),
+            Self::PhiInvalidText { reason } => Some((*reason).to_string()),
+            Self::Spi { reason, .. } => Some(reason.clone()),
             Self::PhiAuthentication => Some(
                 "The envelope was altered, belongs to another tenant or column label, or was sealed with a different key."
                     .into(),
@@ -264,6 +287,23 @@ impl TenancyError {
             Self::RevealNotAudited { .. } => Some(
                 "Set tenancy.audit_database to this database in postgresql.conf and restart; every reveal is recorded there.",
             ),
+            Self::OtherTenant { .. } => Some(
+                "Call it in a transaction of that tenant (tenancy.set_org), or as a superuser.",
+            ),
+            Self::NullArgument { .. } => Some("See docs/reference.md for the function's arguments."),
+            Self::UndefinedTable { .. } => Some("Name the table as schema.table; check search_path."),
+            Self::PhiInvalidText { .. } | Self::PhiInvalidJson => Some(
+                "The envelope is authentic but was not sealed by tenancy.phi_encrypt from a value of this type: fix the application code that wrote it (docs/phi.md, content types).",
+            ),
+            Self::Spi { .. } => Some("This is a bug in pg_tenancy: please report it with the statement that failed."),
+        }
+    }
+
+    /// An SPI call of pg_tenancy's own that failed (a bug, not bad input).
+    pub fn spi(what: &'static str, e: impl std::fmt::Display) -> Self {
+        Self::Spi {
+            what,
+            reason: e.to_string(),
         }
     }
 

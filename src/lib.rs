@@ -18,6 +18,8 @@ pub mod keyfile;
 pub mod owner_ddl;
 pub mod policy;
 pub mod preload;
+#[cfg(test)]
+mod props;
 pub mod reveal_log;
 pub mod session_objects;
 pub mod token;
@@ -64,12 +66,25 @@ extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 /// `shared_preload_libraries` (the supported way), or lazily by a backend otherwise.
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
+    no_backtraces();
     preload::init();
     gucs::init();
     context::init();
     reveal_log::init();
     owner_ddl::init();
     token::init();
+}
+
+/// pgrx's panic hook captures a Rust backtrace for every error that crosses Rust frames, and
+/// reports it in the error's DETAIL when `RUST_BACKTRACE` or `RUST_LIB_BACKTRACE` is set in
+/// the server's environment: 4 KB of build paths to any client, for any failed statement that
+/// passed through a hook. `RUST_LIB_BACKTRACE=0` takes precedence over both and switches
+/// capturing off; this library's std reads it on its first capture, which has not happened
+/// yet. Set in the postmaster (preloaded), it is inherited by every backend it forks.
+fn no_backtraces() {
+    // SAFETY: _PG_init runs on Postgres's only thread (postmaster or backend), before any
+    // thread of this library could read the environment.
+    unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
 }
 
 /// Required by `cargo pgrx test`: cluster settings for the in-database test cluster.

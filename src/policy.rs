@@ -81,9 +81,12 @@ fn load_target(rel: pg_sys::Oid, column: &str) -> Target {
             r.get::<String>(8)?,
         ))
     })
-    .unwrap_or_else(|e| pgrx::error!("pg_tenancy: reading the catalog failed: {e}"));
+    .unwrap_or_else(|e| TenancyError::spi("reading the catalog", e).report());
     let (Some(schema), Some(name), Some(kind)) = (row.0, row.1, row.2) else {
-        pgrx::error!("pg_tenancy: relation {rel:?} does not exist")
+        TenancyError::UndefinedTable {
+            name: format!("with oid {}", rel.to_u32()),
+        }
+        .report()
     };
     if kind != "r" && kind != "p" {
         TenancyError::NotATable {
@@ -321,10 +324,52 @@ fn collect_protect(
 
 fn run_all(stmts: &[String]) {
     with_maintenance(|| {
-        for s in stmts {
-            Spi::run(s).unwrap_or_else(|e| pgrx::error!("pg_tenancy: {s}: {e}"));
+        for (i, s) in stmts.iter().enumerate() {
+            let line = format!("pg_tenancy statement {} of {}: {s}", i + 1, stmts.len());
+            with_error_context(&line, || {
+                Spi::run(s).unwrap_or_else(|e| TenancyError::spi("running a statement", e).report())
+            });
         }
     });
+}
+
+/// Runs `f` with `line` added to the CONTEXT of any error raised meanwhile: which of the
+/// statements protect() built failed, also for clients that show SPI's own context poorly.
+fn with_error_context<R>(line: &str, f: impl FnOnce() -> R) -> R {
+    /// Restores the error context stack however `f` ends (an ERROR unwinds through here).
+    struct Pop(*mut pg_sys::ErrorContextCallback);
+    impl Drop for Pop {
+        fn drop(&mut self) {
+            // SAFETY: puts back the pointer that was there before this frame pushed its own.
+            unsafe { pg_sys::error_context_stack = self.0 };
+        }
+    }
+    // Statement texts come from quoted identifiers and literals: no NUL inside.
+    let text = std::ffi::CString::new(line).unwrap_or_default();
+    let mut callback = pg_sys::ErrorContextCallback {
+        // SAFETY: a read of the backend's error context stack pointer (one thread).
+        previous: unsafe { pg_sys::error_context_stack },
+        callback: Some(statement_context),
+        arg: text.as_ptr().cast_mut().cast(),
+    };
+    let _pop = Pop(callback.previous);
+    // SAFETY: `callback` and `text` live on this frame and outlive its place on the stack (popped by `_pop` before it drops).
+    unsafe { pg_sys::error_context_stack = &mut callback };
+    f()
+}
+
+/// Error context callback: adds its C string argument as a CONTEXT line.
+unsafe extern "C-unwind" fn statement_context(arg: *mut std::ffi::c_void) {
+    unsafe extern "C" {
+        // elog.h's errcontext(): variadic, so not in pgrx's bindings.
+        fn errcontext_msg(fmt: *const std::ffi::c_char, ...) -> std::ffi::c_int;
+    }
+    // SAFETY: called by errfinish() while an error is being built; `arg` is the NUL-terminated
+    // line given to with_error_context, passed through "%s" (never as a format).
+    unsafe {
+        pg_sys::set_errcontext_domain(c"pg_tenancy".as_ptr());
+        errcontext_msg(c"%s".as_ptr(), arg.cast::<std::ffi::c_char>());
+    }
 }
 
 /// Protects `rel` (and its partitions or inheritance children) on `tenant_column` (uuid or
@@ -378,7 +423,7 @@ fn protect_all(
         })
         .collect()
     })
-    .unwrap_or_else(|e| pgrx::error!("pg_tenancy: reading the catalog failed: {e}"));
+    .unwrap_or_else(|e| TenancyError::spi("reading the catalog", e).report());
     let mut stmts = Vec::new();
     if let Some(root) = root {
         collect_protect(root, "id", false, audit, &mut stmts);
@@ -397,7 +442,7 @@ fn protect_all(
             "INSERT INTO tenancy.protection_log (action, object, detail) VALUES ('protect_all', $1, $2)",
             &[schema.into(), tenant_column.into()],
         )
-        .unwrap_or_else(|e| pgrx::error!("pg_tenancy: {e}"));
+        .unwrap_or_else(|e| TenancyError::spi("recording the protection", e).report());
     }
     SetOfIterator::new(stmts)
 }
@@ -424,7 +469,12 @@ fn resolve(name: &str) -> pg_sys::Oid {
     Spi::get_one_with_args::<pg_sys::Oid>("SELECT $1::regclass::oid", &[name.into()])
         .ok()
         .flatten()
-        .unwrap_or_else(|| pgrx::error!("pg_tenancy: relation \"{name}\" does not exist"))
+        .unwrap_or_else(|| {
+            TenancyError::UndefinedTable {
+                name: name.to_string(),
+            }
+            .report()
+        })
 }
 
 fn relation_name(rel: pg_sys::Oid) -> String {
@@ -459,7 +509,7 @@ fn unprotect_one(rel: pg_sys::Oid, stmts: &mut Vec<String>) -> bool {
             r.get::<bool>(4)?.unwrap_or(false),
         )))
     })
-    .unwrap_or_else(|e| pgrx::error!("pg_tenancy: {e}"));
+    .unwrap_or_else(|e| TenancyError::spi("recording the protection", e).report());
     let Some((schema, name, children, audited)) = found else {
         return false;
     };
@@ -497,7 +547,7 @@ fn log_action(action: &str, rel: pg_sys::Oid, detail: &str) {
         "INSERT INTO tenancy.protection_log (action, object, detail) VALUES ($1, $2::regclass::text, $3)",
         &[action.into(), rel.into(), detail.into()],
     )
-    .unwrap_or_else(|e| pgrx::error!("pg_tenancy: {e}"));
+    .unwrap_or_else(|e| TenancyError::spi("recording the protection", e).report());
 }
 
 /// True while pg_tenancy itself changes a protected table: the drift guards stand aside.

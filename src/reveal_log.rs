@@ -131,6 +131,7 @@ impl Default for RevealQueue {
 // SAFETY: plain old data, no pointers; every access goes through the LWLock.
 unsafe impl PGRXSharedMemory for RevealQueue {}
 
+// SAFETY: the lock's name is unique to this library; pg_shmem_init! in init() sets it up.
 static QUEUE: PgLwLock<RevealQueue> = unsafe { PgLwLock::new(c"pg_tenancy_reveal_queue") };
 
 thread_local! {
@@ -289,7 +290,9 @@ pub extern "C-unwind" fn pg_tenancy_reveal_worker_main(_arg: pg_sys::Datum) {
                 "SELECT pg_catalog.set_config($1, $2, false)",
                 &[(*name).into(), (*value).into()],
             )
-            .unwrap_or_else(|e| pgrx::error!("pg_tenancy reveal audit: setting {name}: {e}"));
+            .unwrap_or_else(|e| {
+                TenancyError::spi("setting the reveal worker's settings", e).report()
+            });
         }
     });
     while BackgroundWorker::wait_latch(Some(Duration::from_millis(POLL_MS))) {

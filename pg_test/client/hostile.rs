@@ -56,6 +56,7 @@ impl Bouncer {
             ),
         )
         .unwrap();
+        // SAFETY: geteuid() cannot fail and touches no memory.
         let root = unsafe { libc::geteuid() } == 0;
         if root {
             Command::new("chown")
@@ -434,6 +435,7 @@ fn test_thirty_two_pooled_clients_with_rotation_leak_nothing_and_lose_nothing() 
 fn immediate_restart(cluster: &Cluster) {
     let bin = crate::harness::bindir();
     let pg_ctl = |args: &[&str]| {
+        // SAFETY: geteuid() cannot fail and touches no memory.
         let mut cmd = if unsafe { libc::geteuid() } == 0 {
             let mut c = Command::new("sudo");
             c.args(["-n", "-u", "postgres", "--"])

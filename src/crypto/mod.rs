@@ -276,23 +276,81 @@ fn phi_encrypt_bytea(
 }
 
 /// Encrypts a jsonb value for the current tenant. NULL in, NULL out.
-#[pg_extern(volatile, parallel_restricted, name = "phi_encrypt")]
-fn phi_encrypt_jsonb(
-    value: Option<pgrx::JsonB>,
-    label: default!(Option<&str>, "NULL"),
-) -> Option<Vec<u8>> {
+///
+/// The envelope holds the value's text form as `jsonb_out` writes it (keys in jsonb's order,
+/// numbers exactly as stored): read through the argument's raw datum, since pgrx's `JsonB`
+/// goes through serde_json's f64 numbers and lost digits of medical record numbers.
+#[pg_extern(
+    volatile,
+    parallel_restricted,
+    name = "phi_encrypt",
+    sql = r#"
+CREATE FUNCTION tenancy."phi_encrypt"("value" jsonb, "label" TEXT DEFAULT NULL) RETURNS bytea
+VOLATILE PARALLEL RESTRICTED
+LANGUAGE c AS 'MODULE_PATHNAME', 'phi_encrypt_jsonb_wrapper';
+"#
+)]
+fn phi_encrypt_jsonb(fcinfo: pg_sys::FunctionCallInfo) -> Option<Vec<u8>> {
+    // SAFETY: called by Postgres with this function's two arguments (jsonb, text).
+    let (value, label) = unsafe {
+        (
+            pgrx::fcinfo::pg_getarg_datum(fcinfo, 0),
+            pgrx::fcinfo::pg_getarg::<&str>(fcinfo, 1),
+        )
+    };
     let value = value?;
     let org = tenant().or_raise();
-    let bytes = serde_json::to_vec(&value.0).expect("a jsonb value serialises");
-    Some(encrypt_for(&org, Content::Jsonb, label, &bytes).or_raise())
+    // SAFETY: `value` is a non-NULL jsonb datum; jsonb_out returns a palloc'd C string.
+    let text = unsafe {
+        let out = pgrx::direct_function_call_as_datum(pg_sys::jsonb_out, &[Some(value)])
+            .expect("jsonb_out returns a string");
+        std::ffi::CStr::from_ptr(out.cast_mut_ptr::<std::ffi::c_char>())
+    };
+    let plain = zeroize::Zeroizing::new(text.to_bytes().to_vec());
+    Some(encrypt_for(&org, Content::Jsonb, label, &plain).or_raise())
+}
+
+/// What a text envelope may hold: a value PostgreSQL can return as `text` in a UTF-8
+/// database (valid UTF-8, no NUL byte). Envelopes written by other code may hold anything;
+/// the message names the problem, never the bytes.
+pub fn check_text(plain: &[u8]) -> Result<&str> {
+    let text = std::str::from_utf8(plain).map_err(|_| TenancyError::PhiInvalidText {
+        reason: "the plaintext is not valid UTF-8",
+    })?;
+    if text.contains('\0') {
+        return Err(TenancyError::PhiInvalidText {
+            reason: "the plaintext contains a NUL byte, which text values cannot hold",
+        });
+    }
+    Ok(text)
+}
+
+/// Parses the text form held by a jsonb envelope with jsonb_in. Its own errors would quote
+/// the plaintext ("Token "..." is invalid"): they are caught and replaced by one without it.
+pub fn parse_jsonb(plain: &[u8]) -> Result<pg_sys::Datum> {
+    let text = check_text(plain).map_err(|_| TenancyError::PhiInvalidJson)?;
+    let c = zeroize::Zeroizing::new(
+        std::ffi::CString::new(text)
+            .map_err(|_| TenancyError::PhiInvalidJson)?
+            .into_bytes_with_nul(),
+    );
+    let ptr = c.as_ptr() as usize;
+    pgrx::PgTryBuilder::new(move || {
+        // SAFETY: `ptr` is a NUL-terminated C string alive for the call (owned by `c`).
+        unsafe {
+            pgrx::direct_function_call_as_datum(pg_sys::jsonb_in, &[Some(pg_sys::Datum::from(ptr))])
+        }
+    })
+    .catch_others(|_| None)
+    .execute()
+    .ok_or(TenancyError::PhiInvalidJson)
 }
 
 /// Decrypts a text envelope of the current tenant. NULL in, NULL out. Never IMMUTABLE.
 #[pg_extern(stable, parallel_restricted)]
 fn phi_reveal(env: Option<&[u8]>, label: default!(Option<&str>, "NULL")) -> Option<String> {
-    let plain = reveal(env?, Content::Text, label);
-    // Sealed from a Postgres text value by phi_encrypt; authenticated, so still UTF-8.
-    Some(String::from_utf8(plain).expect("authenticated text envelopes hold UTF-8"))
+    let plain = zeroize::Zeroizing::new(reveal(env?, Content::Text, label));
+    Some(check_text(&plain).or_raise().to_string())
 }
 
 /// Decrypts a bytea envelope of the current tenant.
@@ -301,16 +359,26 @@ fn phi_reveal_bytea(env: Option<&[u8]>, label: default!(Option<&str>, "NULL")) -
     Some(reveal(env?, Content::Bytea, label))
 }
 
-/// Decrypts a jsonb envelope of the current tenant.
-#[pg_extern(stable, parallel_restricted)]
-fn phi_reveal_jsonb(
-    env: Option<&[u8]>,
-    label: default!(Option<&str>, "NULL"),
-) -> Option<pgrx::JsonB> {
-    let plain = reveal(env?, Content::Jsonb, label);
-    Some(pgrx::JsonB(
-        serde_json::from_slice(&plain).expect("authenticated jsonb envelopes hold JSON"),
-    ))
+/// Decrypts a jsonb envelope of the current tenant: the value exactly as encrypted.
+#[pg_extern(
+    stable,
+    parallel_restricted,
+    sql = r#"
+CREATE FUNCTION tenancy."phi_reveal_jsonb"("env" bytea, "label" TEXT DEFAULT NULL) RETURNS jsonb
+STABLE PARALLEL RESTRICTED
+LANGUAGE c AS 'MODULE_PATHNAME', 'phi_reveal_jsonb_wrapper';
+"#
+)]
+fn phi_reveal_jsonb(fcinfo: pg_sys::FunctionCallInfo) -> Option<pgrx::Internal> {
+    // SAFETY: called by Postgres with this function's two arguments (bytea, text).
+    let (env, label) = unsafe {
+        (
+            pgrx::fcinfo::pg_getarg::<&[u8]>(fcinfo, 0),
+            pgrx::fcinfo::pg_getarg::<&str>(fcinfo, 1),
+        )
+    };
+    let plain = zeroize::Zeroizing::new(reveal(env?, Content::Jsonb, label));
+    Some(pgrx::Internal::from(Some(parse_jsonb(&plain).or_raise())))
 }
 
 /// Re-encrypts an envelope of the current tenant under the active key (same type and label).
@@ -331,7 +399,7 @@ fn rotate_for(org: &str, env: &[u8], label: Option<&str>) -> Result<Vec<u8>> {
 #[pg_extern(volatile, parallel_restricted)]
 fn phi_rotate_for_tenant(
     env: Option<&[u8]>,
-    org: &str,
+    org: Option<&str>,
     label: default!(Option<&str>, "NULL"),
 ) -> Option<Vec<u8>> {
     // SAFETY: superuser() only reads the current role.
@@ -341,6 +409,7 @@ fn phi_rotate_for_tenant(
         }
         .report();
     }
+    let org = org.ok_or(TenancyError::NullTenant).or_raise();
     Some(rotate_for(org, env?, label).or_raise())
 }
 
