@@ -489,8 +489,37 @@ fn payload_json(plain: &[u8]) -> Result<serde_json::Value, TenancyError> {
 }
 
 /// Records an operator action of the application in the current tenant's audit trail.
-#[pg_extern(volatile, parallel_unsafe)]
-fn log_action(action: Option<&str>, details: default!(Option<pgrx::JsonB>, "NULL")) -> bool {
+///
+/// `details` is read from its raw datum (pgrx's `JsonB` argument panics on values nested more
+/// than serde_json's 128 levels, before the function could refuse them cleanly).
+#[pg_extern(
+    volatile,
+    parallel_unsafe,
+    sql = r#"
+CREATE FUNCTION tenancy."log_action"("action" TEXT, "details" jsonb DEFAULT NULL) RETURNS bool
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c AS 'MODULE_PATHNAME', 'log_action_wrapper';
+"#
+)]
+fn log_action(fcinfo: pg_sys::FunctionCallInfo) -> bool {
+    // SAFETY: called by Postgres with this function's two arguments (text, jsonb).
+    let (action, details) = unsafe {
+        (
+            pgrx::fcinfo::pg_getarg::<&str>(fcinfo, 0),
+            pgrx::fcinfo::pg_getarg_datum(fcinfo, 1),
+        )
+    };
+    let details = details.map(|d| {
+        // SAFETY: `d` is a non-NULL jsonb datum; jsonb_out returns a palloc'd C string.
+        let text = unsafe {
+            let out = pgrx::direct_function_call_as_datum(pg_sys::jsonb_out, &[Some(d)])
+                .expect("jsonb_out returns a string");
+            std::ffi::CStr::from_ptr(out.cast_mut_ptr::<std::ffi::c_char>())
+        };
+        serde_json::from_slice::<serde_json::Value>(text.to_bytes())
+            .map_err(|_| TenancyError::DetailsTooDeep)
+            .or_raise()
+    });
     let action = action
         .ok_or(TenancyError::NullArgument {
             function: "log_action",
@@ -516,14 +545,7 @@ fn log_action(action: Option<&str>, details: default!(Option<pgrx::JsonB>, "NULL
         }
         .report();
     }
-    write_event(
-        &org,
-        action,
-        None,
-        None,
-        None,
-        details.as_ref().map(|d| &d.0),
-    );
+    write_event(&org, action, None, None, None, details.as_ref());
     true
 }
 

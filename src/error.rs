@@ -115,6 +115,8 @@ pub enum TenancyError {
     PhiInvalidText { reason: &'static str },
     #[error("PHI jsonb envelope does not hold valid JSON")]
     PhiInvalidJson,
+    #[error("audit details nest more than 127 levels deep")]
+    DetailsTooDeep,
     #[error("pg_tenancy: {what} failed")]
     Spi { what: &'static str, reason: String },
 }
@@ -168,6 +170,7 @@ impl TenancyError {
             Self::PhiInvalidText { .. } => ERRCODE_CHARACTER_NOT_IN_REPERTOIRE,
             Self::PhiInvalidJson => ERRCODE_INVALID_TEXT_REPRESENTATION,
             Self::Spi { .. } => ERRCODE_EXTERNAL_ROUTINE_EXCEPTION,
+            Self::DetailsTooDeep => ERRCODE_PROGRAM_LIMIT_EXCEEDED,
         }
     }
 
@@ -295,6 +298,7 @@ impl TenancyError {
             Self::PhiInvalidText { .. } | Self::PhiInvalidJson => Some(
                 "The envelope is authentic but was not sealed by tenancy.phi_encrypt from a value of this type: fix the application code that wrote it (docs/phi.md, content types).",
             ),
+            Self::DetailsTooDeep => Some("Flatten the details object: it is stored as JSON in the audit trail."),
             Self::Spi { .. } => Some("This is a bug in pg_tenancy: please report it with the statement that failed."),
         }
     }

@@ -120,7 +120,9 @@ unsafe extern "C-unwind" fn emit_log_hook(edata: *mut pg_sys::ErrorData) {
 
 /// Marks a utility statement as guarded for its duration, when a role that is not a
 /// superuser runs it on a table with forced row level security.
-pub struct Guard(bool);
+/// Holds whether the statement is guarded, and whether its error text is withheld (not for
+/// superusers, who may read every row anyway: protect()'s own failing statement is shown).
+pub struct Guard(bool, bool);
 
 impl Guard {
     /// # Safety
@@ -133,13 +135,14 @@ impl Guard {
         // Superusers too: a superuser's VALIDATE CONSTRAINT ran an owner's function wrapped in
         // query_to_xml() with superuser rights (found by an attacker pass).
         let guarded = targets_forced_table(stmt);
+        let superuser = pg_sys::superuser();
         if guarded {
-            if !pg_sys::superuser() {
+            if !superuser {
                 refuse_rewrites(stmt);
             }
             GUARDED.with(|g| g.set(g.get() + 1));
         }
-        Guard(guarded)
+        Guard(guarded, !superuser)
     }
 }
 
@@ -147,7 +150,7 @@ impl Drop for Guard {
     fn drop(&mut self) {
         if self.0 {
             GUARDED.with(|g| g.set(g.get().saturating_sub(1)));
-            if std::thread::panicking() {
+            if self.1 && std::thread::panicking() {
                 // The command is being aborted by an ERROR: withhold its text.
                 SCRUB_NEXT_ERROR.with(|s| s.set(true));
             }

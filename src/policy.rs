@@ -13,7 +13,7 @@
 //! The drift guards (sql/guards.sql) refuse every other way of weakening a protected table;
 //! they let these functions through while [`in_maintenance`] is true.
 
-use crate::error::TenancyError;
+use crate::error::{Raise, TenancyError};
 use pgrx::prelude::*;
 use pgrx::spi::SpiResult;
 use std::cell::Cell;
@@ -325,51 +325,37 @@ fn collect_protect(
 fn run_all(stmts: &[String]) {
     with_maintenance(|| {
         for (i, s) in stmts.iter().enumerate() {
-            let line = format!("pg_tenancy statement {} of {}: {s}", i + 1, stmts.len());
-            with_error_context(&line, || {
-                Spi::run(s).unwrap_or_else(|e| TenancyError::spi("running a statement", e).report())
-            });
+            run_naming_statement(s, i + 1, stmts.len());
         }
     });
 }
 
-/// Runs `f` with `line` added to the CONTEXT of any error raised meanwhile: which of the
-/// statements protect() built failed, also for clients that show SPI's own context poorly.
-fn with_error_context<R>(line: &str, f: impl FnOnce() -> R) -> R {
-    /// Restores the error context stack however `f` ends (an ERROR unwinds through here).
-    struct Pop(*mut pg_sys::ErrorContextCallback);
-    impl Drop for Pop {
-        fn drop(&mut self) {
-            // SAFETY: puts back the pointer that was there before this frame pushed its own.
-            unsafe { pg_sys::error_context_stack = self.0 };
+/// Runs one statement protect() built; an error it raises says which one in its DETAIL.
+/// (Not in CONTEXT: errors that cross Rust frames lose their CONTEXT in pgrx 0.18, SPI's own
+/// "SQL statement ..." line included.)
+fn run_naming_statement(stmt: &str, n: usize, of: usize) {
+    use pgrx::pg_sys::panic::{CaughtError, ErrorReport};
+    pgrx::PgTryBuilder::new(|| {
+        Spi::run(stmt).unwrap_or_else(|e| TenancyError::spi("running a statement", e).report())
+    })
+    .catch_others(|caught| match caught {
+        CaughtError::PostgresError(e) | CaughtError::ErrorReport(e) => {
+            let mut detail = format!("pg_tenancy statement {n} of {of}: {stmt}");
+            if let Some(d) = e.detail() {
+                detail = format!("{d}\n{detail}");
+            }
+            let mut report =
+                ErrorReport::new(e.sql_error_code(), e.message().to_string(), "protect")
+                    .set_detail(detail);
+            if let Some(h) = e.hint() {
+                report = report.set_hint(h.to_string());
+            }
+            report.report(PgLogLevel::ERROR);
+            unreachable!("ereport(ERROR) returned")
         }
-    }
-    // Statement texts come from quoted identifiers and literals: no NUL inside.
-    let text = std::ffi::CString::new(line).unwrap_or_default();
-    let mut callback = pg_sys::ErrorContextCallback {
-        // SAFETY: a read of the backend's error context stack pointer (one thread).
-        previous: unsafe { pg_sys::error_context_stack },
-        callback: Some(statement_context),
-        arg: text.as_ptr().cast_mut().cast(),
-    };
-    let _pop = Pop(callback.previous);
-    // SAFETY: `callback` and `text` live on this frame and outlive its place on the stack (popped by `_pop` before it drops).
-    unsafe { pg_sys::error_context_stack = &mut callback };
-    f()
-}
-
-/// Error context callback: adds its C string argument as a CONTEXT line.
-unsafe extern "C-unwind" fn statement_context(arg: *mut std::ffi::c_void) {
-    unsafe extern "C" {
-        // elog.h's errcontext(): variadic, so not in pgrx's bindings.
-        fn errcontext_msg(fmt: *const std::ffi::c_char, ...) -> std::ffi::c_int;
-    }
-    // SAFETY: called by errfinish() while an error is being built; `arg` is the NUL-terminated
-    // line given to with_error_context, passed through "%s" (never as a format).
-    unsafe {
-        pg_sys::set_errcontext_domain(c"pg_tenancy".as_ptr());
-        errcontext_msg(c"%s".as_ptr(), arg.cast::<std::ffi::c_char>());
-    }
+        other => other.rethrow(),
+    })
+    .execute()
 }
 
 /// Protects `rel` (and its partitions or inheritance children) on `tenant_column` (uuid or
@@ -398,13 +384,24 @@ fn protect(
 /// tables created in it later are protected at creation. Superuser only.
 #[pg_extern(volatile, parallel_unsafe)]
 fn protect_all(
-    schema: &str,
+    schema: Option<&str>,
     root: default!(Option<&str>, "NULL"),
-    tenant_column: default!(&str, "'organization_id'"),
-    dry_run: default!(bool, false),
-    audit: default!(bool, false),
+    tenant_column: default!(Option<&str>, "'organization_id'"),
+    dry_run: default!(Option<bool>, false),
+    audit: default!(Option<bool>, false),
 ) -> SetOfIterator<'static, String> {
     require_superuser("protect_all");
+    // Not STRICT (root may be NULL): every other argument is checked here.
+    let required = |argument| TenancyError::NullArgument {
+        function: "protect_all",
+        argument,
+    };
+    let schema = schema.ok_or_else(|| required("schema")).or_raise();
+    let tenant_column = tenant_column
+        .ok_or_else(|| required("tenant_column"))
+        .or_raise();
+    let dry_run = dry_run.ok_or_else(|| required("dry_run")).or_raise();
+    let audit = audit.ok_or_else(|| required("audit")).or_raise();
     let root = root.map(resolve);
     let tables: Vec<pg_sys::Oid> = Spi::connect(|client| -> SpiResult<_> {
         let t = client.select(

@@ -56,6 +56,15 @@ extern "C" {
     fn libc_geteuid() -> u32;
 }
 
+/// pg_ctl, as the server's OS user, with Rust's backtrace switches on in the environment the
+/// server inherits: no test may see a Rust backtrace in a message or the log even then.
+fn pg_ctl() -> Command {
+    let mut c = as_server_user(Path::new("/usr/bin/env"));
+    c.args(["RUST_BACKTRACE=1", "RUST_LIB_BACKTRACE=1"])
+        .arg(bindir().join("pg_ctl"));
+    c
+}
+
 /// Runs a server binary as the server's OS user.
 fn as_server_user(program: &Path) -> Command {
     if is_root() {
@@ -220,7 +229,7 @@ impl Cluster {
         let log = tmp.path().join("server.log");
         check(
             "pg_ctl start",
-            as_server_user(&bin.join("pg_ctl"))
+            pg_ctl()
                 .args(["start", "-w", "-t", "60", "-D"])
                 .arg(&dir)
                 .arg("-l")
@@ -279,7 +288,7 @@ impl Cluster {
         let log = self._tmp.path().join("server.log");
         check(
             "pg_ctl restart",
-            as_server_user(&bindir().join("pg_ctl"))
+            pg_ctl()
                 .args(["restart", "-w", "-t", "60", "-m", "fast", "-D"])
                 .arg(&self.dir)
                 .arg("-l")

@@ -3,6 +3,7 @@
 
 mod audit;
 mod context;
+mod errors;
 mod harness;
 mod hostile;
 mod lifecycle;
