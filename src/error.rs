@@ -407,4 +407,209 @@ mod tests {
             assert!(!e.to_string().is_empty());
         }
     }
+
+    /// One value of every variant. `variant` has no wildcard: a new variant does not compile
+    /// until it is listed here, and the test below checks that every one is.
+    fn every_error() -> Vec<TenancyError> {
+        use TenancyError::*;
+        let s = || String::from("x");
+        vec![
+            NotPreloaded,
+            OutsideTransaction,
+            NullTenant,
+            EmptyTenant,
+            MalformedTenant { reason: s() },
+            MalformedActor { reason: s() },
+            TenantAlreadySet,
+            ActorAlreadySet,
+            NoTenant,
+            ForgedSetting { setting: "s" },
+            TokenRequired,
+            TokenMalformed { reason: "r" },
+            TokenExpired,
+            TokenInvalid,
+            TokenReplayed,
+            TokenMemoryFull,
+            KeyFile {
+                path: s(),
+                reason: s(),
+            },
+            HoldableCursor,
+            NotATable { relation: s() },
+            NoTenantColumn {
+                relation: s(),
+                column: s(),
+            },
+            TenantColumnType {
+                relation: s(),
+                column: s(),
+                found: s(),
+            },
+            TenantColumnCollation {
+                relation: s(),
+                column: s(),
+                collation: s(),
+            },
+            NotProtected { relation: s() },
+            SuperuserOnly { what: "w" },
+            PhiNotConfigured,
+            PhiKeyFile {
+                path: s(),
+                reason: s(),
+            },
+            PhiMalformed { reason: "r" },
+            PhiUnknownKey { key_id: 3 },
+            PhiAuthentication,
+            PhiWrongType {
+                found: "text",
+                want: "bytea",
+            },
+            PhiBadLabel,
+            PhiWhileStoring,
+            BadAction,
+            ForeignCodeInDdl {
+                function: s(),
+                owner: s(),
+            },
+            RewriteInDdl,
+            SessionObject { what: s() },
+            ReservedAction { action: s() },
+            RevealNotAudited { reason: s() },
+            AuditTriggerMisdefined { reason: "r" },
+            OtherTenant { what: "w" },
+            NullArgument {
+                function: "f",
+                argument: "a",
+            },
+            UndefinedTable { name: s() },
+            PhiInvalidText { reason: "r" },
+            PhiInvalidJson,
+            DetailsTooDeep,
+            Spi {
+                what: "w",
+                reason: s(),
+            },
+        ]
+    }
+
+    fn variant(e: &TenancyError) -> &'static str {
+        use TenancyError::*;
+        match e {
+            NotPreloaded => "NotPreloaded",
+            OutsideTransaction => "OutsideTransaction",
+            NullTenant => "NullTenant",
+            EmptyTenant => "EmptyTenant",
+            MalformedTenant { .. } => "MalformedTenant",
+            MalformedActor { .. } => "MalformedActor",
+            TenantAlreadySet => "TenantAlreadySet",
+            ActorAlreadySet => "ActorAlreadySet",
+            NoTenant => "NoTenant",
+            ForgedSetting { .. } => "ForgedSetting",
+            TokenRequired => "TokenRequired",
+            TokenMalformed { .. } => "TokenMalformed",
+            TokenExpired => "TokenExpired",
+            TokenInvalid => "TokenInvalid",
+            TokenReplayed => "TokenReplayed",
+            TokenMemoryFull => "TokenMemoryFull",
+            KeyFile { .. } => "KeyFile",
+            HoldableCursor => "HoldableCursor",
+            NotATable { .. } => "NotATable",
+            NoTenantColumn { .. } => "NoTenantColumn",
+            TenantColumnType { .. } => "TenantColumnType",
+            TenantColumnCollation { .. } => "TenantColumnCollation",
+            NotProtected { .. } => "NotProtected",
+            SuperuserOnly { .. } => "SuperuserOnly",
+            PhiNotConfigured => "PhiNotConfigured",
+            PhiKeyFile { .. } => "PhiKeyFile",
+            PhiMalformed { .. } => "PhiMalformed",
+            PhiUnknownKey { .. } => "PhiUnknownKey",
+            PhiAuthentication => "PhiAuthentication",
+            PhiWrongType { .. } => "PhiWrongType",
+            PhiBadLabel => "PhiBadLabel",
+            PhiWhileStoring => "PhiWhileStoring",
+            BadAction => "BadAction",
+            ForeignCodeInDdl { .. } => "ForeignCodeInDdl",
+            RewriteInDdl => "RewriteInDdl",
+            SessionObject { .. } => "SessionObject",
+            ReservedAction { .. } => "ReservedAction",
+            RevealNotAudited { .. } => "RevealNotAudited",
+            AuditTriggerMisdefined { .. } => "AuditTriggerMisdefined",
+            OtherTenant { .. } => "OtherTenant",
+            NullArgument { .. } => "NullArgument",
+            UndefinedTable { .. } => "UndefinedTable",
+            PhiInvalidText { .. } => "PhiInvalidText",
+            PhiInvalidJson => "PhiInvalidJson",
+            DetailsTooDeep => "DetailsTooDeep",
+            Spi { .. } => "Spi",
+        }
+    }
+
+    /// The five characters of a SQLSTATE packed by MAKE_SQLSTATE.
+    fn sqlstate_text(code: PgSqlErrorCode) -> String {
+        let n = code as i32;
+        (0..5)
+            .map(|i| (((n >> (6 * i)) & 0x3f) as u8 + b'0') as char)
+            .collect()
+    }
+
+    /// The SQLSTATEs of docs/reference.md's error table.
+    fn documented() -> std::collections::BTreeSet<String> {
+        let doc = include_str!("../docs/reference.md");
+        let table = &doc[doc.find("## Errors").expect("an Errors section")..];
+        table
+            .lines()
+            .filter_map(|l| l.strip_prefix("| "))
+            .filter_map(|l| l.split(" |").next())
+            .flat_map(|cell| cell.split(", "))
+            .filter(|c| c.len() == 5 && c.bytes().all(|b| b.is_ascii_alphanumeric()))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Every SQLSTATE the code raises (the error enum's and the SQL files' RAISE ...
+    /// ERRCODE) is in docs/reference.md's table, and the table lists no other, but the
+    /// domain check PostgreSQL raises for `tenancy.phi` (23514).
+    #[test]
+    fn test_reference_sqlstate_table_matches_the_code() {
+        let all = every_error();
+        let names: std::collections::BTreeSet<_> = all.iter().map(variant).collect();
+        assert_eq!(
+            names.len(),
+            all.len(),
+            "every_error() lists each variant once"
+        );
+        let mut raised: std::collections::BTreeSet<String> =
+            all.iter().map(|e| sqlstate_text(e.sqlstate())).collect();
+        for sql in [
+            include_str!("../sql/bootstrap.sql"),
+            include_str!("../sql/registry.sql"),
+            include_str!("../sql/guards.sql"),
+            include_str!("../sql/report.sql"),
+            include_str!("../sql/phi.sql"),
+            include_str!("../sql/audit.sql"),
+            include_str!("../sql/finalize.sql"),
+        ] {
+            for part in sql.split("ERRCODE = '").skip(1) {
+                raised.insert(part[..5].to_string());
+            }
+        }
+        assert!(raised.contains("55000") && raised.contains("0A000"));
+        assert_eq!(
+            sqlstate_text(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR),
+            "XX000"
+        );
+        assert!(!raised.contains("XX000"), "no error of pg_tenancy is XX000");
+        let docs = documented();
+        let missing: Vec<_> = raised.difference(&docs).collect();
+        assert!(
+            missing.is_empty(),
+            "raised, not in docs/reference.md: {missing:?}"
+        );
+        let mut extra: Vec<_> = docs.difference(&raised).collect();
+        extra.retain(|c| c.as_str() != "23514");
+        assert!(
+            extra.is_empty(),
+            "in docs/reference.md, never raised: {extra:?}"
+        );
+    }
 }
