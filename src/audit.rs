@@ -28,8 +28,20 @@ thread_local! {
 
 /// Forgets the cached chain tips: at transaction end and when a subtransaction aborts (its
 /// events and its head locks are gone with it).
-pub fn forget_tips() {
+fn forget_tips() {
     TIPS.with(|t| t.borrow_mut().clear());
+}
+
+/// End of the transaction: the chain heads are released, their tips forgotten.
+pub fn at_xact_end(_end: crate::xact::End) {
+    forget_tips();
+}
+
+/// End of a subtransaction: a rolled-back one took its events and head locks with it.
+pub fn at_sub_end(end: crate::xact::SubEnd, _level: i32) {
+    if end == crate::xact::SubEnd::Abort {
+        forget_tips();
+    }
 }
 
 struct Plans {

@@ -12,7 +12,7 @@
 //!   unwinding) fails closed.
 
 use crate::error::{Raise, Result, TenancyError};
-use crate::gucs::{self, TenantIdFormat};
+use crate::gucs;
 use crate::preload::require_preload;
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use pgrx::prelude::*;
@@ -21,8 +21,6 @@ use std::ffi::{c_char, c_void, CStr, CString};
 
 /// The setting that mirrors the tenant context.
 pub const MIRROR_GUC: &CStr = c"app.current_org_id";
-/// Longest text tenant id or actor id accepted.
-pub const MAX_ID_LEN: usize = 128;
 
 /// The context of the current transaction, as `set_org` recorded it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -41,13 +39,9 @@ thread_local! {
     static WRITING_MIRROR: Cell<bool> = const { Cell::new(false) };
     /// A WITH HOLD cursor was declared in this transaction.
     static HOLDABLE_CURSOR: Cell<bool> = const { Cell::new(false) };
-    /// Inside ANALYZE, VACUUM, CREATE INDEX, REINDEX or CLUSTER: commands that would store
-    /// the values they compute (statistics, index entries) at rest.
-    static IN_STORING_COMMAND: Cell<bool> = const { Cell::new(false) };
 }
 
 static MIRROR: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
-static mut PREV_PROCESS_UTILITY: pg_sys::ProcessUtility_hook_type = None;
 
 /// Defines `app.current_org_id`; called from [`crate::gucs::init`].
 pub fn define_mirror_guc() {
@@ -64,21 +58,6 @@ pub fn define_mirror_guc() {
             None,
             None,
         );
-    }
-}
-
-/// Registers the transaction callbacks and the utility hook. Called from `_PG_init`.
-pub fn init() {
-    // SAFETY: callbacks and hooks are installed once, at library load, on the main thread.
-    unsafe {
-        pg_sys::RegisterXactCallback(Some(xact_callback), std::ptr::null_mut());
-        pg_sys::RegisterSubXactCallback(Some(subxact_callback), std::ptr::null_mut());
-        PREV_PROCESS_UTILITY = pg_sys::ProcessUtility_hook;
-        pg_sys::ProcessUtility_hook = Some(process_utility);
-        PREV_EXECUTOR_START = pg_sys::ExecutorStart_hook;
-        pg_sys::ExecutorStart_hook = Some(executor_start);
-        PREV_OBJECT_ACCESS = pg_sys::object_access_hook;
-        pg_sys::object_access_hook = Some(object_access);
     }
 }
 
@@ -105,128 +84,38 @@ unsafe extern "C-unwind" fn check_mirror(
     false
 }
 
-#[pg_guard]
-unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: *mut c_void) {
-    use pg_sys::XactEvent::*;
-    match event {
-        XACT_EVENT_COMMIT | XACT_EVENT_PREPARE => crate::reveal_log::flush(true),
-        XACT_EVENT_ABORT => crate::reveal_log::flush(false),
-        _ => {}
-    }
-    if matches!(
-        event,
-        XACT_EVENT_COMMIT
-            | XACT_EVENT_ABORT
-            | XACT_EVENT_PREPARE
-            | XACT_EVENT_PARALLEL_COMMIT
-            | XACT_EVENT_PARALLEL_ABORT
-    ) {
-        CONTEXT.with(|c| c.borrow_mut().take());
-        HOLDABLE_CURSOR.with(|h| h.set(false));
-        IN_STORING_COMMAND.with(|f| f.set(false));
-        crate::audit::forget_tips();
-        WRITING_MIRROR.with(|w| w.set(false));
-    }
+/// End of the transaction: the context, the mirror's door and the cursor note go.
+pub fn at_xact_end(_end: crate::xact::End) {
+    CONTEXT.with(|c| c.borrow_mut().take());
+    HOLDABLE_CURSOR.with(|h| h.set(false));
+    WRITING_MIRROR.with(|w| w.set(false));
 }
 
-#[pg_guard]
-unsafe extern "C-unwind" fn subxact_callback(
-    event: pg_sys::SubXactEvent::Type,
-    _my_subid: pg_sys::SubTransactionId,
-    _parent_subid: pg_sys::SubTransactionId,
-    _arg: *mut c_void,
-) {
-    // During the callback the ending subtransaction is still the current one.
-    let level = pg_sys::GetCurrentTransactionNestLevel();
+/// End of a subtransaction: a context set inside a rolled-back one goes (the mirror is rolled
+/// back by the GUC machinery at the same point); one set inside a committed one now belongs
+/// to its parent.
+pub fn at_sub_end(end: crate::xact::SubEnd, level: i32) {
     CONTEXT.with(|c| {
         let mut slot = c.borrow_mut();
-        match event {
-            // The mirror is rolled back by the GUC machinery at the same point.
-            pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB => {
-                crate::audit::forget_tips();
+        match end {
+            crate::xact::SubEnd::Abort => {
                 if slot.as_ref().is_some_and(|ctx| ctx.level >= level) {
                     *slot = None;
                 }
             }
-            pg_sys::SubXactEvent::SUBXACT_EVENT_COMMIT_SUB => {
+            crate::xact::SubEnd::Commit => {
                 if let Some(ctx) = slot.as_mut().filter(|ctx| ctx.level >= level) {
                     ctx.level = level - 1;
                 }
             }
-            _ => {}
         }
     });
-}
-
-/// True while a command runs that stores computed values at rest (statistics, indexes): PHI
-/// must not be revealed there.
-pub fn in_storing_command() -> bool {
-    IN_STORING_COMMAND.with(Cell::get)
-}
-
-/// Marks [`in_storing_command`] for the duration of a utility statement, if it is one.
-struct StoringCommand(Option<bool>);
-
-impl StoringCommand {
-    unsafe fn enter(pstmt: *mut pg_sys::PlannedStmt) -> Self {
-        use pg_sys::NodeTag::*;
-        let stmt = (*pstmt).utilityStmt;
-        let storing = [T_VacuumStmt, T_IndexStmt, T_ReindexStmt, T_ClusterStmt]
-            .into_iter()
-            .any(|tag| pgrx::is_a(stmt, tag));
-        StoringCommand(storing.then(|| IN_STORING_COMMAND.with(|f| f.replace(true))))
-    }
-}
-
-impl Drop for StoringCommand {
-    fn drop(&mut self) {
-        if let Some(previous) = self.0 {
-            IN_STORING_COMMAND.with(|f| f.set(previous));
-        }
-    }
-}
-
-static mut PREV_EXECUTOR_START: pg_sys::ExecutorStart_hook_type = None;
-static mut PREV_OBJECT_ACCESS: pg_sys::object_access_hook_type = None;
-
-/// Plans of a tenant transaction: no writes into session-lived temporary tables
-/// (session_objects.rs).
-#[pg_guard]
-unsafe extern "C-unwind" fn executor_start(query_desc: *mut pg_sys::QueryDesc, eflags: i32) {
-    if in_tenant_transaction() {
-        crate::session_objects::check_plan(query_desc, eflags);
-    }
-    match PREV_EXECUTOR_START {
-        // SAFETY: the hook installed before ours; C, so called inside the FFI boundary.
-        Some(prev) => pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| prev(query_desc, eflags)),
-        None => pg_sys::standard_ExecutorStart(query_desc, eflags),
-    }
-}
-
-/// Objects created in a tenant transaction: no large objects (session_objects.rs).
-#[pg_guard]
-unsafe extern "C-unwind" fn object_access(
-    access: pg_sys::ObjectAccessType::Type,
-    class_id: pg_sys::Oid,
-    object_id: pg_sys::Oid,
-    sub_id: i32,
-    arg: *mut c_void,
-) {
-    if access == pg_sys::ObjectAccessType::OAT_POST_CREATE && in_tenant_transaction() {
-        crate::session_objects::check_object_created(class_id);
-    }
-    if let Some(prev) = PREV_OBJECT_ACCESS {
-        // SAFETY: the hook installed before ours; C, so called inside the FFI boundary.
-        pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| {
-            prev(access, class_id, object_id, sub_id, arg)
-        });
-    }
 }
 
 /// Refuses `DECLARE ... WITH HOLD` in a tenant transaction: such a cursor is materialised at
 /// commit with this tenant's rows and can then be fetched by whatever transaction runs next
 /// on the (pooled) connection.
-unsafe fn check_utility(pstmt: *mut pg_sys::PlannedStmt) {
+pub(crate) unsafe fn check_holdable_cursor(pstmt: *mut pg_sys::PlannedStmt) {
     let stmt = (*pstmt).utilityStmt;
     if pgrx::is_a(stmt, pg_sys::NodeTag::T_DeclareCursorStmt) {
         let declare = stmt.cast::<pg_sys::DeclareCursorStmt>();
@@ -237,145 +126,6 @@ unsafe fn check_utility(pstmt: *mut pg_sys::PlannedStmt) {
             HOLDABLE_CURSOR.with(|h| h.set(true));
         }
     }
-}
-
-#[cfg(feature = "pg13")]
-#[pg_guard]
-unsafe extern "C-unwind" fn process_utility(
-    pstmt: *mut pg_sys::PlannedStmt,
-    query_string: *const c_char,
-    context: pg_sys::ProcessUtilityContext::Type,
-    params: pg_sys::ParamListInfo,
-    query_env: *mut pg_sys::QueryEnvironment,
-    dest: *mut pg_sys::DestReceiver,
-    qc: *mut pg_sys::QueryCompletion,
-) {
-    check_utility(pstmt);
-    if in_tenant_transaction() {
-        crate::session_objects::check_utility(pstmt);
-    }
-    let _storing = StoringCommand::enter(pstmt);
-    let _owner_ddl = crate::owner_ddl::Guard::enter(pstmt);
-    let _confined = crate::session_objects::ConfinedDdl::enter(pstmt);
-    match PREV_PROCESS_UTILITY {
-        // A chained hook (pg_stat_statements, ...) is C: an ERROR in it longjmps, so it is
-        // called inside pgrx's FFI boundary, which turns the ERROR into a Rust unwind (the
-        // guards above are dropped) and re-raises it at this function's #[pg_guard].
-        // SAFETY: `prev` is the hook that was installed before ours, with this signature.
-        Some(prev) => pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| {
-            prev(pstmt, query_string, context, params, query_env, dest, qc)
-        }),
-        None => pg_sys::standard_ProcessUtility(
-            pstmt,
-            query_string,
-            context,
-            params,
-            query_env,
-            dest,
-            qc,
-        ),
-    }
-    crate::session_objects::after_utility(pstmt);
-}
-
-#[cfg(not(feature = "pg13"))]
-#[pg_guard]
-#[allow(clippy::too_many_arguments)] // the hook's signature is Postgres's
-unsafe extern "C-unwind" fn process_utility(
-    pstmt: *mut pg_sys::PlannedStmt,
-    query_string: *const c_char,
-    read_only_tree: bool,
-    context: pg_sys::ProcessUtilityContext::Type,
-    params: pg_sys::ParamListInfo,
-    query_env: *mut pg_sys::QueryEnvironment,
-    dest: *mut pg_sys::DestReceiver,
-    qc: *mut pg_sys::QueryCompletion,
-) {
-    check_utility(pstmt);
-    if in_tenant_transaction() {
-        crate::session_objects::check_utility(pstmt);
-    }
-    let _storing = StoringCommand::enter(pstmt);
-    let _owner_ddl = crate::owner_ddl::Guard::enter(pstmt);
-    let _confined = crate::session_objects::ConfinedDdl::enter(pstmt);
-    match PREV_PROCESS_UTILITY {
-        // A chained hook (pg_stat_statements, ...) is C: an ERROR in it longjmps, so it is
-        // called inside pgrx's FFI boundary, which turns the ERROR into a Rust unwind (the
-        // guards above are dropped) and re-raises it at this function's #[pg_guard].
-        // SAFETY: `prev` is the hook that was installed before ours, with this signature.
-        Some(prev) => pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| {
-            prev(
-                pstmt,
-                query_string,
-                read_only_tree,
-                context,
-                params,
-                query_env,
-                dest,
-                qc,
-            )
-        }),
-        None => pg_sys::standard_ProcessUtility(
-            pstmt,
-            query_string,
-            read_only_tree,
-            context,
-            params,
-            query_env,
-            dest,
-            qc,
-        ),
-    }
-    crate::session_objects::after_utility(pstmt);
-}
-
-/// Validates and canonicalises a tenant id under `tenancy.tenant_id_format`.
-pub fn parse_org(raw: Option<&str>, format: TenantIdFormat) -> Result<String> {
-    let raw = raw.ok_or(TenancyError::NullTenant)?;
-    if raw.is_empty() {
-        return Err(TenancyError::EmptyTenant);
-    }
-    match format {
-        TenantIdFormat::Uuid => uuid::Uuid::try_parse(raw)
-            .map(|u| u.hyphenated().to_string())
-            .map_err(|_| TenancyError::MalformedTenant {
-                reason: format!(
-                    "tenancy.tenant_id_format is 'uuid' and the value ({} characters) is not a UUID",
-                    raw.chars().count()
-                ),
-            }),
-        TenantIdFormat::Text => check_plain_id(raw)
-            .map(str::to_string)
-            .map_err(|reason| TenancyError::MalformedTenant { reason }),
-    }
-}
-
-/// Validates an actor id: same rule as text tenant ids.
-pub fn parse_actor(raw: Option<&str>) -> Result<Option<String>> {
-    match raw {
-        None => Ok(None),
-        Some(a) => check_plain_id(a)
-            .map(|a| Some(a.to_string()))
-            .map_err(|reason| TenancyError::MalformedActor { reason }),
-    }
-}
-
-/// 1..=128 printable ASCII characters, none of them a space, quote or backslash: nothing
-/// that could break out of a log line, a token message or a quoted literal.
-fn check_plain_id(id: &str) -> std::result::Result<&str, String> {
-    if id.is_empty() || id.len() > MAX_ID_LEN {
-        return Err(format!(
-            "the value must be 1 to {MAX_ID_LEN} characters, not {}",
-            id.len()
-        ));
-    }
-    if let Some(pos) = id
-        .bytes()
-        .position(|b| !b.is_ascii_graphic() || matches!(b, b'\'' | b'"' | b'\\'))
-    {
-        return Err(format!("character {} is not allowed", pos + 1));
-    }
-    Ok(id)
 }
 
 /// Enters `org` for the rest of the current transaction. Returns the stored form of the id.
@@ -391,8 +141,8 @@ pub fn enter(org: Option<&str>, actor: Option<&str>, token: Option<&str>) -> Res
     if !in_block {
         return Err(TenancyError::OutsideTransaction);
     }
-    let org = parse_org(org, gucs::tenant_id_format())?;
-    let actor = parse_actor(actor)?;
+    let org = crate::ids::parse_org(org, gucs::tenant_id_format())?;
+    let actor = crate::ids::parse_actor(actor)?;
     if let Some(current) = CONTEXT.with(|c| c.borrow().clone()) {
         if current.org != org {
             return Err(TenancyError::TenantAlreadySet);
@@ -555,95 +305,6 @@ mod tests {
     use super::*;
 
     const A: &str = "11111111-1111-4111-8111-111111111111";
-
-    #[test]
-    fn test_fuzz_tenant_ids_accepted_only_when_well_formed() {
-        let mut rng = crate::fuzz::Rng::new(0x5eed_0003);
-        let valid = "6f1c1f9e-8d3a-4c7e-9f1e-0a6b5d4c3b2a";
-        for i in 0..crate::fuzz::iterations() {
-            let input = if i % 2 == 0 {
-                String::from_utf8_lossy(&rng.mutate(valid.as_bytes())).into_owned()
-            } else {
-                rng.string(140)
-            };
-            if let Ok(id) = parse_org(Some(&input), TenantIdFormat::Uuid) {
-                assert_eq!(
-                    id,
-                    uuid::Uuid::try_parse(&input)
-                        .unwrap()
-                        .hyphenated()
-                        .to_string()
-                );
-            }
-            if let Ok(id) = parse_org(Some(&input), TenantIdFormat::Text) {
-                assert!((1..=128).contains(&id.len()), "{id:?}");
-                assert!(
-                    id.chars()
-                        .all(|c| c.is_ascii_graphic() && !"'\"\\\\".contains(c)),
-                    "{id:?}"
-                );
-            }
-            let _ = parse_actor(Some(&input));
-        }
-    }
-
-    #[test]
-    fn test_uuid_ids_are_canonicalised() {
-        let upper = "6F1C1F9E-8D3A-4C7E-9F1E-0A6B5D4C3B2A";
-        assert_eq!(
-            parse_org(Some(upper), TenantIdFormat::Uuid).unwrap(),
-            upper.to_lowercase()
-        );
-    }
-
-    #[test]
-    fn test_bad_ids_are_refused() {
-        use TenantIdFormat::*;
-        assert!(matches!(
-            parse_org(None, Uuid),
-            Err(TenancyError::NullTenant)
-        ));
-        assert!(matches!(
-            parse_org(Some(""), Text),
-            Err(TenancyError::EmptyTenant)
-        ));
-        for bad in [
-            "x'; RESET ALL; --",
-            "not-a-uuid",
-            " 11111111-1111-4111-8111-111111111111",
-        ] {
-            assert!(
-                matches!(
-                    parse_org(Some(bad), Uuid),
-                    Err(TenancyError::MalformedTenant { .. })
-                ),
-                "{bad}"
-            );
-        }
-        for bad in [
-            "x'; RESET ALL; --",
-            "a b",
-            "tab\t",
-            "q\"",
-            "back\\",
-            &"x".repeat(129),
-        ] {
-            assert!(
-                matches!(
-                    parse_org(Some(bad), Text),
-                    Err(TenancyError::MalformedTenant { .. })
-                ),
-                "{bad}"
-            );
-        }
-        assert_eq!(parse_org(Some("org_2xY-9.z"), Text).unwrap(), "org_2xY-9.z");
-    }
-
-    #[test]
-    fn test_error_detail_does_not_echo_the_input() {
-        let err = parse_org(Some("secret-looking-value"), TenantIdFormat::Uuid).unwrap_err();
-        assert!(!err.detail().unwrap().contains("secret"));
-    }
 
     #[pg_test]
     fn test_set_org_sets_context_and_mirror() {

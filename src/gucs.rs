@@ -1,5 +1,7 @@
 //! Every setting pg_tenancy defines, in one place: one private static per setting, one
-//! `init()` called from `_PG_init`, and one accessor per setting.
+//! `init()` called from `_PG_init`, and one accessor per setting. A leaf: the assign hooks of
+//! the key file settings belong to their owners (token, crypto) and are handed in by lib.rs;
+//! `app.current_org_id` is the tenant context's own (context.rs).
 //!
 //! Security settings hold paths, never key bytes, and are readable by superusers only.
 
@@ -54,8 +56,20 @@ static PHI_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>
 /// events from the background worker. Reveals are refused elsewhere. Postmaster context.
 static AUDIT_DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
-/// Registers every setting. Runs in `_PG_init`, before any backend can use one.
-pub fn init() {
+/// A string setting's assign hook, as PostgreSQL calls it.
+pub type AssignHook = unsafe extern "C-unwind" fn(*const std::ffi::c_char, *mut std::ffi::c_void);
+
+/// The owners' reactions to a changed key file path.
+pub struct AssignHooks {
+    /// `tenancy.context_key_file` changed: forget the loaded HMAC key.
+    pub context_key_file: AssignHook,
+    /// `tenancy.phi_key_file` changed: load the key ring again.
+    pub phi_key_file: AssignHook,
+}
+
+/// Registers every setting. Runs in `_PG_init`, before any backend can use one. `preloaded`:
+/// whether the postmaster is loading the library (postmaster-context settings need that).
+pub fn init(preloaded: bool, hooks: AssignHooks) {
     GucRegistry::define_enum_guc(
         c"tenancy.tenant_id_format",
         c"How tenancy.set_org() validates tenant ids: uuid or text.",
@@ -90,7 +104,7 @@ pub fn init() {
             GucContext::Sighup,
             GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL,
             None,
-            Some(crate::token::context_key_file_assigned),
+            Some(hooks.context_key_file),
             None,
         );
     }
@@ -104,16 +118,15 @@ pub fn init() {
             GucContext::Sighup,
             GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL,
             None,
-            Some(crate::crypto::phi_key_file_assigned),
+            Some(hooks.phi_key_file),
             None,
         );
     }
     // A postmaster-context setting can only be defined while preloading; loaded any other
     // way, the library refuses to work anyway (preload.rs).
-    if crate::preload::is_preloaded() {
+    if preloaded {
         define_audit_database();
     }
-    crate::context::define_mirror_guc();
     reserve_prefix(c"tenancy");
 }
 
@@ -143,11 +156,6 @@ fn reserve_prefix(prefix: &CStr) {
 /// The current `tenancy.tenant_id_format`.
 pub fn tenant_id_format() -> TenantIdFormat {
     TENANT_ID_FORMAT.get()
-}
-
-/// The current `tenancy.new_table_action`.
-pub fn new_table_action() -> NewTableAction {
-    NEW_TABLE_ACTION.get()
 }
 
 /// The database that records reveal events, when configured.

@@ -14,8 +14,10 @@ pub mod error;
 #[cfg(test)]
 mod fuzz;
 pub mod gucs;
+pub mod ids;
 pub mod keyfile;
 pub mod owner_ddl;
+pub mod phi;
 pub mod policy;
 pub mod preload;
 #[cfg(test)]
@@ -23,6 +25,8 @@ mod props;
 pub mod reveal_log;
 pub mod session_objects;
 pub mod token;
+pub mod utility;
+pub mod xact;
 
 ::pgrx::pg_module_magic!(name, version);
 
@@ -45,9 +49,9 @@ extension_sql_file!(
     name = "phi",
     requires = [
         "bootstrap",
-        crypto::phi_is_envelope,
-        crypto::phi_key_id,
-        crypto::phi_rotate_for_tenant
+        phi::phi_is_envelope,
+        phi::phi_key_id,
+        phi::phi_rotate_for_tenant
     ]
 );
 extension_sql_file!(
@@ -68,11 +72,49 @@ extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 pub extern "C-unwind" fn _PG_init() {
     no_backtraces();
     preload::init();
-    gucs::init();
-    context::init();
+    gucs::init(
+        preload::is_preloaded(),
+        gucs::AssignHooks {
+            context_key_file: token::context_key_file_assigned,
+            phi_key_file: crypto::phi_key_file_assigned,
+        },
+    );
+    context::define_mirror_guc();
+    utility::init();
     reveal_log::init();
     owner_ddl::init();
     token::init();
+    // Per-transaction state of each owner, cleared at every end in this order: the reveal
+    // records leave for the shared queue first (they name the tenant, but need no context),
+    // then the context, the audit chain tips, and the statement-scoped flags.
+    static AT_END: &[xact::Handler] = &[
+        xact::Handler {
+            owner: "reveal_log",
+            at_end: Some(reveal_log::at_xact_end),
+            at_sub_end: None,
+        },
+        xact::Handler {
+            owner: "context",
+            at_end: Some(context::at_xact_end),
+            at_sub_end: Some(context::at_sub_end),
+        },
+        xact::Handler {
+            owner: "audit",
+            at_end: Some(audit::at_xact_end),
+            at_sub_end: Some(audit::at_sub_end),
+        },
+        xact::Handler {
+            owner: "phi",
+            at_end: Some(phi::at_xact_end),
+            at_sub_end: None,
+        },
+        xact::Handler {
+            owner: "owner_ddl",
+            at_end: Some(owner_ddl::at_xact_end),
+            at_sub_end: None,
+        },
+    ];
+    xact::init(AT_END);
 }
 
 /// pgrx's panic hook captures a Rust backtrace for every error that crosses Rust frames, and

@@ -47,27 +47,13 @@ pub fn init() {
         pg_sys::fmgr_hook = Some(fmgr_hook);
         PREV_EMIT_LOG_HOOK = pg_sys::emit_log_hook;
         pg_sys::emit_log_hook = Some(emit_log_hook);
-        pg_sys::RegisterXactCallback(Some(xact_callback), std::ptr::null_mut());
     }
 }
 
-#[pg_guard]
-unsafe extern "C-unwind" fn xact_callback(
-    event: pg_sys::XactEvent::Type,
-    _arg: *mut core::ffi::c_void,
-) {
-    use pg_sys::XactEvent::*;
-    if matches!(
-        event,
-        XACT_EVENT_COMMIT
-            | XACT_EVENT_ABORT
-            | XACT_EVENT_PARALLEL_COMMIT
-            | XACT_EVENT_PARALLEL_ABORT
-            | XACT_EVENT_PREPARE
-    ) {
-        GUARDED_XACT.with(|g| g.set(false));
-        GUARDED.with(|g| g.set(0));
-    }
+/// End of the transaction: nothing stays guarded.
+pub fn at_xact_end(_end: crate::xact::End) {
+    GUARDED_XACT.with(|g| g.set(false));
+    GUARDED.with(|g| g.set(0));
 }
 
 /// Refuses code of roles that are not superusers until the end of the transaction. Called by

@@ -40,8 +40,8 @@ const WORKER_SETTINGS: &[(&str, &str)] = &[
 const QUEUE_LEN: usize = 2048;
 /// How often the worker looks at the queue.
 const POLL_MS: u64 = 20;
-const ORG_MAX: usize = crate::context::MAX_ID_LEN;
-const LABEL_MAX: usize = crate::crypto::MAX_LABEL_LEN;
+const ORG_MAX: usize = crate::ids::MAX_ID_LEN;
+const LABEL_MAX: usize = crate::ids::MAX_LABEL_LEN;
 const ROLE_MAX: usize = 64;
 
 /// A short string in shared memory.
@@ -252,9 +252,17 @@ pub fn note(org: &str, label: Option<&str>) {
     });
 }
 
-/// Moves this transaction's reveal records into the shared queue. Called at commit, abort
-/// and PREPARE; touches no catalog.
-pub fn flush(committed: bool) {
+/// End of the transaction: its reveal records go to the shared queue, marked committed or
+/// not (a rolled-back reveal still happened). Touches no catalog.
+pub fn at_xact_end(end: crate::xact::End) {
+    match end {
+        crate::xact::End::Commit => flush(true),
+        crate::xact::End::Abort => flush(false),
+        crate::xact::End::ParallelWorker => {}
+    }
+}
+
+fn flush(committed: bool) {
     let pending = PENDING.with(|p| std::mem::take(&mut *p.borrow_mut()));
     if pending.is_empty() || !crate::preload::is_preloaded() {
         return;

@@ -1,0 +1,114 @@
+//! The executor-level hooks: ProcessUtility (every utility statement), ExecutorStart (every
+//! plan) and object access (every object created). Each hook asks the modules that own a
+//! rule about the statement, in a fixed order, then hands it on to the hook installed before
+//! ours (pg_stat_statements, ...) or to PostgreSQL.
+//!
+//! * [`crate::context`]: no WITH HOLD cursor in a tenant transaction.
+//! * [`crate::session_objects`]: nothing session-lived made or written in a tenant transaction.
+//! * [`crate::phi`]: no reveal while statistics or index entries are computed.
+//! * [`crate::owner_ddl`]: no code of non-superusers in DDL over tables with forced RLS.
+
+use crate::context::in_tenant_transaction;
+use pgrx::prelude::*;
+use std::ffi::{c_char, c_void};
+
+static mut PREV_PROCESS_UTILITY: pg_sys::ProcessUtility_hook_type = None;
+static mut PREV_EXECUTOR_START: pg_sys::ExecutorStart_hook_type = None;
+static mut PREV_OBJECT_ACCESS: pg_sys::object_access_hook_type = None;
+
+/// Installs the three hooks, keeping the previous ones to chain. Called from `_PG_init`.
+pub fn init() {
+    // SAFETY: hooks are installed once, at library load, on the main thread.
+    unsafe {
+        PREV_PROCESS_UTILITY = pg_sys::ProcessUtility_hook;
+        pg_sys::ProcessUtility_hook = Some(process_utility);
+        PREV_EXECUTOR_START = pg_sys::ExecutorStart_hook;
+        pg_sys::ExecutorStart_hook = Some(executor_start);
+        PREV_OBJECT_ACCESS = pg_sys::object_access_hook;
+        pg_sys::object_access_hook = Some(object_access);
+    }
+}
+
+/// Every utility statement. PostgreSQL 14 added `read_only_tree`; the rest is the same.
+#[pg_guard]
+#[allow(clippy::too_many_arguments)] // the hook's signature is Postgres's
+unsafe extern "C-unwind" fn process_utility(
+    pstmt: *mut pg_sys::PlannedStmt,
+    query_string: *const c_char,
+    #[cfg(not(feature = "pg13"))] read_only_tree: bool,
+    context: pg_sys::ProcessUtilityContext::Type,
+    params: pg_sys::ParamListInfo,
+    query_env: *mut pg_sys::QueryEnvironment,
+    dest: *mut pg_sys::DestReceiver,
+    qc: *mut pg_sys::QueryCompletion,
+) {
+    crate::context::check_holdable_cursor(pstmt);
+    if in_tenant_transaction() {
+        crate::session_objects::check_utility(pstmt);
+    }
+    // Guards that last for the statement, dropped however it ends (an ERROR unwinds here).
+    let _storing = crate::phi::StoringCommand::enter(pstmt);
+    let _owner_ddl = crate::owner_ddl::Guard::enter(pstmt);
+    let _confined = crate::session_objects::ConfinedDdl::enter(pstmt);
+    /// The statement's arguments, in the order of this server's hook signature.
+    macro_rules! call {
+        ($f:expr) => {{
+            #[cfg(feature = "pg13")]
+            let r = $f(pstmt, query_string, context, params, query_env, dest, qc);
+            #[cfg(not(feature = "pg13"))]
+            let r = $f(
+                pstmt,
+                query_string,
+                read_only_tree,
+                context,
+                params,
+                query_env,
+                dest,
+                qc,
+            );
+            r
+        }};
+    }
+    match PREV_PROCESS_UTILITY {
+        // A chained hook is C: an ERROR in it longjmps, so it is called inside pgrx's FFI
+        // boundary, which turns the ERROR into a Rust unwind (the guards above are dropped)
+        // and re-raises it at this function's #[pg_guard].
+        // SAFETY: `prev` is the hook that was installed before ours, with this signature.
+        Some(prev) => pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| call!(prev)),
+        None => call!(pg_sys::standard_ProcessUtility),
+    }
+    crate::session_objects::after_utility(pstmt);
+}
+
+/// Plans of a tenant transaction: no writes into session-lived temporary tables.
+#[pg_guard]
+unsafe extern "C-unwind" fn executor_start(query_desc: *mut pg_sys::QueryDesc, eflags: i32) {
+    if in_tenant_transaction() {
+        crate::session_objects::check_plan(query_desc, eflags);
+    }
+    match PREV_EXECUTOR_START {
+        // SAFETY: the hook installed before ours; C, so called inside the FFI boundary.
+        Some(prev) => pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| prev(query_desc, eflags)),
+        None => pg_sys::standard_ExecutorStart(query_desc, eflags),
+    }
+}
+
+/// Objects created in a tenant transaction: no large objects.
+#[pg_guard]
+unsafe extern "C-unwind" fn object_access(
+    access: pg_sys::ObjectAccessType::Type,
+    class_id: pg_sys::Oid,
+    object_id: pg_sys::Oid,
+    sub_id: i32,
+    arg: *mut c_void,
+) {
+    if access == pg_sys::ObjectAccessType::OAT_POST_CREATE && in_tenant_transaction() {
+        crate::session_objects::check_object_created(class_id);
+    }
+    if let Some(prev) = PREV_OBJECT_ACCESS {
+        // SAFETY: the hook installed before ours; C, so called inside the FFI boundary.
+        pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| {
+            prev(access, class_id, object_id, sub_id, arg)
+        });
+    }
+}
