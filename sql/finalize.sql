@@ -82,7 +82,7 @@ ALTER FUNCTION tenancy.log_action(text, jsonb) SECURITY DEFINER SET search_path 
 ALTER FUNCTION tenancy.audit_verify(text) SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
 REVOKE EXECUTE ON FUNCTION tenancy.audit_trigger() FROM PUBLIC;
 COMMENT ON FUNCTION tenancy.audit_trigger() IS
-  'Row trigger attached by tenancy.protect(..., audit => true): writes one encrypted, hash-chained audit event per changed row.';
+  'Audit trigger attached by tenancy.protect(..., audit => true) as statement triggers over the transition tables (it also works as a row trigger): writes one encrypted, hash-chained audit event per changed row.';
 COMMENT ON FUNCTION tenancy.log_action(text, jsonb) IS
   'Record an operator action (with optional details, encrypted) in the current tenant''s audit trail.';
 COMMENT ON FUNCTION tenancy.audit_verify(text) IS

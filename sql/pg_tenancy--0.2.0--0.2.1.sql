@@ -744,3 +744,7 @@ ALTER FUNCTION tenancy.audit_trigger() SET extra_float_digits = 1;
 ALTER FUNCTION tenancy.audit_trigger() SET DateStyle = 'ISO, MDY';
 ALTER FUNCTION tenancy.audit_trigger() SET IntervalStyle = 'postgres';
 ALTER FUNCTION tenancy.audit_trigger() SET bytea_output = 'hex';
+
+-- The audit trigger's comment said "Row trigger" since 0.1.0; 0.2.0 attaches statement triggers.
+COMMENT ON FUNCTION tenancy.audit_trigger() IS
+  'Audit trigger attached by tenancy.protect(..., audit => true) as statement triggers over the transition tables (it also works as a row trigger): writes one encrypted, hash-chained audit event per changed row.';

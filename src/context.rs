@@ -20,7 +20,7 @@ use std::cell::{Cell, RefCell};
 use std::ffi::{c_char, c_void, CStr, CString};
 
 /// The setting that mirrors the tenant context.
-pub const MIRROR_GUC: &CStr = c"app.current_org_id";
+pub(crate) const MIRROR_GUC: &CStr = c"app.current_org_id";
 
 /// The context of the current transaction, as `set_org` recorded it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,7 +44,7 @@ thread_local! {
 static MIRROR: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
 /// Defines `app.current_org_id`; called from [`crate::gucs::init`].
-pub fn define_mirror_guc() {
+pub(crate) fn define_mirror_guc() {
     // SAFETY: the check hook is `#[pg_guard]`ed and has the signature Postgres expects.
     unsafe {
         GucRegistry::define_string_guc_with_hooks(
@@ -85,7 +85,7 @@ unsafe extern "C-unwind" fn check_mirror(
 }
 
 /// End of the transaction: the context, the mirror's door and the cursor note go.
-pub fn at_xact_end(_end: crate::xact::End) {
+pub(crate) fn at_xact_end(_end: crate::xact::End) {
     CONTEXT.with(|c| c.borrow_mut().take());
     HOLDABLE_CURSOR.with(|h| h.set(false));
     WRITING_MIRROR.with(|w| w.set(false));
@@ -94,7 +94,7 @@ pub fn at_xact_end(_end: crate::xact::End) {
 /// End of a subtransaction: a context set inside a rolled-back one goes (the mirror is rolled
 /// back by the GUC machinery at the same point); one set inside a committed one now belongs
 /// to its parent.
-pub fn at_sub_end(end: crate::xact::SubEnd, level: i32) {
+pub(crate) fn at_sub_end(end: crate::xact::SubEnd, level: i32) {
     CONTEXT.with(|c| {
         let mut slot = c.borrow_mut();
         match end {
@@ -129,7 +129,7 @@ pub(crate) unsafe fn check_holdable_cursor(pstmt: *mut pg_sys::PlannedStmt) {
 }
 
 /// Enters `org` for the rest of the current transaction. Returns the stored form of the id.
-pub fn enter(org: Option<&str>, actor: Option<&str>, token: Option<&str>) -> Result<String> {
+pub(crate) fn enter(org: Option<&str>, actor: Option<&str>, token: Option<&str>) -> Result<String> {
     require_preload();
     // SAFETY: plain reads of transaction state on the backend's main thread.
     let (in_block, level) = unsafe {
@@ -199,7 +199,7 @@ fn write_mirror(org: &str) {
 }
 
 /// The actor of the current transaction and whether a signed token proved it.
-pub fn current_actor_and_verified() -> (Option<String>, bool) {
+pub(crate) fn current_actor_and_verified() -> (Option<String>, bool) {
     CONTEXT.with(|c| {
         c.borrow()
             .as_ref()
@@ -210,12 +210,12 @@ pub fn current_actor_and_verified() -> (Option<String>, bool) {
 
 /// Whether the current transaction has a tenant context (no allocation: for hooks that run
 /// on every statement).
-pub fn in_tenant_transaction() -> bool {
+pub(crate) fn in_tenant_transaction() -> bool {
     CONTEXT.with(|c| c.borrow().is_some())
 }
 
 /// The tenant id of the current transaction as text, from the mirror; `None` when unset.
-pub fn current_org() -> Option<String> {
+pub(crate) fn current_org() -> Option<String> {
     MIRROR
         .get()
         .map(|s| s.to_string_lossy().into_owned())
@@ -317,12 +317,32 @@ mod tests {
         assert_eq!(id.as_deref(), Some(A));
     }
 
-    #[pg_test(error = "a different tenant context is already set in this transaction")]
+    /// The same tenant again is accepted; another tenant in the same transaction is refused
+    /// with its own message (each statement checked on its own, so the test cannot pass
+    /// because an earlier one failed).
+    #[pg_test]
     fn test_second_tenant_in_one_transaction_raises() {
-        Spi::run(&format!("SELECT tenancy.set_org('{A}')")).unwrap();
-        // the same tenant again is a no-op
-        Spi::run(&format!("SELECT tenancy.set_org('{A}')")).unwrap();
-        Spi::run("SELECT tenancy.set_org('22222222-2222-4222-8222-222222222222')").unwrap();
+        let set = |org: &str| Spi::get_one::<String>(&format!("SELECT tenancy.set_org('{org}')"));
+        assert_eq!(set(A).unwrap().as_deref(), Some(A));
+        assert_eq!(set(A).unwrap().as_deref(), Some(A), "the same tenant again");
+        let refused = pgrx::PgTryBuilder::new(|| {
+            set("22222222-2222-4222-8222-222222222222").unwrap();
+            None
+        })
+        .catch_others(|e| match e {
+            pgrx::pg_sys::panic::CaughtError::PostgresError(r) => Some(r.message().to_string()),
+            _ => Some("not a Postgres error".into()),
+        })
+        .execute();
+        assert_eq!(
+            refused.as_deref(),
+            Some("a different tenant context is already set in this transaction")
+        );
+        assert_eq!(
+            crate::context::current_org().as_deref(),
+            Some(A),
+            "still the first tenant"
+        );
     }
 
     #[pg_test(error = "app.current_org_id can only be set by tenancy.set_org()")]

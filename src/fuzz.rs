@@ -5,7 +5,7 @@
 
 /// How many inputs each fuzz test draws: `PG_TENANCY_FUZZ_ITERATIONS`, or 50,000 (the CI
 /// default; run with 1000000 or more before a release).
-pub fn iterations() -> usize {
+pub(crate) fn iterations() -> usize {
     std::env::var("PG_TENANCY_FUZZ_ITERATIONS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -13,14 +13,14 @@ pub fn iterations() -> usize {
 }
 
 /// xorshift64*: fast, good enough to drive mutations, and reproducible.
-pub struct Rng(u64);
+pub(crate) struct Rng(u64);
 
 impl Rng {
-    pub fn new(seed: u64) -> Rng {
+    pub(crate) fn new(seed: u64) -> Rng {
         Rng(seed | 1)
     }
 
-    pub fn next_u64(&mut self) -> u64 {
+    pub(crate) fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
@@ -28,16 +28,16 @@ impl Rng {
     }
 
     /// A number in `0..n` (`n` > 0).
-    pub fn below(&mut self, n: usize) -> usize {
+    pub(crate) fn below(&mut self, n: usize) -> usize {
         (self.next_u64() % n as u64) as usize
     }
 
-    pub fn bytes(&mut self, len: usize) -> Vec<u8> {
+    pub(crate) fn bytes(&mut self, len: usize) -> Vec<u8> {
         (0..len).map(|_| self.next_u64() as u8).collect()
     }
 
     /// One mutation of `valid`, or (one time in eight) random bytes of a random length.
-    pub fn mutate(&mut self, valid: &[u8]) -> Vec<u8> {
+    pub(crate) fn mutate(&mut self, valid: &[u8]) -> Vec<u8> {
         let mut v = valid.to_vec();
         match self.below(8) {
             0 if !v.is_empty() => {
@@ -82,7 +82,7 @@ impl Rng {
 
     /// A random string over a nasty alphabet: ASCII, quotes, backslashes, spaces, controls,
     /// multibyte characters and the characters of UUIDs.
-    pub fn string(&mut self, max_len: usize) -> String {
+    pub(crate) fn string(&mut self, max_len: usize) -> String {
         const ALPHABET: &[char] = &[
             'a', 'f', '0', '9', '-', 'A', 'F', 'z', ' ', '\'', '"', '\\', ';', '\t', '\n', '\u{1}',
             '\u{7f}', 'é', '€', '😀', '{', '}', '.', '_', ':', '=', '%', '\u{200b}',

@@ -11,7 +11,7 @@ use std::ffi::{CStr, CString};
 
 /// How `tenancy.set_org()` validates tenant ids.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PostgresGucEnum)]
-pub enum TenantIdFormat {
+pub(crate) enum TenantIdFormat {
     /// Tenant ids are UUIDs, stored in canonical lower-case hyphenated form.
     #[name = c"uuid"]
     Uuid,
@@ -22,7 +22,7 @@ pub enum TenantIdFormat {
 
 /// What the drift guard does with a new table that has the tenant column in a protected schema.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PostgresGucEnum)]
-pub enum NewTableAction {
+pub(crate) enum NewTableAction {
     /// Protect it at creation (default).
     #[name = c"protect"]
     Protect,
@@ -57,10 +57,11 @@ static PHI_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>
 static AUDIT_DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
 /// A string setting's assign hook, as PostgreSQL calls it.
-pub type AssignHook = unsafe extern "C-unwind" fn(*const std::ffi::c_char, *mut std::ffi::c_void);
+pub(crate) type AssignHook =
+    unsafe extern "C-unwind" fn(*const std::ffi::c_char, *mut std::ffi::c_void);
 
 /// The owners' reactions to a changed key file path.
-pub struct AssignHooks {
+pub(crate) struct AssignHooks {
     /// `tenancy.context_key_file` changed: forget the loaded HMAC key.
     pub context_key_file: AssignHook,
     /// `tenancy.phi_key_file` changed: load the key ring again.
@@ -69,7 +70,7 @@ pub struct AssignHooks {
 
 /// Registers every setting. Runs in `_PG_init`, before any backend can use one. `preloaded`:
 /// whether the postmaster is loading the library (postmaster-context settings need that).
-pub fn init(preloaded: bool, hooks: AssignHooks) {
+pub(crate) fn init(preloaded: bool, hooks: AssignHooks) {
     GucRegistry::define_enum_guc(
         c"tenancy.tenant_id_format",
         c"How tenancy.set_org() validates tenant ids: uuid or text.",
@@ -154,12 +155,12 @@ fn reserve_prefix(prefix: &CStr) {
 }
 
 /// The current `tenancy.tenant_id_format`.
-pub fn tenant_id_format() -> TenantIdFormat {
+pub(crate) fn tenant_id_format() -> TenantIdFormat {
     TENANT_ID_FORMAT.get()
 }
 
 /// The database that records reveal events, when configured.
-pub fn audit_database() -> Option<String> {
+pub(crate) fn audit_database() -> Option<String> {
     AUDIT_DATABASE
         .get()
         .map(|s| s.to_string_lossy().into_owned())
@@ -167,7 +168,7 @@ pub fn audit_database() -> Option<String> {
 }
 
 /// The configured context key path, or `None` when signed mode is off.
-pub fn context_key_file() -> Option<String> {
+pub(crate) fn context_key_file() -> Option<String> {
     CONTEXT_KEY_FILE
         .get()
         .map(|s| s.to_string_lossy().into_owned())

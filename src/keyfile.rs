@@ -11,11 +11,11 @@ const MAX_KEY_FILE_BYTES: u64 = 64 * 1024;
 
 /// Why a key file was refused. The text names the file's properties, never its contents.
 #[derive(Debug, PartialEq, Eq)]
-pub struct KeyFileProblem(pub String);
+pub(crate) struct KeyFileProblem(pub String);
 
 /// Reads a secret file after checking owner and mode. The returned bytes are zeroised when
 /// dropped.
-pub fn read_secret_file(path: &str) -> Result<Zeroizing<Vec<u8>>, KeyFileProblem> {
+pub(crate) fn read_secret_file(path: &str) -> Result<Zeroizing<Vec<u8>>, KeyFileProblem> {
     if !path.starts_with('/') {
         return Err(KeyFileProblem("the path must be absolute".into()));
     }
@@ -26,7 +26,7 @@ pub fn read_secret_file(path: &str) -> Result<Zeroizing<Vec<u8>>, KeyFileProblem
 }
 
 /// Owner, type, size and permission checks, separated out so they can be unit tested.
-pub fn check_metadata(meta: &fs::Metadata, server_uid: u32) -> Result<(), KeyFileProblem> {
+pub(crate) fn check_metadata(meta: &fs::Metadata, server_uid: u32) -> Result<(), KeyFileProblem> {
     if !meta.is_file() {
         return Err(KeyFileProblem("not a regular file".into()));
     }
@@ -52,7 +52,10 @@ pub fn check_metadata(meta: &fs::Metadata, server_uid: u32) -> Result<(), KeyFil
 }
 
 /// Decodes a hex key (surrounding whitespace ignored) of at least `min_len` bytes.
-pub fn decode_hex_key(raw: &[u8], min_len: usize) -> Result<Zeroizing<Vec<u8>>, KeyFileProblem> {
+pub(crate) fn decode_hex_key(
+    raw: &[u8],
+    min_len: usize,
+) -> Result<Zeroizing<Vec<u8>>, KeyFileProblem> {
     let text = std::str::from_utf8(raw)
         .map_err(|_| KeyFileProblem("the key must be hex text".into()))?
         .trim();

@@ -1,32 +1,40 @@
 //! pg_tenancy: multi-tenancy enforced inside PostgreSQL.
 //!
-//! The front door: module magic, the module list and `_PG_init`. Each concern lives in the
-//! module named for it: settings in [`gucs`], errors in [`error`], the tenant context in
-//! [`context`], the signed-context tokens in [`token`], server-side key files in [`keyfile`],
-//! generated RLS in [`policy`], PHI encryption in [`crypto`].
+//! The front door: module magic, the module list and `_PG_init`. Modules form one-way
+//! layers (no module reaches back up):
+//!
+//! * leaves: [`error`], [`keyfile`], [`crypto::envelope`], [`crypto::keyring`],
+//!   [`audit::chain`], [`xact`] (transaction ends), [`gucs`] (settings), [`preload`];
+//! * rules: [`ids`] (tenant, actor, label), [`token`] (signed mode);
+//! * state: [`context`] (the tenant of the transaction), [`crypto`] (key ring, seal/open);
+//! * SQL surface: [`phi`], [`audit`] (writer, trigger, admin functions), [`reveal_log`]
+//!   (reveal queue) and [`reveal_worker`], [`policy`] (protect/unprotect);
+//! * hooks: [`utility`] (ProcessUtility, ExecutorStart, object access), [`owner_ddl`],
+//!   [`session_objects`].
 
 use pgrx::prelude::*;
 
-pub mod audit;
-pub mod context;
-pub mod crypto;
-pub mod error;
+pub(crate) mod audit;
+pub(crate) mod context;
+pub(crate) mod crypto;
+pub(crate) mod error;
 #[cfg(test)]
 mod fuzz;
-pub mod gucs;
-pub mod ids;
-pub mod keyfile;
-pub mod owner_ddl;
-pub mod phi;
-pub mod policy;
-pub mod preload;
+pub(crate) mod gucs;
+pub(crate) mod ids;
+pub(crate) mod keyfile;
+pub(crate) mod owner_ddl;
+pub(crate) mod phi;
+pub(crate) mod policy;
+pub(crate) mod preload;
 #[cfg(test)]
 mod props;
-pub mod reveal_log;
-pub mod session_objects;
-pub mod token;
-pub mod utility;
-pub mod xact;
+pub(crate) mod reveal_log;
+pub(crate) mod reveal_worker;
+pub(crate) mod session_objects;
+pub(crate) mod token;
+pub(crate) mod utility;
+pub(crate) mod xact;
 
 ::pgrx::pg_module_magic!(name, version);
 
@@ -59,7 +67,7 @@ extension_sql_file!(
     name = "audit",
     requires = [
         "bootstrap",
-        audit::audit_payload,
+        audit::admin::audit_payload,
         context::require_org_text,
         context::current_org_id_text
     ]
@@ -68,6 +76,11 @@ extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 
 /// Called once when the library is loaded: by the postmaster when `pg_tenancy` is in
 /// `shared_preload_libraries` (the supported way), or lazily by a backend otherwise.
+///
+/// Order: backtraces off before anything can fail; whether we are preloaded (settings and
+/// shared memory depend on it); settings, with their owners' assign hooks; the tenant
+/// context's mirror setting; shared memory and the worker; the hooks; the transaction-end
+/// handlers.
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     no_backtraces();
@@ -82,34 +95,31 @@ pub extern "C-unwind" fn _PG_init() {
     context::define_mirror_guc();
     utility::init();
     reveal_log::init();
+    reveal_worker::init();
     owner_ddl::init();
     token::init();
     // Per-transaction state of each owner, cleared at every end in this order: the reveal
     // records leave for the shared queue first (they name the tenant, but need no context),
     // then the context, the audit chain tips, and the statement-scoped flags.
     static AT_END: &[xact::Handler] = &[
+        // reveal_log, context, audit, phi, owner_ddl:
         xact::Handler {
-            owner: "reveal_log",
             at_end: Some(reveal_log::at_xact_end),
             at_sub_end: None,
         },
         xact::Handler {
-            owner: "context",
             at_end: Some(context::at_xact_end),
             at_sub_end: Some(context::at_sub_end),
         },
         xact::Handler {
-            owner: "audit",
             at_end: Some(audit::at_xact_end),
             at_sub_end: Some(audit::at_sub_end),
         },
         xact::Handler {
-            owner: "phi",
             at_end: Some(phi::at_xact_end),
             at_sub_end: None,
         },
         xact::Handler {
-            owner: "owner_ddl",
             at_end: Some(owner_ddl::at_xact_end),
             at_sub_end: None,
         },
@@ -131,7 +141,7 @@ fn no_backtraces() {
 
 /// Required by `cargo pgrx test`: cluster settings for the in-database test cluster.
 #[cfg(test)]
-pub mod pg_test {
+pub(crate) mod pg_test {
     pub fn setup(_options: Vec<&str>) {}
 
     #[must_use]

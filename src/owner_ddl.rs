@@ -37,7 +37,7 @@ static mut PREV_EMIT_LOG_HOOK: pg_sys::emit_log_hook_type = None;
 static mut PREV_NEEDS_FMGR_HOOK: pg_sys::needs_fmgr_hook_type = None;
 static mut PREV_FMGR_HOOK: pg_sys::fmgr_hook_type = None;
 
-pub fn init() {
+pub(crate) fn init() {
     // SAFETY: called once from _PG_init, before any backend code runs; the previous hooks are
     // kept and chained.
     unsafe {
@@ -51,7 +51,7 @@ pub fn init() {
 }
 
 /// End of the transaction: nothing stays guarded.
-pub fn at_xact_end(_end: crate::xact::End) {
+pub(crate) fn at_xact_end(_end: crate::xact::End) {
     GUARDED_XACT.with(|g| g.set(false));
     GUARDED.with(|g| g.set(0));
 }
@@ -108,12 +108,12 @@ unsafe extern "C-unwind" fn emit_log_hook(edata: *mut pg_sys::ErrorData) {
 /// superuser runs it on a table with forced row level security.
 /// Holds whether the statement is guarded, and whether its error text is withheld (not for
 /// superusers, who may read every row anyway: protect()'s own failing statement is shown).
-pub struct Guard(bool, bool);
+pub(crate) struct Guard(bool, bool);
 
 impl Guard {
     /// # Safety
     /// `pstmt` is the utility statement ProcessUtility was given.
-    pub unsafe fn enter(pstmt: *mut pg_sys::PlannedStmt) -> Guard {
+    pub(crate) unsafe fn enter(pstmt: *mut pg_sys::PlannedStmt) -> Guard {
         let stmt = (*pstmt).utilityStmt;
         // A superuser's maintenance (REINDEX, CLUSTER, VACUUM, ANALYZE) is guarded too: an
         // index or statistics object an owner left behind must not run the owner's code with

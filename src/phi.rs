@@ -16,17 +16,17 @@ thread_local! {
 
 /// True while a command runs that stores computed values at rest (statistics, indexes): PHI
 /// must not be revealed there.
-pub fn in_storing_command() -> bool {
+pub(crate) fn in_storing_command() -> bool {
     IN_STORING_COMMAND.with(Cell::get)
 }
 
 /// Marks [`in_storing_command`] for the duration of a utility statement, if it is one.
-pub struct StoringCommand(Option<bool>);
+pub(crate) struct StoringCommand(Option<bool>);
 
 impl StoringCommand {
     /// # Safety
     /// `pstmt` is the utility statement ProcessUtility was given.
-    pub unsafe fn enter(pstmt: *mut pg_sys::PlannedStmt) -> Self {
+    pub(crate) unsafe fn enter(pstmt: *mut pg_sys::PlannedStmt) -> Self {
         use pg_sys::NodeTag::*;
         let stmt = (*pstmt).utilityStmt;
         let storing = [T_VacuumStmt, T_IndexStmt, T_ReindexStmt, T_ClusterStmt]
@@ -45,7 +45,7 @@ impl Drop for StoringCommand {
 }
 
 /// End of the transaction: no command is running any more.
-pub fn at_xact_end(_end: crate::xact::End) {
+pub(crate) fn at_xact_end(_end: crate::xact::End) {
     IN_STORING_COMMAND.with(|f| f.set(false));
 }
 
@@ -123,7 +123,7 @@ fn phi_encrypt_jsonb(fcinfo: pg_sys::FunctionCallInfo) -> Option<Vec<u8>> {
 /// What a text envelope may hold: a value PostgreSQL can return as `text` in a UTF-8
 /// database (valid UTF-8, no NUL byte). Envelopes written by other code may hold anything;
 /// the message names the problem, never the bytes.
-pub fn check_text(plain: &[u8]) -> Result<&str> {
+pub(crate) fn check_text(plain: &[u8]) -> Result<&str> {
     let text = std::str::from_utf8(plain).map_err(|_| TenancyError::PhiInvalidText {
         reason: "the plaintext is not valid UTF-8",
     })?;
@@ -137,7 +137,7 @@ pub fn check_text(plain: &[u8]) -> Result<&str> {
 
 /// Parses the text form held by a jsonb envelope with jsonb_in. Its own errors would quote
 /// the plaintext ("Token "..." is invalid"): they are caught and replaced by one without it.
-pub fn parse_jsonb(plain: &[u8]) -> Result<pg_sys::Datum> {
+pub(crate) fn parse_jsonb(plain: &[u8]) -> Result<pg_sys::Datum> {
     let text = check_text(plain).map_err(|_| TenancyError::PhiInvalidJson)?;
     let c = zeroize::Zeroizing::new(
         std::ffi::CString::new(text)

@@ -24,7 +24,7 @@ thread_local! {
 }
 
 /// Quotes an SQL identifier.
-pub fn ident(name: &str) -> String {
+pub(crate) fn ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
@@ -297,7 +297,7 @@ fn registry_has_rel() -> bool {
 }
 
 /// Runs `f` with the drift guards standing aside, restoring them even on ERROR.
-pub fn with_maintenance<T>(f: impl FnOnce() -> T) -> T {
+pub(crate) fn with_maintenance<T>(f: impl FnOnce() -> T) -> T {
     struct Restore(bool);
     impl Drop for Restore {
         fn drop(&mut self) {

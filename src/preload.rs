@@ -12,19 +12,19 @@ use std::sync::atomic::{AtomicBool, Ordering};
 static PRELOADED: AtomicBool = AtomicBool::new(false);
 
 /// Records how the library is being loaded. Called first thing in `_PG_init`.
-pub fn init() {
+pub(crate) fn init() {
     // SAFETY: a plain read of a postmaster global, on the main thread during library load.
     let in_preload = unsafe { pg_sys::process_shared_preload_libraries_in_progress };
     PRELOADED.store(in_preload, Ordering::Relaxed);
 }
 
 /// True when the postmaster loaded the library from `shared_preload_libraries`.
-pub fn is_preloaded() -> bool {
+pub(crate) fn is_preloaded() -> bool {
     PRELOADED.load(Ordering::Relaxed)
 }
 
 /// Raises the documented error unless the library was preloaded.
-pub fn require_preload() {
+pub(crate) fn require_preload() {
     if !is_preloaded() {
         TenancyError::NotPreloaded.report();
     }

@@ -3,11 +3,11 @@
 //! shrinks. Seeds are fixed (`PROPTEST_RNG_SEED` overrides), so a failure reproduces; the case
 //! count follows `PG_TENANCY_FUZZ_ITERATIONS` / 100 (500 by default). Test builds only.
 
-use crate::ids::{parse_actor, parse_org};
-use crate::crypto::check_text;
 use crate::crypto::envelope::{open, parse_header, seal, Content, EnvelopeError};
 use crate::error::TenancyError;
 use crate::gucs::TenantIdFormat;
+use crate::ids::{parse_actor, parse_org};
+use crate::phi::check_text;
 use crate::token::{mint, mint_v1, verify};
 use aes_gcm::{Aes256Gcm, KeyInit};
 use proptest::prelude::*;

@@ -55,7 +55,7 @@ unsafe fn created_table(
 ///
 /// # Safety
 /// `rv` is null or a RangeVar of the statement being run, inside a transaction.
-pub unsafe fn relation_oid(rv: *mut pg_sys::RangeVar) -> Option<pg_sys::Oid> {
+pub(crate) unsafe fn relation_oid(rv: *mut pg_sys::RangeVar) -> Option<pg_sys::Oid> {
     if rv.is_null() {
         return None;
     }
@@ -74,7 +74,7 @@ pub unsafe fn relation_oid(rv: *mut pg_sys::RangeVar) -> Option<pg_sys::Oid> {
 ///
 /// # Safety
 /// `pstmt` is the utility statement ProcessUtility was given.
-pub unsafe fn check_utility(pstmt: *mut pg_sys::PlannedStmt) {
+pub(crate) unsafe fn check_utility(pstmt: *mut pg_sys::PlannedStmt) {
     let stmt = (*pstmt).utilityStmt;
     if pgrx::is_a(stmt, pg_sys::NodeTag::T_CopyStmt) {
         let copy = stmt.cast::<pg_sys::CopyStmt>();
@@ -130,12 +130,12 @@ thread_local! {
 
 /// Marks, for the duration of a utility statement, whether it creates a temporary table
 /// `ON COMMIT DROP` (the one kind of DDL a tenant transaction may run).
-pub struct ConfinedDdl(Option<bool>);
+pub(crate) struct ConfinedDdl(Option<bool>);
 
 impl ConfinedDdl {
     /// # Safety
     /// `pstmt` is the utility statement ProcessUtility was given.
-    pub unsafe fn enter(pstmt: *mut pg_sys::PlannedStmt) -> ConfinedDdl {
+    pub(crate) unsafe fn enter(pstmt: *mut pg_sys::PlannedStmt) -> ConfinedDdl {
         let confined = created_table((*pstmt).utilityStmt).is_some_and(|(rel, on_commit)| {
             (*rel).relpersistence as u8 == pg_sys::RELPERSISTENCE_TEMP
                 && on_commit == pg_sys::OnCommitAction::ONCOMMIT_DROP
@@ -164,7 +164,7 @@ fn confined_ddl() -> bool {
 ///
 /// # Safety
 /// `pstmt` is the utility statement ProcessUtility was given, and it completed.
-pub unsafe fn after_utility(pstmt: *mut pg_sys::PlannedStmt) {
+pub(crate) unsafe fn after_utility(pstmt: *mut pg_sys::PlannedStmt) {
     let Some((rel, on_commit)) = created_table((*pstmt).utilityStmt) else {
         return;
     };
@@ -185,7 +185,7 @@ pub unsafe fn after_utility(pstmt: *mut pg_sys::PlannedStmt) {
 ///
 /// # Safety
 /// `query_desc` is the QueryDesc ExecutorStart was given.
-pub unsafe fn check_plan(query_desc: *mut pg_sys::QueryDesc, eflags: i32) {
+pub(crate) unsafe fn check_plan(query_desc: *mut pg_sys::QueryDesc, eflags: i32) {
     if eflags & pg_sys::EXEC_FLAG_EXPLAIN_ONLY as i32 != 0 {
         return;
     }
@@ -212,7 +212,7 @@ pub unsafe fn check_plan(query_desc: *mut pg_sys::QueryDesc, eflags: i32) {
 
 /// An object created in a tenant transaction (the caller knows it is one): large objects are
 /// refused.
-pub fn check_object_created(class_id: pg_sys::Oid) {
+pub(crate) fn check_object_created(class_id: pg_sys::Oid) {
     if u32::from(class_id) == LARGE_OBJECT_RELATION_ID {
         TenancyError::SessionObject {
             what: "creating a large object (readable by every later session of the role)".into(),

@@ -17,7 +17,7 @@ static mut PREV_EXECUTOR_START: pg_sys::ExecutorStart_hook_type = None;
 static mut PREV_OBJECT_ACCESS: pg_sys::object_access_hook_type = None;
 
 /// Installs the three hooks, keeping the previous ones to chain. Called from `_PG_init`.
-pub fn init() {
+pub(crate) fn init() {
     // SAFETY: hooks are installed once, at library load, on the main thread.
     unsafe {
         PREV_PROCESS_UTILITY = pg_sys::ProcessUtility_hook;

@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 
 /// How a top-level transaction ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum End {
+pub(crate) enum End {
     /// COMMIT or PREPARE TRANSACTION.
     Commit,
     /// ROLLBACK or an error.
@@ -20,15 +20,13 @@ pub enum End {
 
 /// How a subtransaction (savepoint, exception block) ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SubEnd {
+pub(crate) enum SubEnd {
     Commit,
     Abort,
 }
 
 /// What one owner of per-transaction state does at the ends.
-pub struct Handler {
-    /// Who (for readers of lib.rs and for nothing else).
-    pub owner: &'static str,
+pub(crate) struct Handler {
     pub at_end: Option<fn(End)>,
     /// Called with the nesting level of the ending subtransaction (2 = first savepoint).
     pub at_sub_end: Option<fn(SubEnd, i32)>,
@@ -37,7 +35,7 @@ pub struct Handler {
 static HANDLERS: OnceLock<&'static [Handler]> = OnceLock::new();
 
 /// Registers the callbacks; `handlers` run in this order at every end. Called once.
-pub fn init(handlers: &'static [Handler]) {
+pub(crate) fn init(handlers: &'static [Handler]) {
     if HANDLERS.set(handlers).is_err() {
         return; // loaded twice into one process: the first registration stands
     }

@@ -20,24 +20,24 @@
 use aes_gcm::aead::AeadInPlace;
 use aes_gcm::{Aes256Gcm, Nonce, Tag};
 
-pub const MAGIC: [u8; 2] = *b"PH";
-pub const VERSION: u8 = 1;
-pub const HEADER_LEN: usize = 20;
-pub const TAG_LEN: usize = 16;
-pub const OVERHEAD: usize = HEADER_LEN + TAG_LEN;
+pub(crate) const MAGIC: [u8; 2] = *b"PH";
+pub(crate) const VERSION: u8 = 1;
+pub(crate) const HEADER_LEN: usize = 20;
+pub(crate) const TAG_LEN: usize = 16;
+pub(crate) const OVERHEAD: usize = HEADER_LEN + TAG_LEN;
 const LABEL_FLAG: u8 = 0b100;
 const AAD_DOMAIN: &[u8] = b"pg_tenancy.phi.v1\0";
 
 /// What the plaintext was, so it is revealed as the same type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Content {
+pub(crate) enum Content {
     Text = 0,
     Bytea = 1,
     Jsonb = 2,
 }
 
 impl Content {
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Content::Text => "text",
             Content::Bytea => "bytea",
@@ -48,7 +48,7 @@ impl Content {
 
 /// Why an envelope cannot be opened. Carries no key, plaintext or ciphertext bytes.
 #[derive(Debug, PartialEq, Eq)]
-pub enum EnvelopeError {
+pub(crate) enum EnvelopeError {
     /// Not an envelope at all, or truncated, or an unknown version or flag.
     Malformed(&'static str),
     /// The tag did not verify: tampered, another tenant's or label's, or the wrong key.
@@ -57,14 +57,14 @@ pub enum EnvelopeError {
 
 /// The parsed fixed header of an envelope.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Header {
+pub(crate) struct Header {
     pub key_id: u32,
     pub content: Content,
     pub labelled: bool,
 }
 
 /// Parses and checks the header; cheap and key-free (used by the `tenancy.phi` domain).
-pub fn parse_header(env: &[u8]) -> Result<Header, EnvelopeError> {
+pub(crate) fn parse_header(env: &[u8]) -> Result<Header, EnvelopeError> {
     if env.len() < OVERHEAD {
         return Err(EnvelopeError::Malformed(
             "shorter than the 36-byte envelope overhead",
@@ -108,7 +108,7 @@ fn aad(header8: &[u8], tenant: &str, label: Option<&str>) -> Vec<u8> {
 
 /// Seals `plaintext` under `cipher` (key `key_id`) with `nonce`, bound to `tenant` and
 /// `label`.
-pub fn seal(
+pub(crate) fn seal(
     cipher: &Aes256Gcm,
     key_id: u32,
     nonce: [u8; 12],
@@ -134,7 +134,7 @@ pub fn seal(
 }
 
 /// Opens an envelope whose header was parsed as `header`, with the cipher of its key.
-pub fn open(
+pub(crate) fn open(
     cipher: &Aes256Gcm,
     env: &[u8],
     header: &Header,

@@ -19,18 +19,18 @@ use std::collections::BTreeMap;
 use zeroize::Zeroizing;
 
 /// One loaded key. The cipher's round keys are zeroised on drop (aes-gcm `zeroize`).
-pub struct RingKey {
+pub(crate) struct RingKey {
     pub cipher: Aes256Gcm,
 }
 
 /// A loaded key ring.
-pub struct KeyRing {
+pub(crate) struct KeyRing {
     pub keys: BTreeMap<u32, RingKey>,
     pub active: u32,
 }
 
 /// The key check value of a key, as written in the file.
-pub fn check_value(key: &[u8]) -> [u8; 8] {
+pub(crate) fn check_value(key: &[u8]) -> [u8; 8] {
     let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes any key length");
     mac.update(b"pg_tenancy key check v1");
     let full = mac.finalize().into_bytes();
@@ -40,7 +40,7 @@ pub fn check_value(key: &[u8]) -> [u8; 8] {
 }
 
 /// Parses a key ring file. Problems name the line, never its key material.
-pub fn parse(text: &str) -> Result<KeyRing, String> {
+pub(crate) fn parse(text: &str) -> Result<KeyRing, String> {
     let mut keys = BTreeMap::new();
     let mut active = None;
     for (n, raw) in text.lines().enumerate() {

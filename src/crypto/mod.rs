@@ -12,8 +12,8 @@
 //! start (backends inherit it) and in every backend on reload. Only when the library was
 //! preloaded; otherwise every PHI function raises.
 
-pub mod envelope;
-pub mod keyring;
+pub(crate) mod envelope;
+pub(crate) mod keyring;
 
 use crate::error::{Result, TenancyError};
 use crate::preload::{is_preloaded, require_preload};
@@ -22,7 +22,6 @@ use keyring::KeyRing;
 use pgrx::prelude::*;
 use std::cell::RefCell;
 use std::rc::Rc;
-
 
 enum RingState {
     NotConfigured,
@@ -37,7 +36,7 @@ thread_local! {
 /// Assign hook of `tenancy.phi_key_file`: (re)loads the key ring. Assign hooks must not
 /// fail, so a bad file leaves the ring in a failed state that every PHI call reports.
 #[pg_guard]
-pub unsafe extern "C-unwind" fn phi_key_file_assigned(
+pub(crate) unsafe extern "C-unwind" fn phi_key_file_assigned(
     newval: *const std::ffi::c_char,
     _extra: *mut std::ffi::c_void,
 ) {
@@ -127,7 +126,6 @@ fn reread_for_unknown_key() -> Option<Rc<KeyRing>> {
     }
 }
 
-
 /// Random bytes from the OS CSPRNG, fetched 4 KiB at a time: one getrandom() call per value
 /// was a fifth of phi_encrypt's time (measured with perf). The buffer belongs to one process:
 /// it records its pid and is thrown away if a fork ever hands it to another, so no two
@@ -173,7 +171,7 @@ fn fresh_nonce() -> [u8; 12] {
 }
 
 /// Encrypts under the active key for `tenant` (explicit; callers decide where it comes from).
-pub fn encrypt_for(
+pub(crate) fn encrypt_for(
     tenant: &str,
     content: Content,
     label: Option<&str>,
@@ -194,7 +192,7 @@ pub fn encrypt_for(
 }
 
 /// Decrypts an envelope for `tenant`, checking it holds `want` (any type when `None`).
-pub fn decrypt_for(
+pub(crate) fn decrypt_for(
     tenant: &str,
     env: &[u8],
     want: Option<Content>,
@@ -227,7 +225,7 @@ pub fn decrypt_for(
     Ok((header.content, plain))
 }
 
-pub fn phi_error(e: EnvelopeError) -> TenancyError {
+pub(crate) fn phi_error(e: EnvelopeError) -> TenancyError {
     match e {
         EnvelopeError::Malformed(reason) => TenancyError::PhiMalformed { reason },
         EnvelopeError::Authentication => TenancyError::PhiAuthentication,
@@ -235,7 +233,7 @@ pub fn phi_error(e: EnvelopeError) -> TenancyError {
 }
 
 /// Which PHI keys are loaded, which is active, and whether the ring loaded: never key bytes.
-pub fn key_status() -> Vec<(Option<i64>, bool, String)> {
+pub(crate) fn key_status() -> Vec<(Option<i64>, bool, String)> {
     require_preload();
     let rows = RING.with(|r| match &*r.borrow() {
         RingState::NotConfigured => vec![(

@@ -8,7 +8,7 @@ use pgrx::prelude::*;
 
 /// Everything pg_tenancy reports to a client.
 #[derive(Debug, thiserror::Error)]
-pub enum TenancyError {
+pub(crate) enum TenancyError {
     #[error("pg_tenancy must be loaded through shared_preload_libraries")]
     NotPreloaded,
     #[error("tenancy.set_org() must be called inside a transaction block")]
@@ -27,8 +27,6 @@ pub enum TenancyError {
     ActorAlreadySet,
     #[error("no tenant context is set")]
     NoTenant,
-    #[error("{setting} can only be set by tenancy.set_org()")]
-    ForgedSetting { setting: &'static str },
     #[error("a signed context token is required")]
     TokenRequired,
     #[error("malformed context token")]
@@ -124,7 +122,7 @@ pub enum TenancyError {
 impl TenancyError {
     /// The SQLSTATE for each error. Class 42 (access rule violation) and 28 (invalid
     /// authorization) are the ones applications already treat as "not allowed".
-    pub fn sqlstate(&self) -> PgSqlErrorCode {
+    pub(crate) fn sqlstate(&self) -> PgSqlErrorCode {
         use PgSqlErrorCode::*;
         match self {
             Self::NotPreloaded => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
@@ -135,7 +133,6 @@ impl TenancyError {
             }
             Self::TenantAlreadySet | Self::ActorAlreadySet => ERRCODE_INSUFFICIENT_PRIVILEGE,
             Self::NoTenant => ERRCODE_INSUFFICIENT_PRIVILEGE,
-            Self::ForgedSetting { .. } => ERRCODE_INSUFFICIENT_PRIVILEGE,
             Self::TokenRequired
             | Self::TokenMalformed { .. }
             | Self::TokenExpired
@@ -175,7 +172,7 @@ impl TenancyError {
     }
 
     /// Internals a DBA may need; never secrets.
-    pub fn detail(&self) -> Option<String> {
+    pub(crate) fn detail(&self) -> Option<String> {
         match self {
             Self::MalformedTenant { reason } | Self::MalformedActor { reason } => {
                 Some(reason.clone())
@@ -202,7 +199,7 @@ impl TenancyError {
     }
 
     /// What the reader can do about it.
-    pub fn hint(&self) -> Option<&'static str> {
+    pub(crate) fn hint(&self) -> Option<&'static str> {
         match self {
             Self::NotPreloaded => Some(
                 "Add pg_tenancy to shared_preload_libraries in postgresql.conf and restart the server.",
@@ -221,9 +218,6 @@ impl TenancyError {
             }
             Self::TenantAlreadySet | Self::ActorAlreadySet => Some(
                 "Commit or roll back, then enter the other tenant in a new transaction.",
-            ),
-            Self::ForgedSetting { .. } => Some(
-                "Call tenancy.set_org('<tenant id>') inside the transaction instead of SET.",
             ),
             Self::TokenRequired | Self::TokenMalformed { .. } | Self::TokenInvalid => Some(
                 "Signed mode is on (tenancy.context_key_file): pass the token minted by the application tier.",
@@ -304,7 +298,7 @@ impl TenancyError {
     }
 
     /// An SPI call of pg_tenancy's own that failed (a bug, not bad input).
-    pub fn spi(what: &'static str, e: impl std::fmt::Display) -> Self {
+    pub(crate) fn spi(what: &'static str, e: impl std::fmt::Display) -> Self {
         Self::Spi {
             what,
             reason: e.to_string(),
@@ -312,7 +306,7 @@ impl TenancyError {
     }
 
     /// Raises this error as a Postgres ERROR (the current transaction aborts).
-    pub fn report(self) -> ! {
+    pub(crate) fn report(self) -> ! {
         let mut report = ErrorReport::new(self.sqlstate(), self.to_string(), "pg_tenancy");
         if let Some(detail) = self.detail() {
             report = report.set_detail(detail);
@@ -327,10 +321,10 @@ impl TenancyError {
 }
 
 /// `Result` for fallible pg_tenancy code; raise with [`Raise::or_raise`].
-pub type Result<T> = std::result::Result<T, TenancyError>;
+pub(crate) type Result<T> = std::result::Result<T, TenancyError>;
 
 /// Turns a `Result` into the value or a Postgres ERROR.
-pub trait Raise<T> {
+pub(crate) trait Raise<T> {
     fn or_raise(self) -> T;
 }
 
@@ -341,275 +335,4 @@ impl<T> Raise<T> for Result<T> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn test_every_error_has_hint_and_no_secret_fields() {
-        let all = [
-            TenancyError::NotPreloaded,
-            TenancyError::OutsideTransaction,
-            TenancyError::NullTenant,
-            TenancyError::EmptyTenant,
-            TenancyError::MalformedTenant { reason: "r".into() },
-            TenancyError::MalformedActor { reason: "r".into() },
-            TenancyError::TenantAlreadySet,
-            TenancyError::ActorAlreadySet,
-            TenancyError::NoTenant,
-            TenancyError::ForgedSetting {
-                setting: "app.current_org_id",
-            },
-            TenancyError::TokenRequired,
-            TenancyError::TokenMalformed { reason: "r" },
-            TenancyError::TokenExpired,
-            TenancyError::TokenInvalid,
-            TenancyError::TokenReplayed,
-            TenancyError::TokenMemoryFull,
-            TenancyError::KeyFile {
-                path: "/p".into(),
-                reason: "r".into(),
-            },
-            TenancyError::HoldableCursor,
-            TenancyError::NotATable {
-                relation: "v".into(),
-            },
-            TenancyError::NoTenantColumn {
-                relation: "t".into(),
-                column: "c".into(),
-            },
-            TenancyError::TenantColumnType {
-                relation: "t".into(),
-                column: "c".into(),
-                found: "int".into(),
-            },
-            TenancyError::ReservedAction {
-                action: "REVEAL".into(),
-            },
-            TenancyError::SessionObject {
-                what: "a temporary table".into(),
-            },
-            TenancyError::ForeignCodeInDdl {
-                function: "f()".into(),
-                owner: "o".into(),
-            },
-            TenancyError::RewriteInDdl,
-            TenancyError::TenantColumnCollation {
-                relation: "t".into(),
-                column: "c".into(),
-                collation: "ci".into(),
-            },
-            TenancyError::NotProtected {
-                relation: "t".into(),
-            },
-        ];
-        for e in all {
-            assert!(e.hint().is_some(), "{e:?} has no hint");
-            assert!(!e.to_string().is_empty());
-        }
-    }
-
-    /// One value of every variant. `variant` has no wildcard: a new variant does not compile
-    /// until it is listed here, and the test below checks that every one is.
-    fn every_error() -> Vec<TenancyError> {
-        use TenancyError::*;
-        let s = || String::from("x");
-        vec![
-            NotPreloaded,
-            OutsideTransaction,
-            NullTenant,
-            EmptyTenant,
-            MalformedTenant { reason: s() },
-            MalformedActor { reason: s() },
-            TenantAlreadySet,
-            ActorAlreadySet,
-            NoTenant,
-            ForgedSetting { setting: "s" },
-            TokenRequired,
-            TokenMalformed { reason: "r" },
-            TokenExpired,
-            TokenInvalid,
-            TokenReplayed,
-            TokenMemoryFull,
-            KeyFile {
-                path: s(),
-                reason: s(),
-            },
-            HoldableCursor,
-            NotATable { relation: s() },
-            NoTenantColumn {
-                relation: s(),
-                column: s(),
-            },
-            TenantColumnType {
-                relation: s(),
-                column: s(),
-                found: s(),
-            },
-            TenantColumnCollation {
-                relation: s(),
-                column: s(),
-                collation: s(),
-            },
-            NotProtected { relation: s() },
-            SuperuserOnly { what: "w" },
-            PhiNotConfigured,
-            PhiKeyFile {
-                path: s(),
-                reason: s(),
-            },
-            PhiMalformed { reason: "r" },
-            PhiUnknownKey { key_id: 3 },
-            PhiAuthentication,
-            PhiWrongType {
-                found: "text",
-                want: "bytea",
-            },
-            PhiBadLabel,
-            PhiWhileStoring,
-            BadAction,
-            ForeignCodeInDdl {
-                function: s(),
-                owner: s(),
-            },
-            RewriteInDdl,
-            SessionObject { what: s() },
-            ReservedAction { action: s() },
-            RevealNotAudited { reason: s() },
-            AuditTriggerMisdefined { reason: "r" },
-            OtherTenant { what: "w" },
-            NullArgument {
-                function: "f",
-                argument: "a",
-            },
-            UndefinedTable { name: s() },
-            PhiInvalidText { reason: "r" },
-            PhiInvalidJson,
-            DetailsTooDeep,
-            Spi {
-                what: "w",
-                reason: s(),
-            },
-        ]
-    }
-
-    fn variant(e: &TenancyError) -> &'static str {
-        use TenancyError::*;
-        match e {
-            NotPreloaded => "NotPreloaded",
-            OutsideTransaction => "OutsideTransaction",
-            NullTenant => "NullTenant",
-            EmptyTenant => "EmptyTenant",
-            MalformedTenant { .. } => "MalformedTenant",
-            MalformedActor { .. } => "MalformedActor",
-            TenantAlreadySet => "TenantAlreadySet",
-            ActorAlreadySet => "ActorAlreadySet",
-            NoTenant => "NoTenant",
-            ForgedSetting { .. } => "ForgedSetting",
-            TokenRequired => "TokenRequired",
-            TokenMalformed { .. } => "TokenMalformed",
-            TokenExpired => "TokenExpired",
-            TokenInvalid => "TokenInvalid",
-            TokenReplayed => "TokenReplayed",
-            TokenMemoryFull => "TokenMemoryFull",
-            KeyFile { .. } => "KeyFile",
-            HoldableCursor => "HoldableCursor",
-            NotATable { .. } => "NotATable",
-            NoTenantColumn { .. } => "NoTenantColumn",
-            TenantColumnType { .. } => "TenantColumnType",
-            TenantColumnCollation { .. } => "TenantColumnCollation",
-            NotProtected { .. } => "NotProtected",
-            SuperuserOnly { .. } => "SuperuserOnly",
-            PhiNotConfigured => "PhiNotConfigured",
-            PhiKeyFile { .. } => "PhiKeyFile",
-            PhiMalformed { .. } => "PhiMalformed",
-            PhiUnknownKey { .. } => "PhiUnknownKey",
-            PhiAuthentication => "PhiAuthentication",
-            PhiWrongType { .. } => "PhiWrongType",
-            PhiBadLabel => "PhiBadLabel",
-            PhiWhileStoring => "PhiWhileStoring",
-            BadAction => "BadAction",
-            ForeignCodeInDdl { .. } => "ForeignCodeInDdl",
-            RewriteInDdl => "RewriteInDdl",
-            SessionObject { .. } => "SessionObject",
-            ReservedAction { .. } => "ReservedAction",
-            RevealNotAudited { .. } => "RevealNotAudited",
-            AuditTriggerMisdefined { .. } => "AuditTriggerMisdefined",
-            OtherTenant { .. } => "OtherTenant",
-            NullArgument { .. } => "NullArgument",
-            UndefinedTable { .. } => "UndefinedTable",
-            PhiInvalidText { .. } => "PhiInvalidText",
-            PhiInvalidJson => "PhiInvalidJson",
-            DetailsTooDeep => "DetailsTooDeep",
-            Spi { .. } => "Spi",
-        }
-    }
-
-    /// The five characters of a SQLSTATE packed by MAKE_SQLSTATE.
-    fn sqlstate_text(code: PgSqlErrorCode) -> String {
-        let n = code as i32;
-        (0..5)
-            .map(|i| (((n >> (6 * i)) & 0x3f) as u8 + b'0') as char)
-            .collect()
-    }
-
-    /// The SQLSTATEs of docs/reference.md's error table.
-    fn documented() -> std::collections::BTreeSet<String> {
-        let doc = include_str!("../docs/reference.md");
-        let table = &doc[doc.find("## Errors").expect("an Errors section")..];
-        table
-            .lines()
-            .filter_map(|l| l.strip_prefix("| "))
-            .filter_map(|l| l.split(" |").next())
-            .flat_map(|cell| cell.split(", "))
-            .filter(|c| c.len() == 5 && c.bytes().all(|b| b.is_ascii_alphanumeric()))
-            .map(str::to_string)
-            .collect()
-    }
-
-    /// Every SQLSTATE the code raises (the error enum's and the SQL files' RAISE ...
-    /// ERRCODE) is in docs/reference.md's table, and the table lists no other, but the
-    /// domain check PostgreSQL raises for `tenancy.phi` (23514).
-    #[test]
-    fn test_reference_sqlstate_table_matches_the_code() {
-        let all = every_error();
-        let names: std::collections::BTreeSet<_> = all.iter().map(variant).collect();
-        assert_eq!(
-            names.len(),
-            all.len(),
-            "every_error() lists each variant once"
-        );
-        let mut raised: std::collections::BTreeSet<String> =
-            all.iter().map(|e| sqlstate_text(e.sqlstate())).collect();
-        for sql in [
-            include_str!("../sql/bootstrap.sql"),
-            include_str!("../sql/registry.sql"),
-            include_str!("../sql/guards.sql"),
-            include_str!("../sql/report.sql"),
-            include_str!("../sql/phi.sql"),
-            include_str!("../sql/audit.sql"),
-            include_str!("../sql/finalize.sql"),
-        ] {
-            for part in sql.split("ERRCODE = '").skip(1) {
-                raised.insert(part[..5].to_string());
-            }
-        }
-        assert!(raised.contains("55000") && raised.contains("0A000"));
-        assert_eq!(
-            sqlstate_text(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR),
-            "XX000"
-        );
-        assert!(!raised.contains("XX000"), "no error of pg_tenancy is XX000");
-        let docs = documented();
-        let missing: Vec<_> = raised.difference(&docs).collect();
-        assert!(
-            missing.is_empty(),
-            "raised, not in docs/reference.md: {missing:?}"
-        );
-        let mut extra: Vec<_> = docs.difference(&raised).collect();
-        extra.retain(|c| c.as_str() != "23514");
-        assert!(
-            extra.is_empty(),
-            "in docs/reference.md, never raised: {extra:?}"
-        );
-    }
-}
+mod tests;

@@ -1,0 +1,116 @@
+//! The reveal audit worker: a background worker connected to `tenancy.audit_database` that
+//! writes the queued reveal records ([`crate::reveal_log`]) as `REVEAL` events, each batch in
+//! its own transaction, and removes them from the queue once committed.
+
+use crate::error::TenancyError;
+use crate::reveal_log::RevealRecord;
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
+use pgrx::prelude::*;
+use std::time::Duration;
+
+/// Settings the worker pins over whatever the database's owner set for the database: it runs
+/// as itself, its SQL resolves names in the catalogs only, is not cut short, and commits
+/// durably.
+const WORKER_SETTINGS: &[(&str, &str)] = &[
+    // First: `ALTER DATABASE ... SET role = owner` made the worker run as the owner (and fail).
+    ("role", "none"),
+    ("search_path", "pg_catalog, pg_temp"),
+    ("statement_timeout", "0"),
+    ("lock_timeout", "0"),
+    ("idle_in_transaction_session_timeout", "0"),
+    ("default_transaction_read_only", "off"),
+    ("default_transaction_isolation", "read committed"),
+    ("synchronous_commit", "on"),
+];
+
+/// How often the worker looks at the queue.
+const POLL_MS: u64 = 20;
+
+/// Registers the worker when an audit database is configured; only from `_PG_init` under
+/// preload.
+pub(crate) fn init() {
+    if !crate::preload::is_preloaded() || crate::gucs::audit_database().is_none() {
+        return;
+    }
+    BackgroundWorkerBuilder::new("pg_tenancy reveal audit")
+        .set_function("pg_tenancy_reveal_worker_main")
+        .set_library("pg_tenancy")
+        .enable_spi_access()
+        .set_restart_time(Some(Duration::from_secs(1)))
+        .load();
+}
+
+/// The worker: writes queued reveal records as audit events, oldest first.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn pg_tenancy_reveal_worker_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let db = crate::gucs::audit_database().unwrap_or_else(|| "postgres".into());
+    BackgroundWorker::connect_worker_to_spi(Some(&db), None);
+    // The worker is a superuser session in a database whose owner may have set anything a
+    // database owner can (ALTER DATABASE ... SET): it pins what its SQL depends on, above all
+    // a search_path of the catalogs only (an owner's schema with a shadowing `=` must not run
+    // as superuser here).
+    BackgroundWorker::transaction(|| {
+        for (name, value) in WORKER_SETTINGS {
+            Spi::get_one_with_args::<String>(
+                "SELECT pg_catalog.set_config($1, $2, false)",
+                &[(*name).into(), (*value).into()],
+            )
+            .unwrap_or_else(|e| {
+                TenancyError::spi("setting the reveal worker's settings", e).report()
+            });
+        }
+    });
+    while BackgroundWorker::wait_latch(Some(Duration::from_millis(POLL_MS))) {
+        let batch: Vec<RevealRecord> = crate::reveal_log::queued();
+        if batch.is_empty() {
+            continue;
+        }
+        let ready = BackgroundWorker::transaction(|| {
+            Spi::get_one::<bool>(
+                "SELECT pg_catalog.to_regclass('tenancy.audit_events') IS NOT NULL",
+            )
+            .ok()
+            .flatten()
+            .unwrap_or(false)
+        });
+        if !ready {
+            continue; // the extension is not installed in this database yet
+        }
+        // Tenant by tenant (chain heads in a fixed order), oldest first within each.
+        let mut batch = batch;
+        batch.sort_by(|a, b| a.org.as_bytes().cmp(b.org.as_bytes()));
+        BackgroundWorker::transaction(|| {
+            for r in &batch {
+                let who = crate::audit::writer::Who {
+                    actor: r.actor.get(),
+                    actor_verified: r.actor_verified,
+                    session_role: r.session_role.get().unwrap_or_default(),
+                    outer_role: r.outer_role.get().unwrap_or_default(),
+                    occurred_at: r.at,
+                };
+                let payload = serde_json::json!({
+                    "label": r.label.get(),
+                    "count": r.count,
+                    "transaction": if r.committed { "committed" } else { "rolled back" },
+                    "xid": r.xid,
+                });
+                let label = r.label.get().filter(|l| !l.is_empty());
+                crate::audit::writer::append_events(
+                    &who,
+                    &[crate::audit::writer::NewEvent {
+                        org: r.org.get().unwrap_or_default(),
+                        action: "REVEAL".into(),
+                        table_name: label,
+                        row_key: None,
+                        changed_columns: None,
+                        payload: Some(payload),
+                    }],
+                );
+            }
+        });
+        // Written and committed: remove exactly what was written (new records may follow).
+        crate::reveal_log::remove_oldest(batch.len());
+    }
+}
