@@ -163,3 +163,17 @@ CREATE TABLE clinic.consent_records (
   PRIMARY KEY (organization_id, id),
   FOREIGN KEY (organization_id, patient_id) REFERENCES clinic.patients (organization_id, id)
 );
+
+-- Every composite foreign key (organization_id, x_id) gets an index led by its columns: the
+-- primary key (organization_id, id) covers only the tenant column for them, so without these
+-- a parent delete and every join on x_id scan the tenant's child rows (isolation_report warns).
+CREATE INDEX business_hours_location ON clinic.business_hours (organization_id, location_id);
+CREATE INDEX bookings_patient ON clinic.bookings (organization_id, patient_id);
+CREATE INDEX bookings_service ON clinic.bookings (organization_id, service_id);
+CREATE INDEX bookings_location ON clinic.bookings (organization_id, location_id);
+CREATE INDEX appointments_booking ON clinic.appointments (organization_id, booking_id);
+CREATE INDEX appointments_provider ON clinic.appointments (organization_id, provider_id);
+CREATE INDEX treatments_appointment ON clinic.treatments (organization_id, appointment_id);
+CREATE INDEX medical_records_patient ON clinic.medical_records (organization_id, patient_id);
+CREATE INDEX clinical_notes_appointment ON clinic.clinical_notes (organization_id, appointment_id);
+CREATE INDEX consent_records_patient ON clinic.consent_records (organization_id, patient_id);

@@ -12,8 +12,11 @@ CREATE FUNCTION tenancy.protection_problem(rel regclass) RETURNS text
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
   WITH t AS (
     SELECT c.oid, c.relrowsecurity, c.relforcerowsecurity, p.audited, p.tenant_column,
-           format('(%I = %s)', p.tenant_column,
-                  CASE p.tenant_type WHEN 'uuid' THEN 'tenancy.current_org_id()' ELSE 'tenancy.current_org_id_text()' END) AS pred
+           -- As pg_get_expr renders protect()'s `col = (SELECT tenancy.current_org_id())`
+           -- (the same on PostgreSQL 13 to 18).
+           format('(%I = ( SELECT %s AS %s))', p.tenant_column,
+                  CASE p.tenant_type WHEN 'uuid' THEN 'tenancy.current_org_id()' ELSE 'tenancy.current_org_id_text()' END,
+                  CASE p.tenant_type WHEN 'uuid' THEN 'current_org_id' ELSE 'current_org_id_text' END) AS pred
       FROM pg_class c
       LEFT JOIN tenancy.protected_tables p ON p.rel = c.oid
      WHERE c.oid = $1
@@ -304,7 +307,9 @@ BEGIN
         problem := tenancy.protection_problem(target);
         IF problem IS NULL AND cmd.object_type = 'policy' AND EXISTS (
              SELECT 1 FROM pg_policy WHERE oid = cmd.objid AND polname IN ('tenancy_tenant_floor', 'tenancy_tenant_rows'))
-           AND cmd.command_tag = 'ALTER POLICY' THEN
+           AND cmd.command_tag = 'ALTER POLICY' AND NOT cmd.in_extension THEN
+          -- (An extension script, run by CREATE/ALTER EXTENSION, may: pg_tenancy's own update
+          -- rewrites its policies, and protection_problem above checked the result.)
           problem := 'pg_tenancy''s policies cannot be altered';
         END IF;
         -- Policies run over every row, before the tenant floor when the planner finds them

@@ -130,8 +130,11 @@ CREATE OR REPLACE FUNCTION tenancy.protection_problem(rel regclass) RETURNS text
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
   WITH t AS (
     SELECT c.oid, c.relrowsecurity, c.relforcerowsecurity, p.audited, p.tenant_column,
-           format('(%I = %s)', p.tenant_column,
-                  CASE p.tenant_type WHEN 'uuid' THEN 'tenancy.current_org_id()' ELSE 'tenancy.current_org_id_text()' END) AS pred
+           -- As pg_get_expr renders protect()'s `col = (SELECT tenancy.current_org_id())`
+           -- (the same on PostgreSQL 13 to 18).
+           format('(%I = ( SELECT %s AS %s))', p.tenant_column,
+                  CASE p.tenant_type WHEN 'uuid' THEN 'tenancy.current_org_id()' ELSE 'tenancy.current_org_id_text()' END,
+                  CASE p.tenant_type WHEN 'uuid' THEN 'current_org_id' ELSE 'current_org_id_text' END) AS pred
       FROM pg_class c
       LEFT JOIN tenancy.protected_tables p ON p.rel = c.oid
      WHERE c.oid = $1
@@ -339,7 +342,9 @@ BEGIN
         problem := tenancy.protection_problem(target);
         IF problem IS NULL AND cmd.object_type = 'policy' AND EXISTS (
              SELECT 1 FROM pg_policy WHERE oid = cmd.objid AND polname IN ('tenancy_tenant_floor', 'tenancy_tenant_rows'))
-           AND cmd.command_tag = 'ALTER POLICY' THEN
+           AND cmd.command_tag = 'ALTER POLICY' AND NOT cmd.in_extension THEN
+          -- (An extension script, run by CREATE/ALTER EXTENSION, may: pg_tenancy's own update
+          -- rewrites its policies, and protection_problem above checked the result.)
           problem := 'pg_tenancy''s policies cannot be altered';
         END IF;
         -- Policies run over every row, before the tenant floor when the planner finds them
@@ -495,6 +500,24 @@ findings AS (
          format('CREATE INDEX ON %s (%I);', t.name, t.tenant_col)
     FROM tenant_tables t
    WHERE NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = t.oid AND i.indkey[0] = t.tenant_attnum)
+  UNION ALL
+  -- A foreign key (organization_id, x_id) that no index leads with: the primary key
+  -- (organization_id, id) covers only the tenant column, so deleting a parent row and every
+  -- join on x_id scan all of the tenant's child rows (Supabase's unindexed_foreign_keys).
+  SELECT 'warning', t.name,
+         format('foreign key %I (%s) has no index led by its columns: joins on it and deletes of its parent rows scan the tenant''s rows', k.conname, c.cols),
+         format('CREATE INDEX ON %s (%s);', t.name, c.cols)
+    FROM tenant_tables t
+    JOIN pg_constraint k ON k.conrelid = t.oid AND k.contype = 'f'
+    CROSS JOIN LATERAL (
+      SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY u.ord) AS cols
+        FROM unnest(k.conkey) WITH ORDINALITY u(attnum, ord)
+        JOIN pg_attribute a ON a.attrelid = k.conrelid AND a.attnum = u.attnum) c
+   WHERE NOT EXISTS (
+           SELECT 1 FROM pg_index i
+            WHERE i.indrelid = k.conrelid AND i.indnkeyatts >= cardinality(k.conkey)
+              AND (SELECT array_agg(x ORDER BY x) FROM unnest((i.indkey::int2[])[0:cardinality(k.conkey) - 1]) x)
+                  = (SELECT array_agg(y ORDER BY y) FROM unnest(k.conkey) y))
   UNION ALL
   SELECT DISTINCT CASE v.relkind WHEN 'm' THEN 'critical' ELSE 'high' END, v.oid::regclass::text,
          CASE v.relkind WHEN 'm' THEN format('materialized view over tenant table %s holds every tenant''s rows', t.name)
@@ -706,6 +729,27 @@ REVOKE EXECUTE ON FUNCTION tenancy.has_rows(regclass) FROM PUBLIC;
 COMMENT ON FUNCTION tenancy.foreign_code_problem(regclass) IS
   'Code of a role that is not a superuser which a table''s constraints, indexes, defaults, domains, triggers or rules run over its rows, or NULL.';
 COMMENT ON FUNCTION tenancy.has_rows(regclass) IS 'Whether a table holds rows of its own (for the drift guard).';
+
+-- II-5/9: pg_tenancy's policies read the tenant through an InitPlan, once per query
+-- execution (`col = (SELECT tenancy.current_org_id())`), not once per row of a scan.
+DO $policies$
+DECLARE
+  t record;
+  pred text;
+BEGIN
+  FOR t IN SELECT p.rel, p.tenant_column, p.tenant_type FROM tenancy.protected_tables p
+            WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) p.rel) LOOP
+    pred := pg_catalog.format('%I = (SELECT %s)', t.tenant_column,
+              CASE t.tenant_type WHEN 'uuid' THEN 'tenancy.current_org_id()' ELSE 'tenancy.current_org_id_text()' END);
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_policy WHERE polrelid OPERATOR(pg_catalog.=) t.rel AND polname OPERATOR(pg_catalog.=) 'tenancy_tenant_floor') THEN
+      EXECUTE pg_catalog.format('ALTER POLICY tenancy_tenant_floor ON %s USING (%s) WITH CHECK (%s)', t.rel, pred, pred);
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_policy WHERE polrelid OPERATOR(pg_catalog.=) t.rel AND polname OPERATOR(pg_catalog.=) 'tenancy_tenant_rows') THEN
+      EXECUTE pg_catalog.format('ALTER POLICY tenancy_tenant_rows ON %s USING (%s) WITH CHECK (%s)', t.rel, pred, pred);
+    END IF;
+  END LOOP;
+END
+$policies$;
 
 ALTER EVENT TRIGGER tenancy_guard_ddl ENABLE ALWAYS;
 ALTER EVENT TRIGGER tenancy_guard_drop ENABLE ALWAYS;

@@ -84,6 +84,24 @@ findings AS (
     FROM tenant_tables t
    WHERE NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = t.oid AND i.indkey[0] = t.tenant_attnum)
   UNION ALL
+  -- A foreign key (organization_id, x_id) that no index leads with: the primary key
+  -- (organization_id, id) covers only the tenant column, so deleting a parent row and every
+  -- join on x_id scan all of the tenant's child rows (Supabase's unindexed_foreign_keys).
+  SELECT 'warning', t.name,
+         format('foreign key %I (%s) has no index led by its columns: joins on it and deletes of its parent rows scan the tenant''s rows', k.conname, c.cols),
+         format('CREATE INDEX ON %s (%s);', t.name, c.cols)
+    FROM tenant_tables t
+    JOIN pg_constraint k ON k.conrelid = t.oid AND k.contype = 'f'
+    CROSS JOIN LATERAL (
+      SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY u.ord) AS cols
+        FROM unnest(k.conkey) WITH ORDINALITY u(attnum, ord)
+        JOIN pg_attribute a ON a.attrelid = k.conrelid AND a.attnum = u.attnum) c
+   WHERE NOT EXISTS (
+           SELECT 1 FROM pg_index i
+            WHERE i.indrelid = k.conrelid AND i.indnkeyatts >= cardinality(k.conkey)
+              AND (SELECT array_agg(x ORDER BY x) FROM unnest((i.indkey::int2[])[0:cardinality(k.conkey) - 1]) x)
+                  = (SELECT array_agg(y ORDER BY y) FROM unnest(k.conkey) y))
+  UNION ALL
   SELECT DISTINCT CASE v.relkind WHEN 'm' THEN 'critical' ELSE 'high' END, v.oid::regclass::text,
          CASE v.relkind WHEN 'm' THEN format('materialized view over tenant table %s holds every tenant''s rows', t.name)
                         ELSE format('view over tenant table %s runs with its owner''s rights (no security_invoker)', t.name) END,

@@ -216,10 +216,7 @@ pub(crate) fn in_tenant_transaction() -> bool {
 
 /// The tenant id of the current transaction as text, from the mirror; `None` when unset.
 pub(crate) fn current_org() -> Option<String> {
-    MIRROR
-        .get()
-        .map(|s| s.to_string_lossy().into_owned())
-        .filter(|s| !s.is_empty())
+    with_mirror(|b| b.map(|b| String::from_utf8_lossy(b).into_owned()))
 }
 
 /// Enters a tenant for the current transaction (text id: a UUID by default, or any id when
@@ -254,10 +251,43 @@ fn set_org_uuid(
 /// tenant id is not a UUID). What RLS policies on uuid tenant columns call.
 #[pg_extern(stable, parallel_safe)]
 fn current_org_id() -> Option<pgrx::Uuid> {
-    let org = current_org()?;
-    uuid::Uuid::try_parse(&org)
-        .ok()
-        .map(|u| pgrx::Uuid::from_bytes(u.into_bytes()))
+    current_org_uuid().map(|b| pgrx::Uuid::from_bytes(b))
+}
+
+/// The mirror's current value, borrowed from the GUC machinery (no copy); `None` when unset.
+fn with_mirror<R>(f: impl FnOnce(Option<&[u8]>) -> R) -> R {
+    // SAFETY: the setting's storage is a C string owned by the GUC machinery (or NULL), valid
+    // until the setting changes, which cannot happen while `f` runs (it only reads).
+    let bytes = unsafe {
+        let p = *MIRROR.as_ptr();
+        (!p.is_null()).then(|| CStr::from_ptr(p).to_bytes())
+    };
+    f(bytes.filter(|b| !b.is_empty()))
+}
+
+/// The tenant of the current transaction as UUID bytes, parsed once per value of the mirror:
+/// RLS calls this for every query (in a seq scan formerly for every row), so a repeated call
+/// compares the mirror's bytes with the cached ones and allocates nothing. Reading the mirror
+/// each time (not the context) keeps parallel workers and a RESET mirror failing closed.
+pub(crate) fn current_org_uuid() -> Option<[u8; 16]> {
+    thread_local! {
+        static PARSED: RefCell<(Vec<u8>, Option<[u8; 16]>)> = const { RefCell::new((Vec::new(), None)) };
+    }
+    with_mirror(|bytes| {
+        let bytes = bytes?;
+        PARSED.with(|c| {
+            let mut cache = c.borrow_mut();
+            if cache.0 != bytes {
+                cache.1 = std::str::from_utf8(bytes)
+                    .ok()
+                    .and_then(|s| uuid::Uuid::try_parse(s).ok())
+                    .map(|u| u.into_bytes());
+                cache.0.clear();
+                cache.0.extend_from_slice(bytes);
+            }
+            cache.1
+        })
+    })
 }
 
 /// The tenant of the current transaction as text, or NULL. What RLS policies on text tenant
@@ -271,14 +301,14 @@ fn current_org_id_text() -> Option<String> {
 /// defaults.
 #[pg_extern(stable, parallel_safe)]
 fn require_org() -> pgrx::Uuid {
-    let org = current_org().ok_or(TenancyError::NoTenant).or_raise();
-    match uuid::Uuid::try_parse(&org) {
-        Ok(u) => pgrx::Uuid::from_bytes(u.into_bytes()),
-        Err(_) => TenancyError::MalformedTenant {
-            reason: "the current tenant id is not a UUID; use tenancy.require_org_text()".into(),
-        }
-        .report(),
+    if let Some(b) = current_org_uuid() {
+        return pgrx::Uuid::from_bytes(b);
     }
+    current_org().ok_or(TenancyError::NoTenant).or_raise();
+    TenancyError::MalformedTenant {
+        reason: "the current tenant id is not a UUID; use tenancy.require_org_text()".into(),
+    }
+    .report()
 }
 
 /// The current tenant as text, or an error when none is set.

@@ -5,10 +5,11 @@
 //! command), the tenant column defaulting to the current tenant and immutable, TRUNCATE
 //! refused, an index led by the tenant column, partitions and inheritance children covered,
 //! and a row in `tenancy.protected_tables`. The predicate is
-//! `tenant_col = tenancy.current_org_id()`: a STABLE, LEAKPROOF C function, so the planner
-//! uses it as an index condition (evaluated once per scan). Wrapping it in `(SELECT ...)`,
-//! the usual advice for slow policy functions, made every query plan an InitPlan: 0.04 ms
-//! more per point lookup, measured (docs/policies.md).
+//! `tenant_col = (SELECT tenancy.current_org_id())`: the uncorrelated subquery becomes an
+//! InitPlan, evaluated once per execution of the query, so every plan shape pays for the
+//! tenant once: index scans (the value is an index key), sequential scans, hash joins and
+//! reports (the bare function call, STABLE but not constant, ran once per row there).
+//! `bench/RESULTS.md` has both forms side by side.
 //!
 //! The drift guards (sql/guards.sql) refuse every other way of weakening a protected table;
 //! they let these functions through while [`in_maintenance`] is true.
@@ -170,7 +171,10 @@ fn protect_statements(t: &Target, column: &str, set_default: bool, audit: bool) 
             "tenancy.require_org_text()",
         ),
     };
-    let pred = format!("{col} = {current}");
+    // An InitPlan: the tenant is read once per execution of the query, never per row (a
+    // sequential scan called the bare function for every row: 17x the floor on a report).
+    // sql/guards.sql (protection_problem) expects exactly this form.
+    let pred = format!("{col} = (SELECT {current})");
     let mut s = vec![
         format!("ALTER TABLE {table} ENABLE ROW LEVEL SECURITY"),
         format!("ALTER TABLE {table} FORCE ROW LEVEL SECURITY"),
