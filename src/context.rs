@@ -251,7 +251,7 @@ fn set_org_uuid(
 /// tenant id is not a UUID). What RLS policies on uuid tenant columns call.
 #[pg_extern(stable, parallel_safe)]
 fn current_org_id() -> Option<pgrx::Uuid> {
-    current_org_uuid().map(|b| pgrx::Uuid::from_bytes(b))
+    current_org_uuid().map(pgrx::Uuid::from_bytes)
 }
 
 /// The mirror's current value, borrowed from the GUC machinery (no copy); `None` when unset.
