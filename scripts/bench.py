@@ -96,10 +96,10 @@ max_connections = 50
             return [float(m) for m in re.findall(r"^Time: ([0-9.]+) ms", out, re.M)]
         return out.strip()
 
-    def pgbench(self, scripts, clients, secs, user="app"):
+    def pgbench(self, scripts, clients, secs, user="app", protocol="simple"):
         """One pgbench run of weighted scripts (interleaved per transaction); returns
-        {script name: average latency in ms}."""
-        args = ["pgbench", "-n", "-h", "127.0.0.1", "-p", str(self.port), "-U", user,
+        {script name: average latency in ms}. Pipelined scripts need protocol "extended"."""
+        args = ["pgbench", "-n", "-h", "127.0.0.1", "-p", str(self.port), "-U", user, "-M", protocol,
                 "-c", str(clients), "-j", str(min(clients, 2)), "-T", str(secs)]
         for path in scripts:
             args += ["-f", f"{path}@1"]
@@ -119,12 +119,12 @@ def median(xs):
     return statistics.median(xs)
 
 
-def interleaved(c, scripts, clients, secs, rounds):
+def interleaved(c, scripts, clients, secs, rounds, protocol="simple"):
     """`rounds` pgbench runs of `scripts` together (interleaved per transaction); returns
     {script file name: median of the rounds' average latencies in ms}."""
     lat = {}
     for _ in range(rounds):
-        for name, ms in c.pgbench(scripts, clients, secs).items():
+        for name, ms in c.pgbench(scripts, clients, secs, protocol=protocol).items():
             lat.setdefault(name, []).append(ms)
     return {name: median(v) for name, v in lat.items()}
 
@@ -233,47 +233,109 @@ def table(variant):
     return "floor" if variant.startswith("floor") else variant
 
 
+# Planner settings that pin a shape (the same in every variant): the report over one tenant
+# as a sequential scan, the join as a hash join. No parallel workers (measured separately).
+SHAPE_SETTINGS = {
+    "scan": "SET LOCAL enable_indexscan = off; SET LOCAL enable_bitmapscan = off; SET LOCAL max_parallel_workers_per_gather = 0;\n",
+    "join": "SET LOCAL enable_nestloop = off; SET LOCAL enable_mergejoin = off; SET LOCAL max_parallel_workers_per_gather = 0;\n",
+}
+
+
+def shape_sql(q, v, cfg):
+    """The query of shape `q` for variant `v` (floor variants name the tenant themselves)."""
+    t, w = table(v), where(v)
+    pid = PID.format(**cfg)
+    return {
+        "point": f"SELECT id, created_at FROM bench.patients_{t} WHERE id = {pid}{w}",
+        "day": f"SELECT id, starts_at, status FROM bench.bookings_{t} WHERE starts_at >= {DAY} AND starts_at < {DAY} + interval '1 day'{w}",
+        "scan": f"SELECT count(*), sum(extract(epoch FROM starts_at)) FROM bench.bookings_{t} WHERE status = 'confirmed'{w}",
+        "join": f"SELECT count(*) FROM bench.bookings_{t} b JOIN bench.patients_{t} p ON p.organization_id = b.organization_id AND p.id = b.patient_id WHERE b.starts_at >= {DAY} AND b.starts_at < {DAY} + interval '30 days'"
+                + (f" AND b.organization_id = {ORG}::uuid AND p.organization_id = {ORG}::uuid" if v.startswith("floor") else ""),
+        "report": f"SELECT date_trunc('month', starts_at) AS month, status, count(*) FROM bench.bookings_{t} WHERE starts_at >= timestamptz '2026-01-01 00:00+00' AND starts_at < timestamptz '2026-04-01 00:00+00'{w} GROUP BY 1, 2",
+        "update": f"UPDATE bench.bookings_{t} SET status = 'rescheduled' WHERE true{w}",
+        "delete": f"DELETE FROM bench.bookings_{t} WHERE true{w}",
+        "insert": f"INSERT INTO bench.bookings_{t} (organization_id, patient_id, service_id, location_id, starts_at) VALUES ({ORG}::uuid, {pid}, {ORG}::uuid, {ORG}::uuid, {DAY})",
+    }[q]
+
+
+SHAPES = ("point", "day", "scan", "join", "report", "update", "delete", "insert")
+# Bulk writes touch all of one tenant's bookings and roll back, so the table stays the same.
+ROLLED_BACK = ("update", "delete")
+
+
 def rls_scripts(tmp, cfg, variants=("tenancy", "floor", "floorrt", "seeds")):
     out = {}
-    for v in variants:
-        t = table(v)
-        out[("point", v)] = write_script(tmp, f"point_{v}.sql", PICK.format(**cfg) + "BEGIN;\n" + enter(v)
-                                         + f"SELECT id, created_at FROM bench.patients_{t} WHERE id = {PID.format(**cfg)}{where(v)};\nCOMMIT;\n")
-        out[("day", v)] = write_script(tmp, f"day_{v}.sql", PICK.format(**cfg) + "BEGIN;\n" + enter(v)
-                                       + f"SELECT id, starts_at, status FROM bench.bookings_{t} WHERE starts_at >= {DAY} AND starts_at < {DAY} + interval '1 day'{where(v)};\nCOMMIT;\n")
-        out[("insert", v)] = write_script(tmp, f"insert_{v}.sql", PICK.format(**cfg) + "BEGIN;\n" + enter(v)
-                                          + f"INSERT INTO bench.bookings_{t} (organization_id, patient_id, service_id, location_id, starts_at) VALUES ({ORG}::uuid, {PID.format(**cfg)}, {ORG}::uuid, {ORG}::uuid, {DAY});\nCOMMIT;\n")
+    for q in SHAPES:
+        for v in variants:
+            end = "ROLLBACK;\n" if q in ROLLED_BACK else "COMMIT;\n"
+            out[(q, v)] = write_script(tmp, f"{q}_{v}.sql", PICK.format(**cfg) + "BEGIN;\n" + enter(v)
+                                       + SHAPE_SETTINGS.get(q, "") + shape_sql(q, v, cfg) + ";\n" + end)
+    return out
+
+
+def pipelined_scripts(tmp, cfg):
+    """Point lookup and insert with the whole transaction in one pipeline (one round trip):
+    pg_tenancy (set_org inside the pipeline) against the floor with a constant statement."""
+    out = {}
+    for q in ("point", "insert"):
+        for v in ("tenancy", "floorrt"):
+            out[(q, v)] = write_script(tmp, f"pipe_{q}_{v}.sql", PICK.format(**cfg) + "\\startpipeline\nBEGIN;\n"
+                                       + enter(v) + shape_sql(q, v, cfg) + ";\nCOMMIT;\n\\endpipeline\n")
     return out
 
 
 def bench_rls(c, rep, cfg, tmp, rounds, secs, clients):
     log("1. RLS cost")
     scripts = rls_scripts(tmp, cfg)
-    rows = []
-    for q in ("point", "day", "insert"):
-        variants = ("tenancy", "floor", "floorrt", "seeds")
+    rows, plans = [], []
+    variants = ("tenancy", "floor", "floorrt", "seeds")
+    for q in SHAPES:
+        log(f"   {q}")
         res = interleaved(c, [scripts[(q, v)] for v in variants], clients, secs, rounds)
         m = {v: res[f"{q}_{v}.sql"] for v in variants}
         rows.append([q, f"{m['floor']:.3f}", f"{m['floorrt']:.3f}", f"{m['seeds']:.3f}", f"{m['tenancy']:.3f}",
                      f"**{m['floor'] / m['tenancy']:.3f}x**", f"**{m['floorrt'] / m['tenancy']:.3f}x**", ">= 0.95x",
                      f"**{m['seeds'] / m['tenancy']:.3f}x**", ">= 1.0x"])
-    rep.section("1. RLS cost", f"pgbench, {clients} clients, {rounds} rounds of {secs} s; the three variants of "
+        sql = shape_sql(q, "tenancy", cfg).replace(":n", "1").replace(":p", "1").replace(":day", "59")
+        plan = c.psql(f"BEGIN; SELECT tenancy.set_org('{org(1)}');\n{SHAPE_SETTINGS.get(q, '')}EXPLAIN (COSTS OFF) {sql};\nROLLBACK;",
+                      user="app")
+        plans.append(f"{q}:\n" + "\n".join(l for l in plan.splitlines()[1:] if l and l != "SET"))
+    log("   pipelined")
+    pipes = pipelined_scripts(tmp, cfg)
+    for q in ("point", "insert"):
+        res = interleaved(c, [pipes[(q, v)] for v in ("tenancy", "floorrt")], clients, secs, rounds, protocol="extended")
+        t, f = res[f"pipe_{q}_tenancy.sql"], res[f"pipe_{q}_floorrt.sql"]
+        rows.append([f"{q}, pipelined (one round trip)", "", f"{f:.3f}", "", f"{t:.3f}", "", f"**{f / t:.3f}x**", ">= 0.97x", "", ""])
+    rep.section("1. RLS cost, every query shape", f"pgbench, {clients} clients, {rounds} rounds of {secs} s; the variants of "
                 "each query run as weighted scripts of ONE pgbench run, so they interleave per transaction. "
                 "Every transaction is BEGIN; enter the tenant (pg_tenancy: `tenancy.set_org`; seeds: "
                 "`set_config('app.current_organization_id', ...)`; floor: nothing, the query names the tenant; "
                 "'floor + one constant statement': `SELECT '<org>'::uuid` in place of set_org, so it makes the same "
                 "number of round trips as the other two); "
-                "the query; COMMIT. Median latency per transaction (ms); TPS ratio = inverse latency ratio. "
+                "the query; COMMIT (bulk update and delete: all of one tenant's bookings, then ROLLBACK). "
+                "Shapes: point = patient by id; day = a day of bookings (tenant index); scan = count and sum over one tenant's "
+                "bookings by sequential scan (the monthly-report shape); join = a month of bookings joined to patients by hash join; "
+                "report = GROUP BY month and status over a quarter; update / delete = every booking of one tenant (2,000 rows at full size); "
+                "insert = one booking. scan and join pin their plan with SET LOCAL in every variant. "
+                "Pipelined rows: the whole transaction in one pgbench pipeline (`\\startpipeline` ... `\\endpipeline`, extended protocol). "
+                "Median latency per transaction (ms); TPS ratio = inverse latency ratio. "
                 "Tables: copies of `clinic.patients` / `clinic.bookings` without audit, so only RLS differs.")
     rep.table(["query", "floor: WHERE organization_id = $1, no RLS", "floor + one constant statement",
                "seeds' policy (current_setting)", "pg_tenancy policies", "TPS vs floor",
                "TPS vs floor, same round trips", "target", "TPS vs seeds", "target"], rows)
-    plans = []
-    for q, sql in (("point", f"SELECT id, created_at FROM bench.patients_tenancy WHERE id = '10000000-0000-4000-8000-000000000001'"),
-                   ("day", "SELECT id, starts_at, status FROM bench.bookings_tenancy WHERE starts_at >= '2026-03-01' AND starts_at < '2026-03-02'")):
-        plan = c.psql(f"BEGIN; SELECT tenancy.set_org('{org(1)}');\nEXPLAIN (COSTS OFF) {sql};\nCOMMIT;", user="app")
-        plans.append(f"{q}:\n" + "\n".join(plan.splitlines()[1:]))
-    rep.text("Plans as the application role (pg_tenancy variant):\n\n```\n" + "\n\n".join(plans) + "\n```")
+    rep.text("Plans as the application role (pg_tenancy variant, tenant 1; `$0` / `(InitPlan 1).col1` is the tenant, read once):\n\n```\n" + "\n\n".join(plans) + "\n```")
+    # Parallel: workers allowed, every worker sees the leader's tenant.
+    par = c.psql(f"""BEGIN; SELECT tenancy.set_org('{org(1)}');
+SET LOCAL max_parallel_workers_per_gather = 2; SET LOCAL parallel_setup_cost = 0; SET LOCAL parallel_tuple_cost = 0;
+SET LOCAL min_parallel_table_scan_size = 0; SET LOCAL enable_indexscan = off; SET LOCAL enable_bitmapscan = off;
+EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) SELECT count(*) FROM bench.bookings_tenancy;
+SELECT count(*) FROM bench.bookings_tenancy;
+ROLLBACK;""", user="app")
+    want = c.psql(f"SELECT count(*) FROM bench.bookings_floor WHERE organization_id = '{org(1)}'")
+    lines = [l for l in par.splitlines()[1:] if l and l != "SET"]
+    rep.text("Parallel scan as the application role (workers allowed): the plan runs in parallel and the "
+             f"count is the tenant's own ({lines[-1]} rows; tenant 1 has {want} in the unprotected copy):\n\n```\n"
+             + "\n".join(lines[:-1]) + "\n```")
 
 
 def bench_set_org(c, rep, cfg, tmp, rounds, secs, clients):
@@ -283,9 +345,12 @@ def bench_set_org(c, rep, cfg, tmp, rounds, secs, clients):
     pick = PICK.format(**cfg)
     with_ = write_script(tmp, "ctx_set_org.sql", pick + "BEGIN;\n" + enter("tenancy") + body)
     without = write_script(tmp, "ctx_none.sql", pick + "BEGIN;\n" + body)
-    m = interleaved(c, [with_, without], clients, secs, rounds)
-    rows = [["set_org (unsigned)", f"{m['ctx_none.sql']:.3f}", f"{m['ctx_set_org.sql']:.3f}",
-             f"**{m['ctx_none.sql'] / m['ctx_set_org.sql']:.3f}x**", ">= 0.97x"]]
+    same_rt = write_script(tmp, "ctx_set_config.sql", pick + "BEGIN;\n" + enter("seeds") + body)
+    m = interleaved(c, [with_, without, same_rt], clients, secs, rounds)
+    rows = [["set_org (unsigned) vs no statement", f"{m['ctx_none.sql']:.3f}", f"{m['ctx_set_org.sql']:.3f}",
+             f"**{m['ctx_none.sql'] / m['ctx_set_org.sql']:.3f}x**", "(a round trip)"],
+            ["set_org (unsigned) vs set_config, same round trips", f"{m['ctx_set_config.sql']:.3f}", f"{m['ctx_set_org.sql']:.3f}",
+             f"**{m['ctx_set_config.sql'] / m['ctx_set_org.sql']:.3f}x**", ">= 0.98x"]]
     # Signed mode: a context key file, tokens minted as the application tier would.
     key = os.urandom(32)
     keyfile = os.path.join(c.dir, "context.key")
@@ -316,8 +381,11 @@ $$;""")
     c.psql("ALTER SYSTEM RESET tenancy.context_key_file")
     c.reload()
     rep.section("2. Tenant context per transaction", f"pgbench, {clients} clients, {rounds} rounds of {secs} s, "
-                "both variants interleaved in one run: BEGIN; [set_org;] point lookup on the unprotected copy; COMMIT.")
-    rep.table(["variant", "without set_org (ms)", "with (ms)", "TPS ratio", "target"], rows)
+                "the variants interleaved in one run: BEGIN; [set_org | set_config('app.current_organization_id', ...) | nothing;] "
+                "point lookup on the unprotected copy; COMMIT. The first row is the price of the statement itself "
+                "(a round trip: send it in the same pipeline as the query, section 1 and docs/operations.md); "
+                "the second is the server-side cost against the seeds' set_config.")
+    rep.table(["variant", "compared (ms)", "with set_org (ms)", "TPS ratio", "target"], rows)
 
 
 def bench_crypto(c, rep, cfg, rounds, short_n, long_n, pgp_n):

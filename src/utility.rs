@@ -29,19 +29,9 @@ pub(crate) fn init() {
     }
 }
 
-/// Every utility statement. PostgreSQL 14 added `read_only_tree`; the rest is the same.
-#[pg_guard]
-#[allow(clippy::too_many_arguments)] // the hook's signature is Postgres's
-unsafe extern "C-unwind" fn process_utility(
-    pstmt: *mut pg_sys::PlannedStmt,
-    query_string: *const c_char,
-    #[cfg(not(feature = "pg13"))] read_only_tree: bool,
-    context: pg_sys::ProcessUtilityContext::Type,
-    params: pg_sys::ParamListInfo,
-    query_env: *mut pg_sys::QueryEnvironment,
-    dest: *mut pg_sys::DestReceiver,
-    qc: *mut pg_sys::QueryCompletion,
-) {
+/// Every utility statement: the checks and statement-long guards around `next` (the hook
+/// installed before ours, or PostgreSQL's own).
+unsafe fn around_utility(pstmt: *mut pg_sys::PlannedStmt, next: impl FnOnce()) {
     crate::context::check_holdable_cursor(pstmt);
     if in_tenant_transaction() {
         crate::session_objects::check_utility(pstmt);
@@ -50,34 +40,80 @@ unsafe extern "C-unwind" fn process_utility(
     let _storing = crate::phi::StoringCommand::enter(pstmt);
     let _owner_ddl = crate::owner_ddl::Guard::enter(pstmt);
     let _confined = crate::session_objects::ConfinedDdl::enter(pstmt);
-    /// The statement's arguments, in the order of this server's hook signature.
-    macro_rules! call {
-        ($f:expr) => {{
-            #[cfg(feature = "pg13")]
-            let r = $f(pstmt, query_string, context, params, query_env, dest, qc);
-            #[cfg(not(feature = "pg13"))]
-            let r = $f(
+    next();
+    crate::session_objects::after_utility(pstmt);
+}
+
+// The hook itself, in the two signatures: PostgreSQL 14 added `read_only_tree`. A chained hook
+// is C: an ERROR in it longjmps, so it is called inside pgrx's FFI boundary, which turns the
+// ERROR into a Rust unwind (the guards above are dropped) and re-raises it at the hook's
+// #[pg_guard]. SAFETY (both): `prev` is the hook installed before ours, with this signature.
+
+#[cfg(feature = "pg13")]
+#[pg_guard]
+unsafe extern "C-unwind" fn process_utility(
+    pstmt: *mut pg_sys::PlannedStmt,
+    query_string: *const c_char,
+    context: pg_sys::ProcessUtilityContext::Type,
+    params: pg_sys::ParamListInfo,
+    query_env: *mut pg_sys::QueryEnvironment,
+    dest: *mut pg_sys::DestReceiver,
+    qc: *mut pg_sys::QueryCompletion,
+) {
+    around_utility(pstmt, || match PREV_PROCESS_UTILITY {
+        Some(prev) => pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| {
+            prev(pstmt, query_string, context, params, query_env, dest, qc)
+        }),
+        None => pg_sys::standard_ProcessUtility(
+            pstmt,
+            query_string,
+            context,
+            params,
+            query_env,
+            dest,
+            qc,
+        ),
+    });
+}
+
+#[cfg(not(feature = "pg13"))]
+#[pg_guard]
+#[allow(clippy::too_many_arguments)] // the hook's signature is Postgres's
+unsafe extern "C-unwind" fn process_utility(
+    pstmt: *mut pg_sys::PlannedStmt,
+    query_string: *const c_char,
+    read_only_tree: bool,
+    context: pg_sys::ProcessUtilityContext::Type,
+    params: pg_sys::ParamListInfo,
+    query_env: *mut pg_sys::QueryEnvironment,
+    dest: *mut pg_sys::DestReceiver,
+    qc: *mut pg_sys::QueryCompletion,
+) {
+    let ro = read_only_tree;
+    around_utility(pstmt, || match PREV_PROCESS_UTILITY {
+        Some(prev) => pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| {
+            prev(
                 pstmt,
                 query_string,
-                read_only_tree,
+                ro,
                 context,
                 params,
                 query_env,
                 dest,
                 qc,
-            );
-            r
-        }};
-    }
-    match PREV_PROCESS_UTILITY {
-        // A chained hook is C: an ERROR in it longjmps, so it is called inside pgrx's FFI
-        // boundary, which turns the ERROR into a Rust unwind (the guards above are dropped)
-        // and re-raises it at this function's #[pg_guard].
-        // SAFETY: `prev` is the hook that was installed before ours, with this signature.
-        Some(prev) => pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| call!(prev)),
-        None => call!(pg_sys::standard_ProcessUtility),
-    }
-    crate::session_objects::after_utility(pstmt);
+            )
+        }),
+        None => pg_sys::standard_ProcessUtility(
+            pstmt,
+            query_string,
+            ro,
+            context,
+            params,
+            query_env,
+            dest,
+            qc,
+        ),
+    });
 }
 
 /// Plans of a tenant transaction: no writes into session-lived temporary tables.
