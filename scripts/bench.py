@@ -365,12 +365,14 @@ def bench_set_org(c, rep, cfg, tmp, rounds, secs, clients):
     o = org(1)
     # Tokens are single-use, so every transaction mints its own, as the application tier
     # does: a bench-only SQL function (pgcrypto's hmac) with the key in its body. Both variants
-    # mint, so the ratio is the cost of verifying (and remembering) the token.
+    # mint, so the ratio is the cost of verifying (and remembering) the token. They expire
+    # after 5 s: used tokens are remembered until they expire, 65,536 at once, so a 10-minute
+    # expiry filled the memory after 14 s at this rate (53400, docs/context.md).
     c.psql(f"""CREATE FUNCTION bench.mint(org text) RETURNS text LANGUAGE sql VOLATILE AS $$
   SELECT 'v2.' || e || '.' || n || '.' ||
          rtrim(translate(encode(hmac(convert_to('pg_tenancy.context.v2' || chr(10) || org || chr(10) || chr(10) || e || chr(10) || n, 'UTF8'),
                                      decode('{key.hex()}', 'hex'), 'sha256'), 'base64'), '+/', '-_'), '=')
-    FROM (SELECT (extract(epoch FROM now())::bigint + 600)::text AS e,
+    FROM (SELECT (extract(epoch FROM now())::bigint + 5)::text AS e,
                  rtrim(translate(encode(gen_random_bytes(16), 'base64'), '+/', '-_'), '=') AS n) s
 $$;""")
     fixed = "SELECT id, created_at FROM bench.patients_floor WHERE id = '10000000-0000-4000-8000-000000000001' AND organization_id = '{o}';\nCOMMIT;\n".format(o=o)

@@ -123,7 +123,11 @@ BEGIN
          'phi_rotate(bytea, text)', 'phi_rotate_for_tenant(bytea, text, text)', 'phi_key_id(bytea)',
          'phi_is_envelope(bytea)', 'audit_payload(bytea, bigint)', 'in_maintenance()',
          'is_loaded_by_preload()', 'assert_preloaded()', 'confined_ddl()',
-         'refuse_foreign_code_in_transaction()')
+         'refuse_foreign_code_in_transaction()',
+         -- These resolve the caller's table names in the caller's search_path, then pin
+         -- search_path = pg_catalog, pg_temp themselves for everything they run (policy.rs).
+         'protect(text, text, boolean, boolean, boolean)',
+         'protect_all(text, text, text, boolean, boolean)', 'unprotect(text)')
   LOOP
     EXECUTE pg_catalog.format('ALTER FUNCTION %s SET search_path = pg_catalog, pg_temp', f.sig);
   END LOOP;

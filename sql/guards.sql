@@ -153,6 +153,7 @@ DECLARE
   cmd record;
   parent_col name;
   schema_col name;
+  schema_audited boolean;
   problem text;
   target regclass;
   t record;
@@ -190,7 +191,7 @@ BEGIN
         CONTINUE;
       END IF;
       -- A new table with the tenant column in a protected schema.
-      SELECT s.tenant_column INTO schema_col
+      SELECT s.tenant_column, s.audited INTO schema_col, schema_audited
         FROM tenancy.protected_schemas s
        WHERE s.schema_name = cmd.schema_name
          AND EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = cmd.objid AND a.attname = s.tenant_column AND NOT a.attisdropped);
@@ -205,7 +206,7 @@ BEGIN
           RAISE EXCEPTION 'new table % has tenant column "%" in protected schema "%"', target, schema_col, cmd.schema_name
             USING ERRCODE = '42501', HINT = 'tenancy.new_table_action is ''refuse'': ask a superuser to create it and run tenancy.protect().';
         END IF;
-        PERFORM tenancy.protect(target::text, schema_col);
+        PERFORM tenancy.protect(target::text, schema_col, audit => schema_audited);
         INSERT INTO tenancy.protection_log (action, object, detail) VALUES ('auto_protect', target::text, 'new table in a protected schema');
       END IF;
     ELSIF cmd.command_tag IN ('ALTER DOMAIN', 'CREATE DOMAIN') AND NOT su THEN
@@ -275,7 +276,7 @@ BEGIN
       IF target IS NOT NULL AND cmd.object_type IN ('table', 'table column')
          AND NOT EXISTS (SELECT 1 FROM tenancy.protected_tables p WHERE p.rel = target)
          AND NOT EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhrelid = target) THEN
-        SELECT s.tenant_column INTO schema_col
+        SELECT s.tenant_column, s.audited INTO schema_col, schema_audited
           FROM tenancy.protected_schemas s JOIN pg_class c ON c.oid = target
           JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = s.schema_name
          WHERE c.relkind IN ('r', 'p')
@@ -285,7 +286,7 @@ BEGIN
             RAISE EXCEPTION '% refused: % holds rows and would become a tenant table of a protected schema', cmd.command_tag, target
               USING ERRCODE = '42501', HINT = 'Only an empty table can join a protected schema; move its rows in through tenant transactions afterwards.';
           END IF;
-          PERFORM tenancy.protect(target::text, schema_col);
+          PERFORM tenancy.protect(target::text, schema_col, audit => schema_audited);
           INSERT INTO tenancy.protection_log (action, object, detail) VALUES ('auto_protect', target::text, 'moved into a protected schema');
         END IF;
       END IF;

@@ -44,6 +44,17 @@ DELETE FROM tenancy.protected_tables WHERE rel IS NULL;
 ALTER TABLE tenancy.protected_tables ALTER COLUMN rel SET NOT NULL;
 ALTER TABLE tenancy.protected_tables ADD CONSTRAINT protected_tables_rel_key UNIQUE (rel);
 
+-- II-6/9: a schema protected with audit => true stays audited: tables created, moved or
+-- attached there later get the audit triggers. 0.2.0 did not record it; a schema counts as
+-- audited when any of its protected tables is (the report then flags the others, which 0.2.0
+-- left unaudited when they were created after protect_all).
+ALTER TABLE tenancy.protected_schemas ADD COLUMN audited boolean NOT NULL DEFAULT false;
+UPDATE tenancy.protected_schemas s SET audited = true
+ WHERE EXISTS (SELECT 1 FROM tenancy.protected_tables p
+                WHERE p.schema_name OPERATOR(pg_catalog.=) s.schema_name AND p.audited);
+COMMENT ON TABLE tenancy.protected_schemas IS
+  'Schemas protected by tenancy.protect_all(): new tables with the tenant column are protected (and, when audited, audited) at creation.';
+
 -- Code that a protected table's own objects would run over its rows and that belongs to a
 -- role other than a superuser: CHECK and EXCLUDE constraints, index expressions and
 -- predicates, column defaults and generation expressions, extended statistics expressions
@@ -188,6 +199,7 @@ DECLARE
   cmd record;
   parent_col name;
   schema_col name;
+  schema_audited boolean;
   problem text;
   target regclass;
   t record;
@@ -225,7 +237,7 @@ BEGIN
         CONTINUE;
       END IF;
       -- A new table with the tenant column in a protected schema.
-      SELECT s.tenant_column INTO schema_col
+      SELECT s.tenant_column, s.audited INTO schema_col, schema_audited
         FROM tenancy.protected_schemas s
        WHERE s.schema_name = cmd.schema_name
          AND EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = cmd.objid AND a.attname = s.tenant_column AND NOT a.attisdropped);
@@ -240,7 +252,7 @@ BEGIN
           RAISE EXCEPTION 'new table % has tenant column "%" in protected schema "%"', target, schema_col, cmd.schema_name
             USING ERRCODE = '42501', HINT = 'tenancy.new_table_action is ''refuse'': ask a superuser to create it and run tenancy.protect().';
         END IF;
-        PERFORM tenancy.protect(target::text, schema_col);
+        PERFORM tenancy.protect(target::text, schema_col, audit => schema_audited);
         INSERT INTO tenancy.protection_log (action, object, detail) VALUES ('auto_protect', target::text, 'new table in a protected schema');
       END IF;
     ELSIF cmd.command_tag IN ('ALTER DOMAIN', 'CREATE DOMAIN') AND NOT su THEN
@@ -310,7 +322,7 @@ BEGIN
       IF target IS NOT NULL AND cmd.object_type IN ('table', 'table column')
          AND NOT EXISTS (SELECT 1 FROM tenancy.protected_tables p WHERE p.rel = target)
          AND NOT EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhrelid = target) THEN
-        SELECT s.tenant_column INTO schema_col
+        SELECT s.tenant_column, s.audited INTO schema_col, schema_audited
           FROM tenancy.protected_schemas s JOIN pg_class c ON c.oid = target
           JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = s.schema_name
          WHERE c.relkind IN ('r', 'p')
@@ -320,7 +332,7 @@ BEGIN
             RAISE EXCEPTION '% refused: % holds rows and would become a tenant table of a protected schema', cmd.command_tag, target
               USING ERRCODE = '42501', HINT = 'Only an empty table can join a protected schema; move its rows in through tenant transactions afterwards.';
           END IF;
-          PERFORM tenancy.protect(target::text, schema_col);
+          PERFORM tenancy.protect(target::text, schema_col, audit => schema_audited);
           INSERT INTO tenancy.protection_log (action, object, detail) VALUES ('auto_protect', target::text, 'moved into a protected schema');
         END IF;
       END IF;
@@ -639,6 +651,16 @@ findings AS (
     FROM pg_event_trigger e
    WHERE e.evtname IN ('tenancy_guard_ddl', 'tenancy_guard_drop') AND e.evtenabled <> 'A'
   UNION ALL
+  -- A schema protected with audit => true: each of its protected tables is audited.
+  SELECT 'high', p.rel::text,
+         format('not audited, in schema %I, which is protected with audit => true', s.schema_name),
+         format('SELECT tenancy.protect(%L, %L, audit => true);', p.rel::text, p.tenant_column)
+    FROM tenancy.protected_tables p
+    JOIN pg_class c ON c.oid = p.rel
+    JOIN pg_namespace n ON n.oid = c.relnamespace
+    JOIN tenancy.protected_schemas s ON s.schema_name = n.nspname AND s.audited
+   WHERE NOT p.audited
+  UNION ALL
   SELECT 'critical', p.rel::text,
          'registered as protected but ' || tenancy.protection_problem(p.rel),
          format('SELECT tenancy.protect(%L);', p.rel::text)
@@ -773,7 +795,11 @@ BEGIN
          'phi_rotate(bytea, text)', 'phi_rotate_for_tenant(bytea, text, text)', 'phi_key_id(bytea)',
          'phi_is_envelope(bytea)', 'audit_payload(bytea, bigint)', 'in_maintenance()',
          'is_loaded_by_preload()', 'assert_preloaded()', 'confined_ddl()',
-         'refuse_foreign_code_in_transaction()')
+         'refuse_foreign_code_in_transaction()',
+         -- These resolve the caller's table names in the caller's search_path, then pin
+         -- search_path = pg_catalog, pg_temp themselves for everything they run (policy.rs).
+         'protect(text, text, boolean, boolean, boolean)',
+         'protect_all(text, text, text, boolean, boolean)', 'unprotect(text)')
   LOOP
     EXECUTE pg_catalog.format('ALTER FUNCTION %s SET search_path = pg_catalog, pg_temp', f.sig);
   END LOOP;

@@ -20,10 +20,13 @@ COMMENT ON TABLE tenancy.protected_tables IS
 
 CREATE TABLE tenancy.protected_schemas (
   schema_name   name PRIMARY KEY,
-  tenant_column name NOT NULL
+  tenant_column name NOT NULL,
+  -- protect_all(..., audit => true): tables created, moved or attached there later are
+  -- audited too.
+  audited       boolean NOT NULL DEFAULT false
 );
 COMMENT ON TABLE tenancy.protected_schemas IS
-  'Schemas protected by tenancy.protect_all(): new tables with the tenant column are protected at creation.';
+  'Schemas protected by tenancy.protect_all(): new tables with the tenant column are protected (and, when audited, audited) at creation.';
 
 CREATE TABLE tenancy.protection_log (
   id     bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,

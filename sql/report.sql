@@ -222,6 +222,16 @@ findings AS (
     FROM pg_event_trigger e
    WHERE e.evtname IN ('tenancy_guard_ddl', 'tenancy_guard_drop') AND e.evtenabled <> 'A'
   UNION ALL
+  -- A schema protected with audit => true: each of its protected tables is audited.
+  SELECT 'high', p.rel::text,
+         format('not audited, in schema %I, which is protected with audit => true', s.schema_name),
+         format('SELECT tenancy.protect(%L, %L, audit => true);', p.rel::text, p.tenant_column)
+    FROM tenancy.protected_tables p
+    JOIN pg_class c ON c.oid = p.rel
+    JOIN pg_namespace n ON n.oid = c.relnamespace
+    JOIN tenancy.protected_schemas s ON s.schema_name = n.nspname AND s.audited
+   WHERE NOT p.audited
+  UNION ALL
   SELECT 'critical', p.rel::text,
          'registered as protected but ' || tenancy.protection_problem(p.rel),
          format('SELECT tenancy.protect(%L);', p.rel::text)

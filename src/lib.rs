@@ -79,8 +79,9 @@ extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 ///
 /// Order: backtraces off before anything can fail; whether we are preloaded (settings and
 /// shared memory depend on it); settings, with their owners' assign hooks; the tenant
-/// context's mirror setting; shared memory and the worker; the hooks; the transaction-end
-/// handlers.
+/// context's mirror setting; the executor hooks; the reveal queue (shared memory) and its
+/// worker; the DDL guard's hooks; the used-token memory; the transaction-end handlers. Hooks
+/// chain to whatever was installed before, so their order among themselves does not matter.
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     no_backtraces();
@@ -102,7 +103,6 @@ pub extern "C-unwind" fn _PG_init() {
     // records leave for the shared queue first (they name the tenant, but need no context),
     // then the context, the audit chain tips, and the statement-scoped flags.
     static AT_END: &[xact::Handler] = &[
-        // reveal_log, context, audit, phi, owner_ddl:
         xact::Handler {
             at_end: Some(reveal_log::at_xact_end),
             at_sub_end: None,

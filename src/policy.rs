@@ -290,14 +290,58 @@ fn quote_literal(s: impl AsRef<str>) -> String {
 
 /// Whether the registry is keyed by the table itself (0.2.1 and later: column `rel`).
 fn registry_has_rel() -> bool {
-    Spi::get_one::<bool>(
+    registry_has_column("protected_tables", "rel")
+}
+
+/// Whether registry table `table` (of schema tenancy) has `column`: the library may run over
+/// an older extension version's registry until ALTER EXTENSION UPDATE.
+fn registry_has_column(table: &str, column: &str) -> bool {
+    Spi::get_one_with_args::<bool>(
         "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
-                         WHERE attrelid = 'tenancy.protected_tables'::pg_catalog.regclass
-                           AND attname OPERATOR(pg_catalog.=) 'rel' AND NOT attisdropped)",
+                         WHERE attrelid = pg_catalog.to_regclass('tenancy.' OPERATOR(pg_catalog.||) $1)
+                           AND attname OPERATOR(pg_catalog.=) $2 AND NOT attisdropped)",
+        &[table.into(), column.into()],
     )
     .ok()
     .flatten()
     .unwrap_or(false)
+}
+
+/// Runs `f` with `search_path = pg_catalog, pg_temp`, as a function's SET clause would: the
+/// statements protect() builds and runs (and the guards they fire) then see the catalogs
+/// only, whatever the caller's search_path puts first. protect, protect_all and unprotect have
+/// no SET clause because they first resolve the caller's table names in the caller's
+/// search_path ([`resolve`]); everything after that runs in here.
+fn with_pinned_search_path<R>(f: impl FnOnce() -> R) -> R {
+    /// Pops the GUC nesting level on the way out; on ERROR the (sub)transaction's abort
+    /// restores the setting instead.
+    struct Restore(i32);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            if !std::thread::panicking() {
+                // SAFETY: the level this frame opened with NewGUCNestLevel, still the innermost.
+                unsafe { pg_sys::AtEOXact_GUC(true, self.0) };
+            }
+        }
+    }
+    // SAFETY: opens a GUC nesting level, as fmgr does for a function's SET clause.
+    let restore = Restore(unsafe { pg_sys::NewGUCNestLevel() });
+    // SAFETY: NUL-terminated static strings; GUC_ACTION_SAVE reverts at the level's end.
+    unsafe {
+        pg_sys::set_config_option(
+            c"search_path".as_ptr(),
+            c"pg_catalog, pg_temp".as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_SAVE,
+            true,
+            pgrx::PgLogLevel::ERROR as i32,
+            false,
+        );
+    }
+    let r = f();
+    drop(restore);
+    r
 }
 
 /// Runs `f` with the drift guards standing aside, restoring them even on ERROR.
@@ -374,12 +418,15 @@ fn protect(
 ) -> SetOfIterator<'static, String> {
     require_superuser("protect");
     let rel = resolve(rel);
-    let mut stmts = Vec::new();
-    collect_protect(rel, tenant_column, set_default, audit, &mut stmts);
-    if !dry_run {
-        run_all(&stmts);
-        log_action("protect", rel, tenant_column);
-    }
+    let stmts = with_pinned_search_path(|| {
+        let mut stmts = Vec::new();
+        collect_protect(rel, tenant_column, set_default, audit, &mut stmts);
+        if !dry_run {
+            run_all(&stmts);
+            log_action("protect", rel, tenant_column);
+        }
+        stmts
+    });
     SetOfIterator::new(stmts)
 }
 
@@ -407,6 +454,16 @@ fn protect_all(
     let dry_run = dry_run.ok_or_else(|| required("dry_run")).or_raise();
     let audit = audit.ok_or_else(|| required("audit")).or_raise();
     let root = root.map(resolve);
+    with_pinned_search_path(|| protect_all_resolved(schema, root, tenant_column, dry_run, audit))
+}
+
+fn protect_all_resolved(
+    schema: &str,
+    root: Option<pg_sys::Oid>,
+    tenant_column: &str,
+    dry_run: bool,
+    audit: bool,
+) -> SetOfIterator<'static, String> {
     let tables: Vec<pg_sys::Oid> = Spi::connect(|client| -> SpiResult<_> {
         let t = client.select(
             "SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -432,11 +489,22 @@ fn protect_all(
     for t in tables.into_iter().filter(|t| Some(*t) != root) {
         collect_protect(t, tenant_column, true, audit, &mut stmts);
     }
-    stmts.push(format!(
-        "INSERT INTO tenancy.protected_schemas (schema_name, tenant_column) VALUES ({}, {}) ON CONFLICT (schema_name) DO UPDATE SET tenant_column = EXCLUDED.tenant_column",
-        quote_literal(schema),
-        quote_literal(tenant_column)
-    ));
+    stmts.push(if registry_has_column("protected_schemas", "audited") {
+        // Audited once, audited for good: a later protect_all without audit does not turn
+        // auditing of new tables off (tenancy.unprotect is the way out, table by table).
+        format!(
+            "INSERT INTO tenancy.protected_schemas (schema_name, tenant_column, audited) VALUES ({}, {}, {audit}) ON CONFLICT (schema_name) DO UPDATE SET tenant_column = EXCLUDED.tenant_column, audited = tenancy.protected_schemas.audited OR EXCLUDED.audited",
+            quote_literal(schema),
+            quote_literal(tenant_column)
+        )
+    } else {
+        // A 0.2.0 registry, between the library update and ALTER EXTENSION UPDATE.
+        format!(
+            "INSERT INTO tenancy.protected_schemas (schema_name, tenant_column) VALUES ({}, {}) ON CONFLICT (schema_name) DO UPDATE SET tenant_column = EXCLUDED.tenant_column",
+            quote_literal(schema),
+            quote_literal(tenant_column)
+        )
+    });
     if !dry_run {
         run_all(&stmts);
         Spi::run_with_args(
@@ -454,28 +522,36 @@ fn protect_all(
 fn unprotect(rel: &str) -> SetOfIterator<'static, String> {
     require_superuser("unprotect");
     let rel = resolve(rel);
-    let mut stmts = Vec::new();
-    if !unprotect_one(rel, &mut stmts) {
-        TenancyError::NotProtected {
-            relation: relation_name(rel),
+    let stmts = with_pinned_search_path(|| {
+        let mut stmts = Vec::new();
+        if !unprotect_one(rel, &mut stmts) {
+            TenancyError::NotProtected {
+                relation: relation_name(rel),
+            }
+            .report();
         }
-        .report();
-    }
+        stmts
+    });
     SetOfIterator::new(stmts)
 }
 
-/// Resolves a table name as `regclass` does (search path, quoting); unknown names raise
-/// Postgres's own 42P01.
+/// Resolves a table name as `regclass` does, in the caller's search_path (an unqualified
+/// `protect('orders')` means the caller's `orders`); unknown names raise Postgres's own 42P01.
+/// The types are qualified: the caller's search_path may put another schema before
+/// pg_catalog, and only the name itself is to be looked up there.
 fn resolve(name: &str) -> pg_sys::Oid {
-    Spi::get_one_with_args::<pg_sys::Oid>("SELECT $1::regclass::oid", &[name.into()])
-        .ok()
-        .flatten()
-        .unwrap_or_else(|| {
-            TenancyError::UndefinedTable {
-                name: name.to_string(),
-            }
-            .report()
-        })
+    Spi::get_one_with_args::<pg_sys::Oid>(
+        "SELECT $1::pg_catalog.regclass::pg_catalog.oid",
+        &[name.into()],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or_else(|| {
+        TenancyError::UndefinedTable {
+            name: name.to_string(),
+        }
+        .report()
+    })
 }
 
 fn relation_name(rel: pg_sys::Oid) -> String {

@@ -644,3 +644,87 @@ fn test_log_action_refuses_the_trails_own_event_names() {
     }
     c.batch_execute("COMMIT").unwrap();
 }
+
+/// II-6/9: a schema protected with `audit => true` stays audited. Tables created there later,
+/// moved there, or attached as partitions of its tables get the audit triggers and their
+/// writes reach the trail; a protected table there without audit is reported.
+#[test]
+fn test_tables_created_later_in_an_audited_schema_are_audited() {
+    let c = reference_cluster();
+    let mut owner = c.connect("owner", "app");
+    owner
+        .batch_execute(
+            "CREATE TABLE clinic.later (organization_id uuid NOT NULL, id int, note text);
+             CREATE TABLE public.moved (organization_id uuid NOT NULL, id int, note text);
+             ALTER TABLE public.moved SET SCHEMA clinic;
+             CREATE TABLE clinic.parted (organization_id uuid NOT NULL, k int, note text) PARTITION BY LIST (k);
+             CREATE TABLE public.part1 (organization_id uuid NOT NULL, k int, note text);
+             ALTER TABLE clinic.parted ATTACH PARTITION public.part1 FOR VALUES IN (1);
+             GRANT SELECT, INSERT ON clinic.later, clinic.moved, clinic.parted TO app;",
+        )
+        .unwrap();
+    let mut su = c.connect("postgres", "app");
+    for t in [
+        "clinic.later",
+        "clinic.moved",
+        "clinic.parted",
+        "public.part1",
+    ] {
+        assert_eq!(
+            strings(
+                &mut su,
+                &format!("SELECT audited::text FROM tenancy.protected_tables WHERE rel = '{t}'::regclass")
+            ),
+            vec!["true".to_string()],
+            "{t} is protected and audited"
+        );
+        assert_eq!(
+            count(
+                &mut su,
+                &format!("SELECT count(*) FROM pg_trigger WHERE tgrelid = '{t}'::regclass AND tgname LIKE 'tenancy_audit%' AND tgenabled = 'A'")
+            ),
+            4,
+            "{t} has the audit triggers"
+        );
+    }
+    let mut app = c.connect("app", "app");
+    app.batch_execute(&format!(
+        "BEGIN; SELECT tenancy.set_org('{SHERWOOD}');
+         INSERT INTO clinic.later (id, note) VALUES (1, 'written later');
+         INSERT INTO clinic.parted (k, note) VALUES (1, 'into the attached partition');
+         COMMIT;"
+    ))
+    .unwrap();
+    assert_eq!(
+        count(
+            &mut su,
+            &format!("SELECT count(*) FROM tenancy.audit_events WHERE organization_id = '{SHERWOOD}' AND action = 'INSERT' AND table_name IN ('clinic.later', 'public.part1', 'clinic.parted')")
+        ),
+        2,
+        "both writes are in the trail"
+    );
+    // Protected again without audit (by hand): the report says the schema wants it audited.
+    su.batch_execute(
+        "SELECT tenancy.unprotect('clinic.moved'); SELECT tenancy.protect('clinic.moved');",
+    )
+    .unwrap();
+    let found = strings(
+        &mut su,
+        "SELECT severity || ' ' || object || ': ' || finding FROM tenancy.isolation_report() WHERE object = 'clinic.moved'",
+    );
+    assert!(
+        found
+            .iter()
+            .any(|f| f.starts_with("high clinic.moved: not audited, in schema clinic")),
+        "{found:?}"
+    );
+    su.batch_execute("SELECT tenancy.protect('clinic.moved', audit => true)")
+        .unwrap();
+    assert_eq!(
+        strings(
+            &mut su,
+            "SELECT finding FROM tenancy.isolation_report() WHERE object = 'clinic.moved'"
+        ),
+        Vec::<String>::new()
+    );
+}

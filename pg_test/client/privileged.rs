@@ -24,7 +24,8 @@ fn is_superuser(c: &mut Client, role: &str) -> bool {
         .get(0)
 }
 
-/// The C functions that run no SQL and stay unpinned (hot path; see sql/finalize.sql).
+/// The C functions that stay without a SET clause: hot-path ones that run no SQL, and three that
+/// pin search_path themselves after resolving their arguments (see sql/finalize.sql).
 const UNPINNED: &[&str] = &[
     "current_org_id()",
     "current_org_id_text()",
@@ -50,6 +51,12 @@ const UNPINNED: &[&str] = &[
     "assert_preloaded()",
     "confined_ddl()",
     "refuse_foreign_code_in_transaction()",
+    // Resolve the caller's table names in the caller's search_path, then pin it themselves
+    // for everything they run (policy.rs, with_pinned_search_path; the hostile search_path
+    // test below runs all three with an owner's shadowing operators first in the path).
+    "protect(text, text, boolean, boolean, boolean)",
+    "protect_all(text, text, text, boolean, boolean)",
+    "unprotect(text)",
 ];
 
 #[test]
@@ -1283,4 +1290,46 @@ fn test_owner_triggers_on_protected_tables_are_refused() {
         ),
         vec!["owner clinic.reviews clinic.reviews.note".to_string()]
     );
+}
+
+/// protect, protect_all and unprotect resolve an unqualified table name in the caller's
+/// search_path (they pin search_path themselves only after that), and leave the caller's
+/// search_path as it was.
+#[test]
+fn test_protect_resolves_names_in_the_callers_search_path() {
+    let mut su = cluster().connect("postgres", "app");
+    su.batch_execute(
+        "CREATE TABLE public.unqualified (organization_id uuid NOT NULL, v int);
+         SET search_path = public;",
+    )
+    .unwrap();
+    su.batch_execute("SELECT tenancy.protect('unqualified')")
+        .unwrap();
+    assert_eq!(
+        strings(
+            &mut su,
+            "SELECT rel::text FROM tenancy.protected_tables WHERE table_name = 'unqualified'"
+        ),
+        vec!["unqualified".to_string()],
+        "public.unqualified, named as the caller's search_path shows it"
+    );
+    assert_eq!(
+        strings(&mut su, "SHOW search_path"),
+        vec!["public".to_string()]
+    );
+    su.batch_execute("SELECT tenancy.unprotect('unqualified')")
+        .unwrap();
+    assert_eq!(
+        count(
+            &mut su,
+            "SELECT count(*) FROM tenancy.protected_tables WHERE table_name = 'unqualified'"
+        ),
+        0
+    );
+    assert_eq!(
+        sqlstate(su.batch_execute("SELECT tenancy.protect('no_such_table')")),
+        "42P01"
+    );
+    su.batch_execute("RESET search_path; DROP TABLE public.unqualified")
+        .unwrap();
 }
