@@ -320,7 +320,8 @@ def bench_rls(c, rep, cfg, tmp, rounds, secs, clients):
                 "insert = one booking. scan and join pin their plan with SET LOCAL in every variant. "
                 "Pipelined rows: the whole transaction in one pgbench pipeline (`\\startpipeline` ... `\\endpipeline`, extended protocol). "
                 "Median latency per transaction (ms); TPS ratio = inverse latency ratio. "
-                "Tables: copies of `clinic.patients` / `clinic.bookings` without audit, so only RLS differs.")
+                "Tables: copies of `clinic.patients` / `clinic.bookings` without audit, so only RLS differs. "
+                "Where the remaining gap on the small shapes goes: bench/PROFILE.md (scripts/profile.sh).")
     rep.table(["query", "floor: WHERE organization_id = $1, no RLS", "floor + one constant statement",
                "seeds' policy (current_setting)", "pg_tenancy policies", "TPS vs floor",
                "TPS vs floor, same round trips", "target", "TPS vs seeds", "target"], rows)
