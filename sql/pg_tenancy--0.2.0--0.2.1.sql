@@ -398,6 +398,55 @@ BEGIN
       END IF;
     END IF;
   END LOOP;
+  -- A table in a protected schema can gain the tenant column by a command that names
+  -- another object: ALTER TYPE ... RENAME ATTRIBUTE ... CASCADE (its typed tables), ALTER
+  -- TABLE parent RENAME COLUMN (the parent's children). Every table such a command reaches
+  -- is looked at: it is protected like one created there, and may not bring rows or an
+  -- unprotected parent along.
+  FOR t IN
+    WITH RECURSIVE touched(oid) AS (
+      -- The object itself, typed tables of a type (ALTER TYPE reports the type or its
+      -- composite relation), then children at any depth.
+      SELECT c.oid FROM pg_event_trigger_ddl_commands() d
+        JOIN pg_class c ON c.oid = d.objid OR c.reloftype = d.objid
+                        OR c.reloftype = (SELECT r.reltype FROM pg_class r WHERE r.oid = d.objid)
+      UNION
+      SELECT i.inhrelid FROM touched x JOIN pg_inherits i ON i.inhparent = x.oid
+    )
+    SELECT c.oid::regclass AS rel, s.tenant_column, s.audited
+      FROM touched x JOIN pg_class c ON c.oid = x.oid AND c.relkind IN ('r', 'p')
+      JOIN pg_namespace n ON n.oid = c.relnamespace
+      JOIN tenancy.protected_schemas s ON s.schema_name = n.nspname
+     WHERE EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = s.tenant_column AND NOT a.attisdropped)
+       AND NOT EXISTS (SELECT 1 FROM tenancy.protected_tables p WHERE p.rel = c.oid)
+  LOOP
+    IF NOT su AND (tenancy.has_rows(t.rel)
+                   OR EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhrelid = t.rel
+                               AND NOT EXISTS (SELECT 1 FROM tenancy.protected_tables q WHERE q.rel = i.inhparent))) THEN
+      RAISE EXCEPTION '% would give % the tenant column "%" of its protected schema, with rows or under a parent that is not protected', tg_tag, t.rel, t.tenant_column
+        USING ERRCODE = '42501', HINT = 'Only an empty table can become a tenant table of a protected schema; move its rows in through tenant transactions afterwards.';
+    END IF;
+    PERFORM tenancy.protect(t.rel::text, t.tenant_column, audit => t.audited);
+    INSERT INTO tenancy.protection_log (action, object, detail) VALUES ('auto_protect', t.rel::text, 'gained the tenant column (' || tg_tag || ')');
+  END LOOP;
+  -- Foreign keys between a protected table and a table that is not: PostgreSQL runs
+  -- referential checks and actions as the table owner with row level security off, so an
+  -- ON UPDATE / ON DELETE CASCADE from the owner's table rewrote or deleted another tenant's
+  -- rows, and a foreign key from the owner's table to a protected one answered, row by row,
+  -- whether another tenant's value exists. Both ends protected, or neither (a superuser may).
+  IF NOT su THEN
+    SELECT format('foreign key %I from %s to %s', k.conname, k.conrelid::regclass, k.confrelid::regclass) INTO problem
+      FROM pg_event_trigger_ddl_commands() d
+      JOIN pg_constraint k ON k.contype = 'f' AND (k.oid = d.objid OR k.conrelid = d.objid OR k.confrelid = d.objid)
+     WHERE EXISTS (SELECT 1 FROM tenancy.protected_tables p WHERE p.rel = k.conrelid)
+           <> EXISTS (SELECT 1 FROM tenancy.protected_tables p WHERE p.rel = k.confrelid)
+     LIMIT 1;
+    IF problem IS NOT NULL THEN
+      RAISE EXCEPTION '% refused: % joins a protected table to one that is not', tg_tag, problem
+        USING ERRCODE = '42501',
+              HINT = 'Referential actions and checks run without row level security: reference protected tables only from protected tables (protect the other table first).';
+    END IF;
+  END IF;
 END $$;
 CREATE OR REPLACE FUNCTION tenancy.guard_drop() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -638,6 +687,32 @@ findings AS (
     CROSS JOIN LATERAL unnest(s.setconfig) cfg
    WHERE split_part(cfg, '=', 1) IN ('role', 'session_authorization')
      AND (s.setdatabase = 0 OR d.datname = current_database())
+  UNION ALL
+  -- A search_path setting that lists another schema before pg_catalog: every session's
+  -- unqualified operators and functions (a superuser's `WHERE severity = 'critical'` on this
+  -- very report) resolve there first, to the code of that schema's owner.
+  SELECT 'critical', coalesce('database ' || d.datname, 'all databases') || coalesce(', role ' || r.rolname, ''),
+         format('setting %s puts schemas before pg_catalog: every session runs their operators and functions first', cfg),
+         format('ALTER %s RESET search_path;', CASE WHEN s.setrole = 0 THEN 'DATABASE ' || quote_ident(d.datname) ELSE 'ROLE ' || quote_ident(r.rolname) END)
+    FROM pg_db_role_setting s
+    LEFT JOIN pg_database d ON d.oid = s.setdatabase
+    LEFT JOIN pg_roles r ON r.oid = s.setrole
+    CROSS JOIN LATERAL unnest(s.setconfig) cfg
+   WHERE split_part(cfg, '=', 1) = 'search_path'
+     AND (s.setdatabase = 0 OR d.datname = current_database())
+     AND position('pg_catalog' IN cfg) > 0
+     AND btrim(split_part(substr(cfg, length('search_path=') + 1), ',', 1), ' "') <> 'pg_catalog'
+  UNION ALL
+  -- Foreign keys between a protected table and one that is not: referential actions and
+  -- checks run without row level security (a cascade from the other table rewrites or
+  -- deletes any tenant's rows; a key from it tests whether any tenant's value exists).
+  SELECT 'high', format('foreign key %I on %s', k.conname, k.conrelid::regclass),
+         format('references %s across the protection boundary: its checks and actions run without row level security', k.confrelid::regclass),
+         format('ALTER TABLE %s DROP CONSTRAINT %I;', k.conrelid::regclass, k.conname)
+    FROM pg_constraint k
+   WHERE k.contype = 'f'
+     AND EXISTS (SELECT 1 FROM tenancy.protected_tables p WHERE p.rel = k.conrelid)
+         <> EXISTS (SELECT 1 FROM tenancy.protected_tables p WHERE p.rel = k.confrelid)
   UNION ALL
   SELECT 'high', format('publication %I', pub.pubname),
          format('publishes tenant table %s: subscribers receive every tenant''s rows', t.name),

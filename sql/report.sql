@@ -210,6 +210,32 @@ findings AS (
    WHERE split_part(cfg, '=', 1) IN ('role', 'session_authorization')
      AND (s.setdatabase = 0 OR d.datname = current_database())
   UNION ALL
+  -- A search_path setting that lists another schema before pg_catalog: every session's
+  -- unqualified operators and functions (a superuser's `WHERE severity = 'critical'` on this
+  -- very report) resolve there first, to the code of that schema's owner.
+  SELECT 'critical', coalesce('database ' || d.datname, 'all databases') || coalesce(', role ' || r.rolname, ''),
+         format('setting %s puts schemas before pg_catalog: every session runs their operators and functions first', cfg),
+         format('ALTER %s RESET search_path;', CASE WHEN s.setrole = 0 THEN 'DATABASE ' || quote_ident(d.datname) ELSE 'ROLE ' || quote_ident(r.rolname) END)
+    FROM pg_db_role_setting s
+    LEFT JOIN pg_database d ON d.oid = s.setdatabase
+    LEFT JOIN pg_roles r ON r.oid = s.setrole
+    CROSS JOIN LATERAL unnest(s.setconfig) cfg
+   WHERE split_part(cfg, '=', 1) = 'search_path'
+     AND (s.setdatabase = 0 OR d.datname = current_database())
+     AND position('pg_catalog' IN cfg) > 0
+     AND btrim(split_part(substr(cfg, length('search_path=') + 1), ',', 1), ' "') <> 'pg_catalog'
+  UNION ALL
+  -- Foreign keys between a protected table and one that is not: referential actions and
+  -- checks run without row level security (a cascade from the other table rewrites or
+  -- deletes any tenant's rows; a key from it tests whether any tenant's value exists).
+  SELECT 'high', format('foreign key %I on %s', k.conname, k.conrelid::regclass),
+         format('references %s across the protection boundary: its checks and actions run without row level security', k.confrelid::regclass),
+         format('ALTER TABLE %s DROP CONSTRAINT %I;', k.conrelid::regclass, k.conname)
+    FROM pg_constraint k
+   WHERE k.contype = 'f'
+     AND EXISTS (SELECT 1 FROM tenancy.protected_tables p WHERE p.rel = k.conrelid)
+         <> EXISTS (SELECT 1 FROM tenancy.protected_tables p WHERE p.rel = k.confrelid)
+  UNION ALL
   SELECT 'high', format('publication %I', pub.pubname),
          format('publishes tenant table %s: subscribers receive every tenant''s rows', t.name),
          'Publish to subscribers that enforce the same isolation, or drop the table from the publication.'

@@ -104,6 +104,40 @@ unsafe extern "C-unwind" fn emit_log_hook(edata: *mut pg_sys::ErrorData) {
     }
 }
 
+/// Refuses `ALTER DATABASE ... SET` / `ALTER ROLE ... SET` of `search_path`, `role` or
+/// `session_authorization` by a role that is not a superuser. The database owner may set
+/// them for every session of the database, superusers' included: a search_path with the
+/// owner's schema before pg_catalog made the application's queries call the owner's `=`
+/// (which copied revealed PHI out of each tenant's transaction) and a superuser's query on
+/// the isolation report run it as superuser. RESET stays allowed.
+///
+/// # Safety
+/// `stmt` is the utility statement's parse tree.
+pub(crate) unsafe fn refuse_session_setting_for_others(stmt: *mut pg_sys::Node) {
+    let setstmt = if pgrx::is_a(stmt, pg_sys::NodeTag::T_AlterDatabaseSetStmt) {
+        (*stmt.cast::<pg_sys::AlterDatabaseSetStmt>()).setstmt
+    } else if pgrx::is_a(stmt, pg_sys::NodeTag::T_AlterRoleSetStmt) {
+        (*stmt.cast::<pg_sys::AlterRoleSetStmt>()).setstmt
+    } else {
+        return;
+    };
+    if setstmt.is_null() || (*setstmt).name.is_null() {
+        return; // RESET ALL
+    }
+    use pg_sys::VariableSetKind::*;
+    if matches!((*setstmt).kind, VAR_RESET | VAR_RESET_ALL) {
+        return;
+    }
+    let name = std::ffi::CStr::from_ptr((*setstmt).name).to_bytes();
+    let steering: &[&[u8]] = &[b"search_path", b"role", b"session_authorization"];
+    if steering.contains(&name) && !pg_sys::superuser() {
+        crate::error::TenancyError::SessionSettingForOthers {
+            setting: String::from_utf8_lossy(name).into_owned(),
+        }
+        .report();
+    }
+}
+
 /// Marks a utility statement as guarded for its duration, when a role that is not a
 /// superuser runs it on a table with forced row level security.
 /// Holds whether the statement is guarded, and whether its error text is withheld (not for

@@ -33,6 +33,7 @@ pub(crate) fn init() {
 /// installed before ours, or PostgreSQL's own).
 unsafe fn around_utility(pstmt: *mut pg_sys::PlannedStmt, next: impl FnOnce()) {
     crate::context::check_holdable_cursor(pstmt);
+    crate::owner_ddl::refuse_session_setting_for_others((*pstmt).utilityStmt);
     if in_tenant_transaction() {
         crate::session_objects::check_utility(pstmt);
     }

@@ -113,6 +113,8 @@ pub(crate) enum TenancyError {
     PhiInvalidText { reason: &'static str },
     #[error("PHI jsonb envelope does not hold valid JSON")]
     PhiInvalidJson,
+    #[error("only a superuser may set {setting} for a database or role with pg_tenancy installed")]
+    SessionSettingForOthers { setting: String },
     #[error("audit details nest more than 127 levels deep")]
     DetailsTooDeep,
     #[error("pg_tenancy: {what} failed")]
@@ -168,6 +170,7 @@ impl TenancyError {
             Self::PhiInvalidJson => ERRCODE_INVALID_TEXT_REPRESENTATION,
             Self::Spi { .. } => ERRCODE_EXTERNAL_ROUTINE_EXCEPTION,
             Self::DetailsTooDeep => ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            Self::SessionSettingForOthers { .. } => ERRCODE_INSUFFICIENT_PRIVILEGE,
         }
     }
 
@@ -291,6 +294,9 @@ impl TenancyError {
             Self::UndefinedTable { .. } => Some("Name the table as schema.table; check search_path."),
             Self::PhiInvalidText { .. } | Self::PhiInvalidJson => Some(
                 "The envelope is authentic but was not sealed by tenancy.phi_encrypt from a value of this type: fix the application code that wrote it (docs/phi.md, content types).",
+            ),
+            Self::SessionSettingForOthers { .. } => Some(
+                "It decides which code every session of the database runs, superusers' included: ask a superuser (set search_path in the application's connection instead).",
             ),
             Self::DetailsTooDeep => Some("Flatten the details object: it is stored as JSON in the audit trail."),
             Self::Spi { .. } => Some("This is a bug in pg_tenancy: please report it with the statement that failed."),

@@ -40,21 +40,22 @@ fn test_only_identifier_fields_carry_input() {
     assert_eq!(
         carrying,
         [
-            "MalformedTenant",       // reason: made by ids.rs, never the value (tested there)
-            "MalformedActor",        // reason: as above
-            "KeyFile",               // path and a reason naming lines and ids, never key bytes
-            "NotATable",             // relation name
-            "NoTenantColumn",        // relation and column names
-            "TenantColumnType",      // names and a type name
-            "TenantColumnCollation", // names and a collation name
-            "NotProtected",          // relation name
-            "PhiKeyFile",            // as KeyFile
-            "ForeignCodeInDdl",      // function and role names
-            "SessionObject",         // what kind of object
-            "ReservedAction",        // the application's action name
-            "RevealNotAudited",      // a database name
-            "UndefinedTable",        // relation name
-            "Spi",                   // SPI's own error about pg_tenancy's query
+            "MalformedTenant",         // reason: made by ids.rs, never the value (tested there)
+            "MalformedActor",          // reason: as above
+            "KeyFile",                 // path and a reason naming lines and ids, never key bytes
+            "NotATable",               // relation name
+            "NoTenantColumn",          // relation and column names
+            "TenantColumnType",        // names and a type name
+            "TenantColumnCollation",   // names and a collation name
+            "NotProtected",            // relation name
+            "PhiKeyFile",              // as KeyFile
+            "ForeignCodeInDdl",        // function and role names
+            "SessionObject",           // what kind of object
+            "ReservedAction",          // the application's action name
+            "RevealNotAudited",        // a database name
+            "UndefinedTable",          // relation name
+            "SessionSettingForOthers", // a setting's name
+            "Spi",                     // SPI's own error about pg_tenancy's query
         ]
     );
 }
@@ -139,6 +140,7 @@ fn every_error_with(text: &str) -> Vec<TenancyError> {
         PhiInvalidText { reason: "r" },
         PhiInvalidJson,
         DetailsTooDeep,
+        SessionSettingForOthers { setting: s() },
         Spi {
             what: "w",
             reason: s(),
@@ -193,6 +195,7 @@ fn variant(e: &TenancyError) -> &'static str {
         PhiInvalidText { .. } => "PhiInvalidText",
         PhiInvalidJson => "PhiInvalidJson",
         DetailsTooDeep => "DetailsTooDeep",
+        SessionSettingForOthers { .. } => "SessionSettingForOthers",
         Spi { .. } => "Spi",
     }
 }
