@@ -200,6 +200,7 @@ DECLARE
   parent_col name;
   schema_col name;
   schema_audited boolean;
+  touched_rels oid[];
   problem text;
   target regclass;
   t record;
@@ -398,26 +399,30 @@ BEGIN
       END IF;
     END IF;
   END LOOP;
-  -- A table in a protected schema can gain the tenant column by a command that names
-  -- another object: ALTER TYPE ... RENAME ATTRIBUTE ... CASCADE (its typed tables), ALTER
-  -- TABLE parent RENAME COLUMN (the parent's children). Every table such a command reaches
-  -- is looked at: it is protected like one created there, and may not bring rows or an
-  -- unprotected parent along.
-  FOR t IN
+  -- Every relation the statement reached: the objects it names, typed tables of a type
+  -- (ALTER TYPE reports the type or its composite relation), and their children and
+  -- partitions at any depth (ATTACH PARTITION names the parent).
+  touched_rels := ARRAY(
     WITH RECURSIVE touched(oid) AS (
-      -- The object itself, typed tables of a type (ALTER TYPE reports the type or its
-      -- composite relation), then children at any depth.
       SELECT c.oid FROM pg_event_trigger_ddl_commands() d
         JOIN pg_class c ON c.oid = d.objid OR c.reloftype = d.objid
                         OR c.reloftype = (SELECT r.reltype FROM pg_class r WHERE r.oid = d.objid)
       UNION
       SELECT i.inhrelid FROM touched x JOIN pg_inherits i ON i.inhparent = x.oid
     )
+    SELECT oid FROM touched);
+  -- A table in a protected schema can gain the tenant column by a command that names
+  -- another object: ALTER TYPE ... RENAME ATTRIBUTE ... CASCADE (its typed tables), ALTER
+  -- TABLE parent RENAME COLUMN (the parent's children). Every table such a command reaches
+  -- is looked at: it is protected like one created there, and may not bring rows or an
+  -- unprotected parent along.
+  FOR t IN
     SELECT c.oid::regclass AS rel, s.tenant_column, s.audited
-      FROM touched x JOIN pg_class c ON c.oid = x.oid AND c.relkind IN ('r', 'p')
+      FROM pg_class c
       JOIN pg_namespace n ON n.oid = c.relnamespace
       JOIN tenancy.protected_schemas s ON s.schema_name = n.nspname
-     WHERE EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = s.tenant_column AND NOT a.attisdropped)
+     WHERE c.oid = ANY (touched_rels) AND c.relkind IN ('r', 'p')
+       AND EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = s.tenant_column AND NOT a.attisdropped)
        AND NOT EXISTS (SELECT 1 FROM tenancy.protected_tables p WHERE p.rel = c.oid)
   LOOP
     IF NOT su AND (tenancy.has_rows(t.rel)
@@ -434,18 +439,48 @@ BEGIN
   -- ON UPDATE / ON DELETE CASCADE from the owner's table rewrote or deleted another tenant's
   -- rows, and a foreign key from the owner's table to a protected one answered, row by row,
   -- whether another tenant's value exists. Both ends protected, or neither (a superuser may).
+  -- Between two protected tables, the key must pair the two tenant columns: a key on
+  -- (body) alone let an ON UPDATE CASCADE from the owner's own tenant rewrite another
+  -- tenant's review, ON DELETE SET NULL erase it, and a plain key probe its values.
   IF NOT su THEN
-    SELECT format('foreign key %I from %s to %s', k.conname, k.conrelid::regclass, k.confrelid::regclass) INTO problem
-      FROM pg_event_trigger_ddl_commands() d
-      JOIN pg_constraint k ON k.contype = 'f' AND (k.oid = d.objid OR k.conrelid = d.objid OR k.confrelid = d.objid)
-     WHERE EXISTS (SELECT 1 FROM tenancy.protected_tables p WHERE p.rel = k.conrelid)
-           <> EXISTS (SELECT 1 FROM tenancy.protected_tables p WHERE p.rel = k.confrelid)
+    SELECT CASE WHEN f.ref_protected <> f.from_protected
+                THEN format('foreign key %I from %s to %s joins a protected table to one that is not', f.conname, f.conrelid::regclass, f.confrelid::regclass)
+                ELSE format('foreign key %I from %s to %s does not pair their tenant columns (%I, %I)', f.conname, f.conrelid::regclass, f.confrelid::regclass, f.from_col, f.ref_col)
+           END INTO problem
+      FROM (
+        SELECT k.conname, k.conrelid, k.confrelid, k.conkey, k.confkey,
+               pf.rel IS NOT NULL AS from_protected, pr.rel IS NOT NULL AS ref_protected,
+               pf.tenant_column AS from_col, pr.tenant_column AS ref_col,
+               (SELECT a.attnum FROM pg_attribute a WHERE a.attrelid = k.conrelid AND a.attname = pf.tenant_column) AS from_att,
+               (SELECT a.attnum FROM pg_attribute a WHERE a.attrelid = k.confrelid AND a.attname = pr.tenant_column) AS ref_att
+          FROM pg_constraint k
+          LEFT JOIN tenancy.protected_tables pf ON pf.rel = k.conrelid
+          LEFT JOIN tenancy.protected_tables pr ON pr.rel = k.confrelid
+         WHERE k.contype = 'f'
+           AND (k.oid IN (SELECT d.objid FROM pg_event_trigger_ddl_commands() d)
+                OR k.conrelid = ANY (touched_rels) OR k.confrelid = ANY (touched_rels))
+      ) f
+     WHERE f.ref_protected <> f.from_protected
+        OR (f.ref_protected AND f.from_protected
+            AND NOT EXISTS (SELECT 1 FROM unnest(f.conkey, f.confkey) u(a, b) WHERE u.a = f.from_att AND u.b = f.ref_att))
      LIMIT 1;
     IF problem IS NOT NULL THEN
-      RAISE EXCEPTION '% refused: % joins a protected table to one that is not', tg_tag, problem
+      RAISE EXCEPTION '% refused: %', tg_tag, problem
         USING ERRCODE = '42501',
-              HINT = 'Referential actions and checks run without row level security: reference protected tables only from protected tables (protect the other table first).';
+              HINT = 'Referential actions and checks run without row level security: reference protected tables only from protected tables, with the tenant columns paired in the key (FOREIGN KEY (organization_id, x_id) REFERENCES t (organization_id, id)).';
     END IF;
+  END IF;
+  -- DETACH PARTITION drops the triggers the partition had from its parent: the table stays
+  -- registered (and under row level security) but its guards are gone, and every later DDL
+  -- was refused until a DBA ran protect(). Restore them at once.
+  IF tg_tag = 'ALTER TABLE' THEN
+    FOR t IN SELECT p.rel, p.tenant_column, p.audited FROM tenancy.protected_tables p
+              WHERE EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = p.rel)
+                AND NOT EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhrelid = p.rel)
+                AND tenancy.protection_problem(p.rel) LIKE '%trigger is missing%' LOOP
+      PERFORM tenancy.protect(t.rel::text, t.tenant_column, audit => t.audited);
+      INSERT INTO tenancy.protection_log (action, object, detail) VALUES ('repaired', t.rel::text, 'triggers restored after ' || tg_tag);
+    END LOOP;
   END IF;
 END $$;
 CREATE OR REPLACE FUNCTION tenancy.guard_drop() RETURNS event_trigger

@@ -1384,6 +1384,54 @@ fn test_fourth_attacker_pass_variants_are_refused() {
         let e = crate::harness::db_error(owner.batch_execute(stmt));
         assert_eq!(e.code().code(), "42501", "refused: {stmt}: {}", e.message());
     }
+    // Fifth pass: a key between two protected tables that does not pair the tenant columns
+    // (ON UPDATE CASCADE from the owner's own tenant rewrote Conway's review).
+    owner
+        .batch_execute(
+            "CREATE TABLE clinic.zz_lk (organization_id uuid NOT NULL, k text PRIMARY KEY)",
+        )
+        .unwrap();
+    for stmt in [
+        "ALTER TABLE clinic.reviews ADD CONSTRAINT zz_fk FOREIGN KEY (body) REFERENCES clinic.zz_lk (k) ON UPDATE CASCADE ON DELETE SET NULL NOT VALID",
+        "CREATE TABLE clinic.zz_ref (organization_id uuid NOT NULL, k text REFERENCES clinic.zz_lk (k))",
+    ] {
+        let e = crate::harness::db_error(owner.batch_execute(stmt));
+        assert_eq!(e.code().code(), "42501", "refused: {stmt}: {}", e.message());
+        assert!(e.message().contains("tenant columns"), "{}", e.message());
+    }
+    // DETACH PARTITION: the detached table gets its guards back, and DDL goes on.
+    owner
+        .batch_execute(
+            "CREATE TABLE clinic.zz_rp (organization_id uuid NOT NULL, body text) PARTITION BY LIST (organization_id);
+             CREATE TABLE clinic.zz_rp1 PARTITION OF clinic.zz_rp DEFAULT;
+             ALTER TABLE clinic.zz_rp DETACH PARTITION clinic.zz_rp1;",
+        )
+        .unwrap();
+    assert_eq!(
+        strings(
+            &mut c.connect("postgres", "app"),
+            "SELECT coalesce(tenancy.protection_problem('clinic.zz_rp1'), 'intact')"
+        ),
+        vec!["intact".to_string()]
+    );
+    owner
+        .batch_execute("ALTER TABLE clinic.zz_lk ADD COLUMN note text; DROP TABLE clinic.zz_rp1")
+        .unwrap();
+    // A partition that brings such a key along (ATTACH names the parent).
+    owner
+        .batch_execute(
+            "CREATE TABLE clinic.pt (organization_id uuid NOT NULL, k int, body text) PARTITION BY LIST (k);
+             CREATE TABLE evil.pt1 (organization_id uuid NOT NULL, k int, body text,
+               FOREIGN KEY (organization_id) REFERENCES evil.p1 (org) ON DELETE CASCADE);",
+        )
+        .unwrap();
+    let code = sqlstate(
+        owner.batch_execute("ALTER TABLE clinic.pt ATTACH PARTITION evil.pt1 FOR VALUES IN (1)"),
+    );
+    assert!(
+        code == "42501" || (crate::harness::pg_major() == 13 && code == "0A000"),
+        "a partition with a key to an unprotected table: {code}"
+    );
     // Between protected tables, and RESET, stay allowed.
     owner
         .batch_execute(
