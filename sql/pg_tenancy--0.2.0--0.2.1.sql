@@ -474,10 +474,12 @@ BEGIN
   -- registered (and under row level security) but its guards are gone, and every later DDL
   -- was refused until a DBA ran protect(). Restore them at once.
   IF tg_tag = 'ALTER TABLE' THEN
+    -- (Counted in pg_trigger: no relation is opened, so no lock is taken on the others.)
     FOR t IN SELECT p.rel, p.tenant_column, p.audited FROM tenancy.protected_tables p
               WHERE EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = p.rel)
                 AND NOT EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhrelid = p.rel)
-                AND tenancy.protection_problem(p.rel) LIKE '%trigger is missing%' LOOP
+                AND (SELECT count(*) FROM pg_trigger g WHERE g.tgrelid = p.rel
+                        AND g.tgname IN ('tenancy_tenant_immutable', 'tenancy_no_truncate')) < 2 LOOP
       PERFORM tenancy.protect(t.rel::text, t.tenant_column, audit => t.audited);
       INSERT INTO tenancy.protection_log (action, object, detail) VALUES ('repaired', t.rel::text, 'triggers restored after ' || tg_tag);
     END LOOP;
@@ -494,9 +496,16 @@ BEGIN
     RETURN;
   END IF;
   PERFORM tenancy.check_audit_trail_guards();
+  -- The protected tables this drop touched (their own objects: policies, triggers,
+  -- constraints, columns), and those that are gone. Only these: a problem on another table
+  -- must not make every DROP in the database fail (the owner could otherwise stop all DDL).
   FOR t IN SELECT p.schema_name, p.table_name, p.rel,
                   EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = p.rel) AS present
-             FROM tenancy.protected_tables p LOOP
+             FROM tenancy.protected_tables p
+            WHERE NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = p.rel)
+               OR EXISTS (SELECT 1 FROM pg_event_trigger_dropped_objects() d
+                           WHERE d.objid = p.rel::oid
+                              OR (d.address_names[1] = p.schema_name AND d.address_names[2] = p.table_name)) LOOP
     IF NOT t.present THEN
       -- The table itself was dropped: nothing left to protect.
       DELETE FROM tenancy.protected_tables p WHERE p.rel = t.rel;
