@@ -4,7 +4,8 @@
 //! layers (no module reaches back up):
 //!
 //! * leaves: [`error`], [`keyfile`], [`crypto::envelope`], [`crypto::keyring`],
-//!   [`audit::chain`], [`xact`] (transaction ends), [`gucs`] (settings), [`preload`];
+//!   [`audit::chain`], [`xact`] (transaction ends), [`gucs`] (settings), [`preload`],
+//!   [`jsonb`] (jsonb datums as exact text);
 //! * rules: [`ids`] (tenant, actor, label), [`token`] (signed mode);
 //! * state: [`context`] (the tenant of the transaction), [`crypto`] (key ring, seal/open);
 //! * SQL surface: [`phi`], [`audit`] (writer, trigger, admin functions), [`reveal_log`]
@@ -22,6 +23,7 @@ pub(crate) mod error;
 mod fuzz;
 pub(crate) mod gucs;
 pub(crate) mod ids;
+pub(crate) mod jsonb;
 pub(crate) mod keyfile;
 pub(crate) mod owner_ddl;
 pub(crate) mod phi;

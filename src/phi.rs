@@ -110,13 +110,7 @@ fn phi_encrypt_jsonb(fcinfo: pg_sys::FunctionCallInfo) -> Option<Vec<u8>> {
     };
     let value = value?;
     let org = tenant().or_raise();
-    // SAFETY: `value` is a non-NULL jsonb datum; jsonb_out returns a palloc'd C string.
-    let text = unsafe {
-        let out = pgrx::direct_function_call_as_datum(pg_sys::jsonb_out, &[Some(value)])
-            .expect("jsonb_out returns a string");
-        std::ffi::CStr::from_ptr(out.cast_mut_ptr::<std::ffi::c_char>())
-    };
-    let plain = zeroize::Zeroizing::new(text.to_bytes().to_vec());
+    let plain = zeroize::Zeroizing::new(crate::jsonb::jsonb_text(value));
     Some(encrypt_for(&org, Content::Jsonb, label, &plain).or_raise())
 }
 

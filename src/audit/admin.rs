@@ -59,13 +59,7 @@ fn log_action(fcinfo: pg_sys::FunctionCallInfo) -> bool {
         )
     };
     let details = details.map(|d| {
-        // SAFETY: `d` is a non-NULL jsonb datum; jsonb_out returns a palloc'd C string.
-        let text = unsafe {
-            let out = pgrx::direct_function_call_as_datum(pg_sys::jsonb_out, &[Some(d)])
-                .expect("jsonb_out returns a string");
-            std::ffi::CStr::from_ptr(out.cast_mut_ptr::<std::ffi::c_char>())
-        };
-        serde_json::from_slice::<serde_json::Value>(text.to_bytes())
+        serde_json::from_slice::<serde_json::Value>(&crate::jsonb::jsonb_text(d))
             .map_err(|_| TenancyError::DetailsTooDeep)
             .or_raise()
     });
