@@ -5,6 +5,28 @@
 --    dropping its triggers on a protected table are refused, unless tenancy.unprotect() (or
 --    protect()) is the one doing it.
 
+-- Catalog text of an object the caller found in its snapshot, or NULL if it has been dropped
+-- since. pg_describe_object and pg_get_expr look objects up in the catalog caches, which see
+-- drops committed after the snapshot: on PostgreSQL 13 pg_describe_object fails with "cache
+-- lookup failed", and pg_get_expr, whose relation is dropped while it waits for its lock,
+-- fails with "could not open relation". A report or guard reading the catalogs while
+-- migrations run must not fail because an object it looked at went away.
+CREATE FUNCTION tenancy.object_text(classid oid, objid oid, objsubid int4) RETURNS text
+LANGUAGE plpgsql STABLE STRICT SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  RETURN pg_describe_object(classid, objid, objsubid);
+EXCEPTION WHEN internal_error OR undefined_object OR undefined_table THEN
+  RETURN NULL;
+END $$;
+
+CREATE FUNCTION tenancy.expression_text(expr pg_node_tree, rel oid) RETURNS text
+LANGUAGE plpgsql STABLE STRICT SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  RETURN pg_get_expr(expr, rel);
+EXCEPTION WHEN internal_error OR undefined_object OR undefined_table THEN
+  RETURN NULL;
+END $$;
+
 -- Problems with one protected table's protection, or NULL when intact. Policies are checked by
 -- definition (command, roles, RESTRICTIVE/PERMISSIVE, USING and WITH CHECK), not by name: a
 -- policy dropped and re-created as USING (true) under pg_tenancy's name is a problem.
@@ -20,7 +42,8 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
       FROM pg_class c
       LEFT JOIN tenancy.protected_tables p ON p.rel = c.oid
      WHERE c.oid = $1
-  )
+  ),
+  problem AS MATERIALIZED (
   SELECT CASE
     WHEN NOT t.relrowsecurity THEN 'row level security is disabled'
     WHEN NOT t.relforcerowsecurity THEN 'row level security is not forced'
@@ -31,15 +54,15 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
       THEN 'the tenant floor policy is missing'
     WHEN NOT EXISTS (SELECT 1 FROM pg_policy WHERE polrelid = t.oid AND polname = 'tenancy_tenant_floor'
                        AND NOT polpermissive AND polcmd = '*' AND polroles = '{0}'
-                       AND (t.pred IS NULL OR (pg_get_expr(polqual, polrelid) = t.pred
-                                               AND pg_get_expr(polwithcheck, polrelid) = t.pred)))
+                       AND (t.pred IS NULL OR (tenancy.expression_text(polqual, polrelid) = t.pred
+                                               AND tenancy.expression_text(polwithcheck, polrelid) = t.pred)))
       THEN 'the tenant floor policy is not as pg_tenancy defines it'
     WHEN NOT EXISTS (SELECT 1 FROM pg_policy WHERE polrelid = t.oid AND polname = 'tenancy_tenant_rows')
       THEN 'the tenant policy is missing'
     WHEN NOT EXISTS (SELECT 1 FROM pg_policy WHERE polrelid = t.oid AND polname = 'tenancy_tenant_rows'
                        AND polpermissive AND polcmd = '*' AND polroles = '{0}'
-                       AND (t.pred IS NULL OR (pg_get_expr(polqual, polrelid) = t.pred
-                                               AND pg_get_expr(polwithcheck, polrelid) = t.pred)))
+                       AND (t.pred IS NULL OR (tenancy.expression_text(polqual, polrelid) = t.pred
+                                               AND tenancy.expression_text(polwithcheck, polrelid) = t.pred)))
       THEN 'the tenant policy is not as pg_tenancy defines it'
     WHEN (SELECT count(*) FROM pg_trigger WHERE tgrelid = t.oid AND tgenabled = 'A'
             AND tgname IN ('tenancy_tenant_immutable', 'tenancy_no_truncate')) < 2
@@ -47,8 +70,14 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     WHEN t.audited AND (SELECT count(*) FROM pg_trigger WHERE tgrelid = t.oid AND tgenabled = 'A'
             AND tgname IN ('tenancy_audit_lock', 'tenancy_audit_insert', 'tenancy_audit_update', 'tenancy_audit_delete')) < 4
       THEN 'an audit trigger is missing or not enabled ALWAYS'
-  END
+  END AS text
   FROM t
+  )
+  -- Checked after the problem was looked for (the CTE is materialized first): a table
+  -- dropped meanwhile has no problem, whatever its half-read policies looked like.
+  -- has_table_privilege looks the table up in the catalog cache, which sees the drop.
+  SELECT CASE WHEN has_table_privilege($1::oid, 'SELECT') IS NULL THEN NULL ELSE problem.text END
+  FROM problem
 $$;
 
 -- Code that a protected table's own objects would run over its rows and that belongs to a
@@ -106,17 +135,19 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     -- objects while every tenant's rows are validated, by whoever validates them.
     -- Read from the stored expression: calls of built-in functions leave no pg_depend row.
     (SELECT format('%s calls %s, which is not IMMUTABLE, over every tenant''s rows',
-                   pg_describe_object('pg_constraint'::regclass, k.oid, 0), f.oid::regprocedure)
+                   d.text, f.oid::regprocedure)
        FROM pg_constraint k
        CROSS JOIN LATERAL regexp_matches(k.conbin::text, ':(?:funcid|opfuncid) ([0-9]+)', 'g') m
        JOIN pg_proc f ON f.oid = m[1]::oid
-      WHERE k.contype = 'c' AND (k.conrelid = $1 OR k.contypid IN (SELECT ty.oid FROM types ty))
+       CROSS JOIN LATERAL (SELECT tenancy.object_text('pg_constraint'::regclass, k.oid, 0)) d(text)
+      WHERE d.text IS NOT NULL AND k.contype = 'c' AND (k.conrelid = $1 OR k.contypid IN (SELECT ty.oid FROM types ty))
         AND f.provolatile <> 'i'
       ORDER BY 1 LIMIT 1),
     (SELECT format('%s runs %s of role %I over every tenant''s rows',
-                   pg_describe_object(c.classid, c.objid, c.objsubid), f.oid::regprocedure, r.rolname)
+                   d.text, f.oid::regprocedure, r.rolname)
        FROM calls c JOIN pg_proc f ON f.oid = c.fn JOIN pg_roles r ON r.oid = f.proowner
-      WHERE NOT r.rolsuper
+       CROSS JOIN LATERAL (SELECT tenancy.object_text(c.classid, c.objid, c.objsubid)) d(text)
+      WHERE NOT r.rolsuper AND d.text IS NOT NULL
       ORDER BY 1 LIMIT 1))
 $$;
 
@@ -489,6 +520,10 @@ REVOKE EXECUTE ON FUNCTION tenancy.has_rows(regclass) FROM PUBLIC;
 COMMENT ON FUNCTION tenancy.foreign_code_problem(regclass) IS
   'Code of a role that is not a superuser which a table''s constraints, indexes, defaults, domains, triggers or rules run over its rows, or NULL.';
 COMMENT ON FUNCTION tenancy.has_rows(regclass) IS 'Whether a table holds rows of its own (for the drift guard).';
+COMMENT ON FUNCTION tenancy.object_text(oid, oid, int4) IS
+  'pg_describe_object of an object, or NULL when it was dropped after the caller''s snapshot.';
+COMMENT ON FUNCTION tenancy.expression_text(pg_node_tree, oid) IS
+  'pg_get_expr of a stored expression, or NULL when its table was dropped after the caller''s snapshot.';
 COMMENT ON FUNCTION tenancy.protection_problem(regclass) IS
   'What is wrong with a protected table''s protection, or NULL when intact.';
 COMMENT ON FUNCTION tenancy.guard_ddl() IS

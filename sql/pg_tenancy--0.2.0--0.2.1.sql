@@ -55,6 +55,28 @@ UPDATE tenancy.protected_schemas s SET audited = true
 COMMENT ON TABLE tenancy.protected_schemas IS
   'Schemas protected by tenancy.protect_all(): new tables with the tenant column are protected (and, when audited, audited) at creation.';
 
+-- Catalog text of an object the caller found in its snapshot, or NULL if it has been dropped
+-- since. pg_describe_object and pg_get_expr look objects up in the catalog caches, which see
+-- drops committed after the snapshot: on PostgreSQL 13 pg_describe_object fails with "cache
+-- lookup failed", and pg_get_expr, whose relation is dropped while it waits for its lock,
+-- fails with "could not open relation". A report or guard reading the catalogs while
+-- migrations run must not fail because an object it looked at went away.
+CREATE FUNCTION tenancy.object_text(classid oid, objid oid, objsubid int4) RETURNS text
+LANGUAGE plpgsql STABLE STRICT SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  RETURN pg_describe_object(classid, objid, objsubid);
+EXCEPTION WHEN internal_error OR undefined_object OR undefined_table THEN
+  RETURN NULL;
+END $$;
+
+CREATE FUNCTION tenancy.expression_text(expr pg_node_tree, rel oid) RETURNS text
+LANGUAGE plpgsql STABLE STRICT SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  RETURN pg_get_expr(expr, rel);
+EXCEPTION WHEN internal_error OR undefined_object OR undefined_table THEN
+  RETURN NULL;
+END $$;
+
 -- Code that a protected table's own objects would run over its rows and that belongs to a
 -- role other than a superuser: CHECK and EXCLUDE constraints, index expressions and
 -- predicates, column defaults and generation expressions, extended statistics expressions
@@ -110,17 +132,19 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     -- objects while every tenant's rows are validated, by whoever validates them.
     -- Read from the stored expression: calls of built-in functions leave no pg_depend row.
     (SELECT format('%s calls %s, which is not IMMUTABLE, over every tenant''s rows',
-                   pg_describe_object('pg_constraint'::regclass, k.oid, 0), f.oid::regprocedure)
+                   d.text, f.oid::regprocedure)
        FROM pg_constraint k
        CROSS JOIN LATERAL regexp_matches(k.conbin::text, ':(?:funcid|opfuncid) ([0-9]+)', 'g') m
        JOIN pg_proc f ON f.oid = m[1]::oid
-      WHERE k.contype = 'c' AND (k.conrelid = $1 OR k.contypid IN (SELECT ty.oid FROM types ty))
+       CROSS JOIN LATERAL (SELECT tenancy.object_text('pg_constraint'::regclass, k.oid, 0)) d(text)
+      WHERE d.text IS NOT NULL AND k.contype = 'c' AND (k.conrelid = $1 OR k.contypid IN (SELECT ty.oid FROM types ty))
         AND f.provolatile <> 'i'
       ORDER BY 1 LIMIT 1),
     (SELECT format('%s runs %s of role %I over every tenant''s rows',
-                   pg_describe_object(c.classid, c.objid, c.objsubid), f.oid::regprocedure, r.rolname)
+                   d.text, f.oid::regprocedure, r.rolname)
        FROM calls c JOIN pg_proc f ON f.oid = c.fn JOIN pg_roles r ON r.oid = f.proowner
-      WHERE NOT r.rolsuper
+       CROSS JOIN LATERAL (SELECT tenancy.object_text(c.classid, c.objid, c.objsubid)) d(text)
+      WHERE NOT r.rolsuper AND d.text IS NOT NULL
       ORDER BY 1 LIMIT 1))
 $$;
 -- Whether a table or any of its children or partitions holds a row (every tenant's, RLS
@@ -149,7 +173,8 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
       FROM pg_class c
       LEFT JOIN tenancy.protected_tables p ON p.rel = c.oid
      WHERE c.oid = $1
-  )
+  ),
+  problem AS MATERIALIZED (
   SELECT CASE
     WHEN NOT t.relrowsecurity THEN 'row level security is disabled'
     WHEN NOT t.relforcerowsecurity THEN 'row level security is not forced'
@@ -160,15 +185,15 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
       THEN 'the tenant floor policy is missing'
     WHEN NOT EXISTS (SELECT 1 FROM pg_policy WHERE polrelid = t.oid AND polname = 'tenancy_tenant_floor'
                        AND NOT polpermissive AND polcmd = '*' AND polroles = '{0}'
-                       AND (t.pred IS NULL OR (pg_get_expr(polqual, polrelid) = t.pred
-                                               AND pg_get_expr(polwithcheck, polrelid) = t.pred)))
+                       AND (t.pred IS NULL OR (tenancy.expression_text(polqual, polrelid) = t.pred
+                                               AND tenancy.expression_text(polwithcheck, polrelid) = t.pred)))
       THEN 'the tenant floor policy is not as pg_tenancy defines it'
     WHEN NOT EXISTS (SELECT 1 FROM pg_policy WHERE polrelid = t.oid AND polname = 'tenancy_tenant_rows')
       THEN 'the tenant policy is missing'
     WHEN NOT EXISTS (SELECT 1 FROM pg_policy WHERE polrelid = t.oid AND polname = 'tenancy_tenant_rows'
                        AND polpermissive AND polcmd = '*' AND polroles = '{0}'
-                       AND (t.pred IS NULL OR (pg_get_expr(polqual, polrelid) = t.pred
-                                               AND pg_get_expr(polwithcheck, polrelid) = t.pred)))
+                       AND (t.pred IS NULL OR (tenancy.expression_text(polqual, polrelid) = t.pred
+                                               AND tenancy.expression_text(polwithcheck, polrelid) = t.pred)))
       THEN 'the tenant policy is not as pg_tenancy defines it'
     WHEN (SELECT count(*) FROM pg_trigger WHERE tgrelid = t.oid AND tgenabled = 'A'
             AND tgname IN ('tenancy_tenant_immutable', 'tenancy_no_truncate')) < 2
@@ -176,8 +201,14 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     WHEN t.audited AND (SELECT count(*) FROM pg_trigger WHERE tgrelid = t.oid AND tgenabled = 'A'
             AND tgname IN ('tenancy_audit_lock', 'tenancy_audit_insert', 'tenancy_audit_update', 'tenancy_audit_delete')) < 4
       THEN 'an audit trigger is missing or not enabled ALWAYS'
-  END
+  END AS text
   FROM t
+  )
+  -- Checked after the problem was looked for (the CTE is materialized first): a table
+  -- dropped meanwhile has no problem, whatever its half-read policies looked like.
+  -- has_table_privilege looks the table up in the catalog cache, which sees the drop.
+  SELECT CASE WHEN has_table_privilege($1::oid, 'SELECT') IS NULL THEN NULL ELSE problem.text END
+  FROM problem
 $$;
 -- The audit trail's own append-only triggers and RLS must stay as installed.
 CREATE OR REPLACE FUNCTION tenancy.check_audit_trail_guards() RETURNS void
@@ -574,7 +605,7 @@ findings AS (
          'policy may fail open (OR / IS NULL in its expression)',
          'Drop it, or rewrite it without OR and IS NULL branches.'
     FROM tenant_tables t JOIN pg_policy p ON p.polrelid = t.oid
-   WHERE coalesce(pg_get_expr(p.polqual, p.polrelid), '') || ' ' || coalesce(pg_get_expr(p.polwithcheck, p.polrelid), '')
+   WHERE coalesce(tenancy.expression_text(p.polqual, p.polrelid), '') || ' ' || coalesce(tenancy.expression_text(p.polwithcheck, p.polrelid), '')
          ~* '(\mis\s+null\M|\mor\M)'
   UNION ALL
   SELECT 'warning', format('policy %I on %s', p.polname, t.name),
@@ -694,7 +725,7 @@ findings AS (
   UNION ALL
   -- O5: an index, constraint or default/generated expression that reads a PHI column through a
   -- function that is not built in (a wrapper may reveal, and the result is stored).
-  SELECT DISTINCT 'high', pg_describe_object(d.classid, d.objid, d.objsubid) || ' on ' || t.name,
+  SELECT DISTINCT 'high', tenancy.object_text(d.classid, d.objid, d.objsubid) || ' on ' || t.name,
          format('expression over PHI column %I calls %s: if it reveals, plaintext is stored', a.attname, f.oid::regprocedure),
          'Drop it: index or check only the ciphertext (tenancy.phi_key_id) or a keyed hash computed by the application.'
     FROM tenant_tables t
@@ -707,6 +738,7 @@ findings AS (
     JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum = dc.refobjsubid AND a.atttypid = 'tenancy.phi'::regtype
     JOIN pg_proc f ON d.refclassid = 'pg_proc'::regclass AND f.oid = d.refobjid
    WHERE f.oid >= 16384
+     AND tenancy.object_text(d.classid, d.objid, d.objsubid) IS NOT NULL
      AND f.oid NOT IN ('tenancy.phi_key_id(bytea)'::regprocedure, 'tenancy.phi_is_envelope(bytea)'::regprocedure)
   UNION ALL
   SELECT 'high', t.name, tenancy.foreign_code_problem(t.oid::regclass),
@@ -937,3 +969,8 @@ ALTER FUNCTION tenancy.audit_trigger() SET bytea_output = 'hex';
 -- The audit trigger's comment said "Row trigger" since 0.1.0; 0.2.0 attaches statement triggers.
 COMMENT ON FUNCTION tenancy.audit_trigger() IS
   'Audit trigger attached by tenancy.protect(..., audit => true) as statement triggers over the transition tables (it also works as a row trigger): writes one encrypted, hash-chained audit event per changed row.';
+
+COMMENT ON FUNCTION tenancy.object_text(oid, oid, int4) IS
+  'pg_describe_object of an object, or NULL when it was dropped after the caller''s snapshot.';
+COMMENT ON FUNCTION tenancy.expression_text(pg_node_tree, oid) IS
+  'pg_get_expr of a stored expression, or NULL when its table was dropped after the caller''s snapshot.';

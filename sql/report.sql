@@ -52,7 +52,7 @@ findings AS (
          'policy may fail open (OR / IS NULL in its expression)',
          'Drop it, or rewrite it without OR and IS NULL branches.'
     FROM tenant_tables t JOIN pg_policy p ON p.polrelid = t.oid
-   WHERE coalesce(pg_get_expr(p.polqual, p.polrelid), '') || ' ' || coalesce(pg_get_expr(p.polwithcheck, p.polrelid), '')
+   WHERE coalesce(tenancy.expression_text(p.polqual, p.polrelid), '') || ' ' || coalesce(tenancy.expression_text(p.polwithcheck, p.polrelid), '')
          ~* '(\mis\s+null\M|\mor\M)'
   UNION ALL
   SELECT 'warning', format('policy %I on %s', p.polname, t.name),
@@ -172,7 +172,7 @@ findings AS (
   UNION ALL
   -- O5: an index, constraint or default/generated expression that reads a PHI column through a
   -- function that is not built in (a wrapper may reveal, and the result is stored).
-  SELECT DISTINCT 'high', pg_describe_object(d.classid, d.objid, d.objsubid) || ' on ' || t.name,
+  SELECT DISTINCT 'high', tenancy.object_text(d.classid, d.objid, d.objsubid) || ' on ' || t.name,
          format('expression over PHI column %I calls %s: if it reveals, plaintext is stored', a.attname, f.oid::regprocedure),
          'Drop it: index or check only the ciphertext (tenancy.phi_key_id) or a keyed hash computed by the application.'
     FROM tenant_tables t
@@ -185,6 +185,7 @@ findings AS (
     JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum = dc.refobjsubid AND a.atttypid = 'tenancy.phi'::regtype
     JOIN pg_proc f ON d.refclassid = 'pg_proc'::regclass AND f.oid = d.refobjid
    WHERE f.oid >= 16384
+     AND tenancy.object_text(d.classid, d.objid, d.objsubid) IS NOT NULL
      AND f.oid NOT IN ('tenancy.phi_key_id(bytea)'::regprocedure, 'tenancy.phi_is_envelope(bytea)'::regprocedure)
   UNION ALL
   SELECT 'high', t.name, tenancy.foreign_code_problem(t.oid::regclass),

@@ -458,7 +458,7 @@ pub fn pg_regress_path() -> PathBuf {
 /// The first column of every row of `sql`, as text.
 pub fn strings(c: &mut postgres::Client, sql: &str) -> Vec<String> {
     c.query(sql, &[])
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"))
         .iter()
         .map(|r| r.get(0))
         .collect()
@@ -467,7 +467,7 @@ pub fn strings(c: &mut postgres::Client, sql: &str) -> Vec<String> {
 /// The single bigint `sql` returns (a count).
 pub fn count(c: &mut postgres::Client, sql: &str) -> i64 {
     c.query_one(sql, &[])
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"))
         .get(0)
 }
 

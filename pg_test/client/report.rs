@@ -331,3 +331,69 @@ fn test_s5_statistics_target_zero_ends_the_estimate_oracle() {
     let (secret, guess) = (estimate("C-SECRET"), estimate("C-GUESS"));
     assert_eq!(secret, guess, "no value is told apart by its estimate");
 }
+
+/// A monitoring job runs the report while migrations create and drop tables, views, policies
+/// and functions: the report reads the catalogs through functions that look objects up by
+/// OID (pg_get_expr, regclass, protection_problem), which see a drop committed after the
+/// report's snapshot. It must never fail because an object it was looking at went away.
+#[test]
+fn test_isolation_report_survives_concurrent_ddl() {
+    let cluster: Cluster = reference_cluster();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut owner = cluster.connect("owner", "app");
+    let mut su_ddl = cluster.connect("postgres", "app");
+    let churn = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            for i in 0..300 {
+                owner
+                    .batch_execute(&format!(
+                        "CREATE TABLE clinic.churn_{i} (
+                           organization_id uuid NOT NULL REFERENCES clinic.organizations (id),
+                           id bigint NOT NULL, note text, PRIMARY KEY (organization_id, id));
+                         CREATE INDEX ON clinic.churn_{i} (organization_id, note);
+                         CREATE VIEW clinic.churn_view_{i} AS SELECT * FROM clinic.churn_{i};
+                         CREATE FUNCTION clinic.churn_fn_{i}() RETURNS bigint LANGUAGE sql
+                           SECURITY DEFINER AS 'SELECT count(*) FROM clinic.churn_{i}';
+                         CREATE MATERIALIZED VIEW clinic.churn_mv_{i} AS SELECT id FROM clinic.churn_{i};"
+                    ))
+                    .unwrap_or_else(|e| panic!("create churn_{i}: {e:?}"));
+                // A superuser's trigger, a hand-written extra policy and a CHECK calling a
+                // volatile function, so each branch of the report has something to look up.
+                su_ddl
+                    .batch_execute(&format!(
+                        "CREATE TRIGGER churn_t BEFORE UPDATE ON clinic.churn_{i}
+                           FOR EACH ROW EXECUTE FUNCTION suppress_redundant_updates_trigger();
+                         CREATE POLICY churn_p ON clinic.churn_{i} AS RESTRICTIVE FOR SELECT
+                           USING (note IS NULL OR note <> '');
+                         ALTER TABLE clinic.churn_{i} ADD CONSTRAINT churn_c CHECK (note <> timeofday());"
+                    ))
+                    .unwrap_or_else(|e| panic!("trigger churn_{i}: {e:?}"));
+                owner
+                    .batch_execute(&format!(
+                        "DROP MATERIALIZED VIEW clinic.churn_mv_{i}; DROP FUNCTION clinic.churn_fn_{i}();
+                         DROP TABLE clinic.churn_{i} CASCADE;"
+                    ))
+                    .unwrap_or_else(|e| panic!("drop churn_{i}: {e:?}"));
+            }
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        })
+    };
+    let mut su = cluster.connect("postgres", "app");
+    let mut runs = 0;
+    let mut failures = Vec::new();
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        if let Err(e) = su.query("SELECT * FROM tenancy.isolation_report()", &[]) {
+            failures.push(format!("{e:?}"));
+        }
+        runs += 1;
+    }
+    churn.join().unwrap();
+    assert!(runs > 10, "the report ran while the DDL ran ({runs} runs)");
+    assert_eq!(failures, Vec::<String>::new(), "{runs} runs");
+    assert_eq!(
+        findings(&mut su),
+        Vec::new(),
+        "clean once the churn is gone"
+    );
+}
