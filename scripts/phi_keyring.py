@@ -4,6 +4,8 @@
   phi_keyring.py new FILE [--owner USER]        a ring with key 1, active
   phi_keyring.py add FILE [--activate]          a new random key with the next id
   phi_keyring.py activate FILE ID               make key ID the active one
+  phi_keyring.py retire FILE ID                 remove key ID (never the active one); first
+                                                re-encrypt what it protects (docs/operations.md)
 
 Keys come from the OS CSPRNG. The file is written atomically with mode 0600 (and, with
 --owner, handed to the server's OS user). Reload the server after a change.
@@ -56,6 +58,7 @@ def main():
     n = sub.add_parser("new"); n.add_argument("file"); n.add_argument("--owner")
     a = sub.add_parser("add"); a.add_argument("file"); a.add_argument("--activate", action="store_true")
     s = sub.add_parser("activate"); s.add_argument("file"); s.add_argument("id", type=int)
+    r = sub.add_parser("retire"); r.add_argument("file"); r.add_argument("id", type=int)
     args = ap.parse_args()
     if args.cmd == "new":
         if os.path.exists(args.file):
@@ -68,6 +71,14 @@ def main():
         keys.append(new_key(kid))
         write(args.file, keys, kid if args.activate else active)
         print(f"added key {kid}{' (active)' if args.activate else ''} to {args.file}")
+    elif args.cmd == "retire":
+        keys, active = read(args.file)
+        if args.id not in [k[0] for k in keys]:
+            sys.exit(f"no key {args.id} in {args.file}")
+        if args.id == active:
+            sys.exit(f"key {args.id} is the active key; activate another first")
+        write(args.file, [k for k in keys if k[0] != args.id], active)
+        print(f"removed key {args.id} from {args.file}")
     else:
         keys, _ = read(args.file)
         if args.id not in [k[0] for k in keys]:

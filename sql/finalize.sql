@@ -86,7 +86,7 @@ COMMENT ON FUNCTION tenancy.audit_trigger() IS
 COMMENT ON FUNCTION tenancy.log_action(text, jsonb) IS
   'Record an operator action (with optional details, encrypted) in the current tenant''s audit trail.';
 COMMENT ON FUNCTION tenancy.audit_verify(text) IS
-  'Verify a tenant''s audit hash chain: ok, events checked, first broken position and why. Superuser, or the tenant itself.';
+  'Verify a tenant''s audit trail (v1 chain, sealed blocks, payload commitments, nothing unaccounted for): ok, events checked, first broken position and why, the unsealed tail. Superuser, or the tenant itself.';
 COMMENT ON FUNCTION tenancy.audit_payload(bytea, bigint) IS
   'Decrypt an audit event payload of the current tenant.';
 ALTER FUNCTION tenancy.audit_history(text, timestamptz, timestamptz) SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
@@ -95,7 +95,13 @@ REVOKE EXECUTE ON FUNCTION tenancy.audit_purge(text, timestamptz) FROM PUBLIC;
 COMMENT ON FUNCTION tenancy.audit_history(text, timestamptz, timestamptz) IS
   'One clinic''s audit history in a time range with decrypted payloads, for a support role the DBA grants EXECUTE to; records a SUPPORT_READ event in that clinic''s trail first.';
 COMMENT ON FUNCTION tenancy.audit_purge(text, timestamptz) IS
-  'Retention: delete a tenant''s events older than a time (a chain prefix), keep the chain verifiable from an anchor, record the purge. Superuser.';
+  'Retention: delete a tenant''s events older than a time (a prefix of its trail: v1 events, whole sealed blocks), keep the trail verifiable from an anchor, record the purge. Superuser.';
+REVOKE EXECUTE ON FUNCTION tenancy.audit_seal() FROM PUBLIC;
+COMMENT ON FUNCTION tenancy.audit_seal() IS
+  'Seal every committed audit event still pending into its tenant''s chain, now (the audit worker does it continuously in tenancy.audit_database). Returns the number sealed. Superuser.';
+REVOKE EXECUTE ON FUNCTION tenancy.audit_rekey(text, integer) FROM PUBLIC;
+COMMENT ON FUNCTION tenancy.audit_rekey(text, integer) IS
+  'Re-encrypt up to batch_size audit payloads (of one tenant, or all when NULL) under the active PHI key, keeping the chain verifiable; 0 when none is left. Superuser.';
 
 -- Every function of the extension that runs SQL pins search_path = pg_catalog, pg_temp: the
 -- catalogs first, the session's temporary schema last (listed, so it is not searched first for

@@ -68,7 +68,7 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
             AND tgname IN ('tenancy_tenant_immutable', 'tenancy_no_truncate')) < 2
       THEN 'a tenancy trigger is missing or not enabled ALWAYS'
     WHEN t.audited AND (SELECT count(*) FROM pg_trigger WHERE tgrelid = t.oid AND tgenabled = 'A'
-            AND tgname IN ('tenancy_audit_lock', 'tenancy_audit_insert', 'tenancy_audit_update', 'tenancy_audit_delete')) < 4
+            AND tgname IN ('tenancy_audit_insert', 'tenancy_audit_update', 'tenancy_audit_delete')) < 3
       THEN 'an audit trigger is missing or not enabled ALWAYS'
   END AS text
   FROM t
@@ -172,7 +172,11 @@ BEGIN
   END IF;
   IF (SELECT count(*) FROM pg_trigger WHERE tgrelid = 'tenancy.audit_events'::regclass AND tgenabled = 'A'
         AND tgname IN ('audit_events_append_only', 'audit_events_no_truncate')) < 2
-     OR NOT (SELECT relrowsecurity AND relforcerowsecurity FROM pg_class WHERE oid = 'tenancy.audit_events'::regclass) THEN
+     OR NOT (SELECT relrowsecurity AND relforcerowsecurity FROM pg_class WHERE oid = 'tenancy.audit_events'::regclass)
+     OR (to_regclass('tenancy.audit_seals') IS NOT NULL AND (
+           (SELECT count(*) FROM pg_trigger WHERE tgrelid = 'tenancy.audit_seals'::regclass AND tgenabled = 'A'
+              AND tgname IN ('audit_seals_append_only', 'audit_seals_no_truncate')) < 2
+           OR NOT (SELECT relrowsecurity AND relforcerowsecurity FROM pg_class WHERE oid = 'tenancy.audit_seals'::regclass))) THEN
     RAISE EXCEPTION 'the audit trail''s append-only guards and row level security cannot be removed'
       USING ERRCODE = '42501', HINT = 'tenancy.audit_events is append-only by design.';
   END IF;

@@ -13,6 +13,9 @@
 -- * The report finds INCLUDE-only unique indexes, EXCLUDE constraints without the tenant
 --   column, roles that can read server files, nondeterministic tenant collations.
 -- * The audit trigger pins the output settings its comparison and rendering depend on.
+-- * II-6/9: audit events are written without a chain-head lock and sealed after commit into
+--   per-tenant blocks (tenancy.audit_seals); payloads are committed to by a salted digest so
+--   they can be re-encrypted (tenancy.audit_rekey); v1 chains are kept and linked to.
 -- * Library changes (no SQL here): protect() quotes literals with PostgreSQL's quote_literal
 --   and refuses nondeterministic tenant collations; the reveal worker pins its settings;
 --   log_action refuses the trail's own event names.
@@ -199,7 +202,7 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
             AND tgname IN ('tenancy_tenant_immutable', 'tenancy_no_truncate')) < 2
       THEN 'a tenancy trigger is missing or not enabled ALWAYS'
     WHEN t.audited AND (SELECT count(*) FROM pg_trigger WHERE tgrelid = t.oid AND tgenabled = 'A'
-            AND tgname IN ('tenancy_audit_lock', 'tenancy_audit_insert', 'tenancy_audit_update', 'tenancy_audit_delete')) < 4
+            AND tgname IN ('tenancy_audit_insert', 'tenancy_audit_update', 'tenancy_audit_delete')) < 3
       THEN 'an audit trigger is missing or not enabled ALWAYS'
   END AS text
   FROM t
@@ -219,7 +222,11 @@ BEGIN
   END IF;
   IF (SELECT count(*) FROM pg_trigger WHERE tgrelid = 'tenancy.audit_events'::regclass AND tgenabled = 'A'
         AND tgname IN ('audit_events_append_only', 'audit_events_no_truncate')) < 2
-     OR NOT (SELECT relrowsecurity AND relforcerowsecurity FROM pg_class WHERE oid = 'tenancy.audit_events'::regclass) THEN
+     OR NOT (SELECT relrowsecurity AND relforcerowsecurity FROM pg_class WHERE oid = 'tenancy.audit_events'::regclass)
+     OR (to_regclass('tenancy.audit_seals') IS NOT NULL AND (
+           (SELECT count(*) FROM pg_trigger WHERE tgrelid = 'tenancy.audit_seals'::regclass AND tgenabled = 'A'
+              AND tgname IN ('audit_seals_append_only', 'audit_seals_no_truncate')) < 2
+           OR NOT (SELECT relrowsecurity AND relforcerowsecurity FROM pg_class WHERE oid = 'tenancy.audit_seals'::regclass))) THEN
     RAISE EXCEPTION 'the audit trail''s append-only guards and row level security cannot be removed'
       USING ERRCODE = '42501', HINT = 'tenancy.audit_events is append-only by design.';
   END IF;
@@ -855,8 +862,6 @@ BEGIN
   IF org IS NULL THEN
     RETURN 0;
   END IF;
-  INSERT INTO tenancy.audit_chain_heads (organization_id) VALUES (org) ON CONFLICT DO NOTHING;
-  PERFORM 1 FROM tenancy.audit_chain_heads h WHERE h.organization_id = org FOR UPDATE;
   EXECUTE format(
     'UPDATE %1$s t SET %2$I = tenancy.phi_rotate_for_tenant(t.%2$I, t.%3$I::text, $1)
       WHERE t.ctid = ANY (ARRAY(SELECT s.ctid FROM %1$s s
@@ -923,6 +928,144 @@ BEGIN
   END LOOP;
 END
 $policies$;
+
+-- II-6/9: audit events are written without a chain-head lock (writers of one tenant no longer
+-- run one at a time; REPEATABLE READ and SERIALIZABLE writers no longer collide on the tip)
+-- and sealed into per-tenant blocks after commit. Events written so far keep their v1 chain,
+-- which the first block of each tenant links to.
+ALTER TABLE tenancy.audit_events DROP CONSTRAINT audit_events_pkey;
+ALTER TABLE tenancy.audit_events ALTER COLUMN seq DROP NOT NULL, ALTER COLUMN prev_hash DROP NOT NULL,
+  ADD COLUMN payload_digest bytea;
+ALTER TABLE tenancy.audit_events ADD PRIMARY KEY (organization_id, event_id);
+CREATE UNIQUE INDEX audit_events_v1_seq ON tenancy.audit_events (organization_id, seq) WHERE seq IS NOT NULL;
+COMMENT ON TABLE tenancy.audit_events IS
+  'Append-only audit trail: one row per audited change, operator action and PHI reveal; scoped to its tenant by RLS; payload AES-256-GCM encrypted; each event hashed when written, sealed into per-tenant hash-chained blocks after commit (tenancy.audit_seals, tenancy.audit_verify).';
+COMMENT ON COLUMN tenancy.audit_events.seq IS 'Position in the tenant''s v1 hash chain (events written by 0.1.0 and 0.2.0); NULL for v2 events, whose position is their place in tenancy.audit_seals.';
+COMMENT ON COLUMN tenancy.audit_events.event_id IS 'Identity of the event (tenancy.audit_event_id), increasing in the order events were written.';
+COMMENT ON COLUMN tenancy.audit_events.prev_hash IS 'v1 events: the previous event''s hash. NULL for v2 events (linked by their block).';
+COMMENT ON COLUMN tenancy.audit_events.hash IS 'SHA-256 over the event''s content (v1: and prev_hash) (docs/audit.md).';
+COMMENT ON COLUMN tenancy.audit_events.payload_digest IS 'v2 events: SHA-256 commitment to the payload''s plaintext and a secret salt inside the ciphertext; the payload can be re-encrypted under a new key without changing it.';
+
+-- One row per (writing transaction, tenant) whose events are not sealed yet. Written with
+-- the transaction's first event of the tenant (so it commits, or vanishes, with them); the
+-- sealer reads and deletes them. No index: it stays small, drained after every commit.
+CREATE TABLE tenancy.audit_pending (
+  organization_id text COLLATE "C" NOT NULL,
+  txid            bigint NOT NULL,
+  first_event_id  bigint NOT NULL
+);
+COMMENT ON TABLE tenancy.audit_pending IS
+  'Transactions whose audit events wait for the sealer: tenant, transaction id, first event id.';
+
+-- The seals: per tenant, blocks of events in chain order, each hashing the previous block.
+CREATE TABLE tenancy.audit_seals (
+  organization_id text COLLATE "C" NOT NULL,
+  block_no        bigint NOT NULL,
+  first_seq       bigint NOT NULL,
+  event_count     integer NOT NULL,
+  event_ids       bigint[] NOT NULL,
+  newest_event_at timestamptz NOT NULL,
+  sealed_at       timestamptz NOT NULL,
+  prev_hash       bytea NOT NULL,
+  hash            bytea NOT NULL,
+  PRIMARY KEY (organization_id, block_no)
+);
+COMMENT ON TABLE tenancy.audit_seals IS
+  'Sealed blocks of each tenant''s audit trail: its events (ids, in chain order, ascending) and a SHA-256 over the previous block''s hash and the events'' hashes (docs/audit.md). Written by the sealer only.';
+COMMENT ON COLUMN tenancy.audit_seals.first_seq IS 'Position of the block''s first event in the tenant''s trail (after the v1 chain, from 1).';
+
+ALTER TABLE tenancy.audit_chain_heads ADD COLUMN last_block bigint NOT NULL DEFAULT 0,
+  ADD COLUMN last_seq bigint, ADD COLUMN last_hash bytea;
+COMMENT ON TABLE tenancy.audit_chain_heads IS
+  'One row per tenant chain: the sealer''s tip (last block, position, hash) and the purge anchor (position and hash of the last purged event or block).';
+SELECT pg_catalog.pg_extension_config_dump('tenancy.audit_pending', '');
+SELECT pg_catalog.pg_extension_config_dump('tenancy.audit_seals', '');
+ALTER TABLE tenancy.audit_seals ENABLE ROW LEVEL SECURITY;
+ALTER TABLE tenancy.audit_seals FORCE ROW LEVEL SECURITY;
+CREATE POLICY tenancy_tenant_floor ON tenancy.audit_seals AS RESTRICTIVE FOR ALL TO PUBLIC
+  USING (organization_id = tenancy.current_org_id_text())
+  WITH CHECK (organization_id = tenancy.current_org_id_text());
+CREATE POLICY tenancy_tenant_rows ON tenancy.audit_seals AS PERMISSIVE FOR SELECT TO PUBLIC
+  USING (organization_id = tenancy.current_org_id_text());
+
+REVOKE ALL ON tenancy.audit_events, tenancy.audit_chain_heads, tenancy.audit_event_id,
+              tenancy.audit_pending, tenancy.audit_seals FROM PUBLIC;
+GRANT SELECT ON tenancy.audit_events, tenancy.audit_seals TO PUBLIC;
+
+CREATE OR REPLACE FUNCTION tenancy.audit_append_only() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  -- tenancy.audit_purge() (superuser, itself recorded) is the one way to delete events.
+  IF TG_OP = 'DELETE' AND tenancy.in_maintenance() THEN
+    RETURN OLD;
+  END IF;
+  -- tenancy.audit_rekey() (superuser) re-encrypts v2 payloads under the active key: the
+  -- payload only, whose commitment (payload_digest) the chain covers and which it keeps.
+  IF TG_OP = 'UPDATE' AND TG_TABLE_NAME = 'audit_events' AND tenancy.in_maintenance()
+     AND OLD.seq IS NULL AND OLD.payload_digest IS NOT NULL
+     AND (to_jsonb(OLD) OPERATOR(pg_catalog.-) 'payload') OPERATOR(pg_catalog.=) (to_jsonb(NEW) OPERATOR(pg_catalog.-) 'payload') THEN
+    RETURN NEW;
+  END IF;
+  RAISE EXCEPTION '% on tenancy.% is not allowed: the audit trail is append-only', TG_OP, TG_TABLE_NAME
+    USING ERRCODE = '42501',
+          HINT = 'Events are written by pg_tenancy only; retention is tenancy.audit_purge() (superuser, recorded).';
+END $$;
+CREATE TRIGGER audit_seals_append_only BEFORE UPDATE OR DELETE ON tenancy.audit_seals
+  FOR EACH ROW EXECUTE FUNCTION tenancy.audit_append_only();
+CREATE TRIGGER audit_seals_no_truncate BEFORE TRUNCATE ON tenancy.audit_seals
+  FOR EACH STATEMENT EXECUTE FUNCTION tenancy.audit_append_only();
+ALTER TABLE tenancy.audit_seals ENABLE ALWAYS TRIGGER audit_seals_append_only;
+ALTER TABLE tenancy.audit_seals ENABLE ALWAYS TRIGGER audit_seals_no_truncate;
+
+-- audit_verify reports the unsealed tail; audit_seal and audit_rekey are new.
+DROP FUNCTION tenancy.audit_verify(text);
+CREATE FUNCTION tenancy."audit_verify"(
+	"org" TEXT
+) RETURNS TABLE (
+	"ok" bool,
+	"events" bigint,
+	"first_broken_seq" bigint,
+	"problem" TEXT,
+	"unsealed" bigint,
+	"oldest_unsealed" timestamp with time zone
+)
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'audit_verify_wrapper';
+ALTER FUNCTION tenancy.audit_verify(text) SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+CREATE FUNCTION tenancy."audit_seal"() RETURNS bigint
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'audit_seal_wrapper';
+CREATE FUNCTION tenancy."audit_rekey"(
+	"org" TEXT,
+	"batch_size" INT DEFAULT 1000
+) RETURNS bigint
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'audit_rekey_wrapper';
+COMMENT ON FUNCTION tenancy.audit_verify(text) IS
+  'Verify a tenant''s audit trail (v1 chain, sealed blocks, payload commitments, nothing unaccounted for): ok, events checked, first broken position and why, the unsealed tail. Superuser, or the tenant itself.';
+REVOKE EXECUTE ON FUNCTION tenancy.audit_seal() FROM PUBLIC;
+COMMENT ON FUNCTION tenancy.audit_seal() IS
+  'Seal every committed audit event still pending into its tenant''s chain, now (the audit worker does it continuously in tenancy.audit_database). Returns the number sealed. Superuser.';
+REVOKE EXECUTE ON FUNCTION tenancy.audit_rekey(text, integer) FROM PUBLIC;
+COMMENT ON FUNCTION tenancy.audit_rekey(text, integer) IS
+  'Re-encrypt up to batch_size audit payloads (of one tenant, or all when NULL) under the active PHI key, keeping the chain verifiable; 0 when none is left. Superuser.';
+COMMENT ON FUNCTION tenancy.audit_purge(text, timestamptz) IS
+  'Retention: delete a tenant''s events older than a time (a prefix of its trail: v1 events, whole sealed blocks), keep the trail verifiable from an anchor, record the purge. Superuser.';
+
+-- 0.2.0's BEFORE STATEMENT trigger that took the chain head lock.
+DO $lock$
+DECLARE
+  t record;
+BEGIN
+  FOR t IN SELECT tgrelid::pg_catalog.regclass AS rel FROM pg_catalog.pg_trigger
+            WHERE tgname OPERATOR(pg_catalog.=) 'tenancy_audit_lock' AND tgparentid OPERATOR(pg_catalog.=) 0 LOOP
+    EXECUTE pg_catalog.format('DROP TRIGGER tenancy_audit_lock ON %s', t.rel);
+  END LOOP;
+END
+$lock$;
 
 ALTER EVENT TRIGGER tenancy_guard_ddl ENABLE ALWAYS;
 ALTER EVENT TRIGGER tenancy_guard_drop ENABLE ALWAYS;

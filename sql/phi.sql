@@ -5,10 +5,9 @@ COMMENT ON DOMAIN tenancy.phi IS
   'A PHI column: bytea that must be a pg_tenancy envelope (tenancy.phi_encrypt output); plaintext is refused.';
 
 -- One batch of key rotation for a column (superuser: RLS does not apply), one tenant at a time.
--- The tenant's audit chain head is locked before any of its rows, the order every writer of the
--- tenant uses, so rotation cannot deadlock with the application (it did when a batch spanned
--- tenants and locked rows first). Rows already under the active key are skipped, so it is
--- resumable and safe to repeat; locked rows are skipped and picked up by a later batch.
+-- Audit events are written without any lock of their own, so rotation waits for no writer but
+-- the rows it rewrites. Rows already under the active key are skipped, so it is resumable and
+-- safe to repeat; locked rows are skipped and picked up by a later batch.
 CREATE FUNCTION tenancy.phi_rotate_column(
   table_name text, column_name text, tenant_column text DEFAULT 'organization_id',
   label text DEFAULT NULL, batch_size integer DEFAULT 1000)
@@ -37,8 +36,6 @@ BEGIN
   IF org IS NULL THEN
     RETURN 0;
   END IF;
-  INSERT INTO tenancy.audit_chain_heads (organization_id) VALUES (org) ON CONFLICT DO NOTHING;
-  PERFORM 1 FROM tenancy.audit_chain_heads h WHERE h.organization_id = org FOR UPDATE;
   EXECUTE format(
     'UPDATE %1$s t SET %2$I = tenancy.phi_rotate_for_tenant(t.%2$I, t.%3$I::text, $1)
       WHERE t.ctid = ANY (ARRAY(SELECT s.ctid FROM %1$s s

@@ -132,17 +132,9 @@ fn load_target(rel: pg_sys::Oid, column: &str) -> Target {
 }
 
 /// The audit triggers, all FOR EACH STATEMENT: (name, timing and events, transition tables).
-/// The BEFORE trigger takes the context tenant's chain head before any row is touched (head
-/// lock before row locks, the order every writer of the tenant uses); the AFTER ones write
-/// the events, one per event type because PostgreSQL allows transition tables only on
-/// single-event triggers. Statement triggers are not cloned to partitions, so every table
-/// gets its own.
-const AUDIT_TRIGGERS: [(&str, &str, &str); 4] = [
-    (
-        "tenancy_audit_lock",
-        "BEFORE INSERT OR UPDATE OR DELETE",
-        "",
-    ),
+/// One per event type because PostgreSQL allows transition tables only on single-event
+/// triggers. Statement triggers are not cloned to partitions, so every table gets its own.
+const AUDIT_TRIGGERS: [(&str, &str, &str); 3] = [
     (
         "tenancy_audit_insert",
         "AFTER INSERT",
@@ -159,6 +151,10 @@ const AUDIT_TRIGGERS: [(&str, &str, &str); 4] = [
         "REFERENCING OLD TABLE AS tenancy_old ",
     ),
 ];
+
+/// Audit triggers of earlier versions, dropped when a table is protected again: 0.1.0's row
+/// trigger, 0.2.0's BEFORE STATEMENT trigger that took the chain head lock.
+const OLD_AUDIT_TRIGGERS: [&str; 2] = ["tenancy_audit", "tenancy_audit_lock"];
 
 /// The statements that protect one table (not its children).
 fn protect_statements(t: &Target, column: &str, set_default: bool, audit: bool) -> Vec<String> {
@@ -236,9 +232,10 @@ fn protect_statements(t: &Target, column: &str, set_default: bool, audit: bool) 
     if !t.has_tenant_index {
         s.push(format!("CREATE INDEX ON {table} ({col})"));
     }
-    if t.existing.iter().any(|e| e == "tenancy_audit") {
-        // 0.1.0's row trigger, replaced by the statement triggers below.
-        s.push(format!("DROP TRIGGER tenancy_audit ON {table}"));
+    for old in OLD_AUDIT_TRIGGERS {
+        if t.existing.iter().any(|e| e == old) {
+            s.push(format!("DROP TRIGGER {old} ON {table}"));
+        }
     }
     if audit {
         // Every change becomes an audit event, filed under the row's tenant column.
@@ -606,7 +603,8 @@ fn unprotect_one(rel: pg_sys::Oid, stmts: &mut Vec<String>) -> bool {
         ),
     ];
     if audited {
-        for (name, _, _) in AUDIT_TRIGGERS {
+        let names = AUDIT_TRIGGERS.iter().map(|t| t.0).chain(OLD_AUDIT_TRIGGERS);
+        for name in names {
             mine.insert(6, format!("DROP TRIGGER IF EXISTS {name} ON {table}"));
         }
     }

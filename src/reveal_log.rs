@@ -55,10 +55,6 @@ impl<const N: usize> Fixed<N> {
         f
     }
 
-    pub(crate) fn as_bytes(&self) -> &[u8] {
-        &self.bytes[..self.len as usize]
-    }
-
     pub(crate) fn get(&self) -> Option<String> {
         self.present
             .then(|| String::from_utf8_lossy(&self.bytes[..self.len as usize]).into_owned())

@@ -1,6 +1,7 @@
-//! The reveal audit worker: a background worker connected to `tenancy.audit_database` that
-//! writes the queued reveal records ([`crate::reveal_log`]) as `REVEAL` events, each batch in
-//! its own transaction, and removes them from the queue once committed.
+//! The audit worker: a background worker connected to `tenancy.audit_database` that writes
+//! the queued reveal records ([`crate::reveal_log`]) as `REVEAL` events, each batch in its own
+//! transaction, removes them from the queue once committed, and seals committed audit events
+//! into their tenants' chains ([`crate::audit::sealer`]) every [`SEAL_MS`].
 
 use crate::error::TenancyError;
 use crate::reveal_log::RevealRecord;
@@ -25,6 +26,8 @@ const WORKER_SETTINGS: &[(&str, &str)] = &[
 
 /// How often the worker looks at the queue.
 const POLL_MS: u64 = 20;
+/// How often the worker seals what writers committed.
+const SEAL_MS: u128 = 100;
 
 /// Registers the worker when an audit database is configured; only from `_PG_init` under
 /// preload.
@@ -62,25 +65,21 @@ pub extern "C-unwind" fn pg_tenancy_reveal_worker_main(_arg: pg_sys::Datum) {
             });
         }
     });
+    let mut last_seal = std::time::Instant::now();
     while BackgroundWorker::wait_latch(Some(Duration::from_millis(POLL_MS))) {
+        if last_seal.elapsed().as_millis() >= SEAL_MS {
+            last_seal = std::time::Instant::now();
+            seal();
+        }
         let batch: Vec<RevealRecord> = crate::reveal_log::queued();
         if batch.is_empty() {
             continue;
         }
-        let ready = BackgroundWorker::transaction(|| {
-            Spi::get_one::<bool>(
-                "SELECT pg_catalog.to_regclass('tenancy.audit_events') IS NOT NULL",
-            )
-            .ok()
-            .flatten()
-            .unwrap_or(false)
-        });
-        if !ready {
+        if !installed("tenancy.audit_events") {
             continue; // the extension is not installed in this database yet
         }
-        // Tenant by tenant (chain heads in a fixed order), oldest first within each.
-        let mut batch = batch;
-        batch.sort_by(|a, b| a.org.as_bytes().cmp(b.org.as_bytes()));
+        // Oldest first; writers take no lock, so no tenant's open transaction can hold
+        // this one up.
         BackgroundWorker::transaction(|| {
             for r in &batch {
                 let who = crate::audit::writer::Who {
@@ -112,5 +111,31 @@ pub extern "C-unwind" fn pg_tenancy_reveal_worker_main(_arg: pg_sys::Datum) {
         });
         // Written and committed: remove exactly what was written (new records may follow).
         crate::reveal_log::remove_oldest(batch.len());
+    }
+}
+
+/// Whether `relation` exists in the worker's database (the extension installed, updated).
+fn installed(relation: &str) -> bool {
+    BackgroundWorker::transaction(|| {
+        Spi::get_one_with_args::<bool>(
+            "SELECT pg_catalog.to_regclass($1) IS NOT NULL",
+            &[relation.into()],
+        )
+        .ok()
+        .flatten()
+        .unwrap_or(false)
+    })
+}
+
+/// Seals what is pending, a round per transaction, until nothing is left.
+fn seal() {
+    if !installed("tenancy.audit_seals") {
+        return; // not installed, or not updated to 0.2.1 yet
+    }
+    loop {
+        let round = BackgroundWorker::transaction(crate::audit::sealer::seal_round);
+        if round.groups == 0 {
+            return;
+        }
     }
 }

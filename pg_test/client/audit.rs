@@ -21,7 +21,7 @@ fn enter(c: &mut Client, org: &str, actor: &str) {
 /// Events of one audited table row (by its id), oldest first: (action, changed columns).
 fn events_of(c: &mut Client, id: &str) -> Vec<(String, Vec<String>)> {
     c.query(
-        "SELECT action, changed_columns FROM tenancy.my_audit_events WHERE row_key LIKE '%' || $1 || '%' ORDER BY seq",
+        "SELECT action, changed_columns FROM tenancy.my_audit_events WHERE row_key LIKE '%' || $1 || '%' ORDER BY event_id",
         &[&id],
     )
     .unwrap()
@@ -65,7 +65,7 @@ fn test_audit_rows_match_the_changes_exactly() {
     // The payloads decrypt to the right values.
     let payloads = strings(
         &mut c,
-        &format!("SELECT changes::text FROM tenancy.my_audit_events WHERE row_key LIKE '%{id}%' ORDER BY seq"),
+        &format!("SELECT changes::text FROM tenancy.my_audit_events WHERE row_key LIKE '%{id}%' ORDER BY event_id"),
     );
     assert!(
         payloads[0].contains("\"body\": \"good\"") && payloads[0].contains("\"rating\": \"4\""),
@@ -84,7 +84,7 @@ fn test_audit_rows_match_the_changes_exactly() {
     // A5: the actor is recorded, with how it was established.
     let row = c
         .query_one(
-            &format!("SELECT actor, actor_verified, session_role::text, outer_role::text FROM tenancy.my_audit_events WHERE row_key LIKE '%{id}%' ORDER BY seq LIMIT 1"),
+            &format!("SELECT actor, actor_verified, session_role::text, outer_role::text FROM tenancy.my_audit_events WHERE row_key LIKE '%{id}%' ORDER BY event_id LIMIT 1"),
             &[],
         )
         .unwrap();
@@ -328,13 +328,15 @@ fn test_operator_actions_and_concurrent_writers_keep_the_chain() {
 }
 
 #[test]
-fn test_a3_a_superusers_edit_deletion_or_reordering_is_found() {
+fn test_a3_a_superusers_edit_deletion_reordering_or_insertion_is_found() {
     let cluster = reference_cluster();
     let mut su = cluster.connect("postgres", "app");
-    // The seed wrote Sherwood's events; add a few more.
+    // The seed wrote Sherwood's events; add a few more, and seal them all.
     su.batch_execute(&format!(
         "BEGIN; SELECT tenancy.set_org('{SHERWOOD}');
-         SELECT tenancy.log_action('a'); SELECT tenancy.log_action('b'); SELECT tenancy.log_action('c'); COMMIT;"
+         SELECT tenancy.log_action('a', '{{\"n\": 1}}'); SELECT tenancy.log_action('b', '{{\"n\": 2}}');
+         SELECT tenancy.log_action('c'); COMMIT;
+         SELECT tenancy.audit_seal();"
     ))
     .unwrap();
     let verify = |su: &mut Client| -> (bool, Option<i64>, Option<String>) {
@@ -348,37 +350,123 @@ fn test_a3_a_superusers_edit_deletion_or_reordering_is_found() {
             .unwrap();
         (r.get(0), r.get(1), r.get(2))
     };
-    assert!(verify(&mut su).0);
-    // A superuser who switches the guards off can change rows; the chain shows it.
+    assert_eq!(verify(&mut su), (true, None, None));
+    // The n-th event of Sherwood's trail (its position: sealed in event-id order).
+    let nth = |su: &mut Client, n: i64| -> i64 {
+        su.query_one(
+            &format!("SELECT event_id FROM tenancy.audit_events WHERE organization_id = '{SHERWOOD}' ORDER BY event_id OFFSET $1 LIMIT 1"),
+            &[&(n - 1)],
+        )
+        .unwrap()
+        .get(0)
+    };
+    // A superuser who switches the guards off can change rows; the trail shows it.
     su.batch_execute(
         "ALTER EVENT TRIGGER tenancy_guard_ddl DISABLE;
-         ALTER TABLE tenancy.audit_events DISABLE TRIGGER audit_events_append_only;",
+         ALTER TABLE tenancy.audit_events DISABLE TRIGGER audit_events_append_only;
+         ALTER TABLE tenancy.audit_seals DISABLE TRIGGER audit_seals_append_only;",
     )
     .unwrap();
-    su.batch_execute(&format!("UPDATE tenancy.audit_events SET actor = 'someone else' WHERE organization_id = '{SHERWOOD}' AND seq = 3")).unwrap();
+    let third = nth(&mut su, 3);
+    let actor: Option<String> = su
+        .query_one(
+            "SELECT actor FROM tenancy.audit_events WHERE event_id = $1",
+            &[&third],
+        )
+        .unwrap()
+        .get(0);
+    su.execute(
+        "UPDATE tenancy.audit_events SET actor = 'someone else' WHERE event_id = $1",
+        &[&third],
+    )
+    .unwrap();
     let (ok, at, problem) = verify(&mut su);
     assert_eq!((ok, at), (false, Some(3)), "{problem:?}");
     assert!(problem.unwrap().contains("edited"));
-    su.batch_execute(&format!("UPDATE tenancy.audit_events SET actor = NULL WHERE organization_id = '{SHERWOOD}' AND seq = 3")).unwrap();
-    assert!(verify(&mut su).0, "restored");
-    // Reordering two events.
-    su.batch_execute(&format!(
-        "UPDATE tenancy.audit_events SET seq = -seq WHERE organization_id = '{SHERWOOD}' AND seq IN (4, 5);
-         UPDATE tenancy.audit_events SET seq = CASE seq WHEN -4 THEN 5 ELSE 4 END WHERE organization_id = '{SHERWOOD}' AND seq IN (-4, -5);"
-    ))
-    .unwrap();
-    let (ok, at, _) = verify(&mut su);
-    assert_eq!((ok, at), (false, Some(4)));
-    su.batch_execute(&format!(
-        "UPDATE tenancy.audit_events SET seq = -seq WHERE organization_id = '{SHERWOOD}' AND seq IN (4, 5);
-         UPDATE tenancy.audit_events SET seq = CASE seq WHEN -4 THEN 5 ELSE 4 END WHERE organization_id = '{SHERWOOD}' AND seq IN (-4, -5);"
-    ))
+    su.execute(
+        "UPDATE tenancy.audit_events SET actor = $2 WHERE event_id = $1",
+        &[&third, &actor],
+    )
     .unwrap();
     assert!(verify(&mut su).0, "restored");
+    // A payload replaced by another event's (its stored digest and hash untouched).
+    let (a, b) = (nth(&mut su, 3), nth(&mut su, 4));
+    let original: Option<Vec<u8>> = su
+        .query_one(
+            "SELECT payload FROM tenancy.audit_events WHERE event_id = $1",
+            &[&b],
+        )
+        .unwrap()
+        .get(0);
+    assert!(original.is_some(), "the 4th event has a payload");
+    su.execute(
+        "UPDATE tenancy.audit_events x SET payload = y.payload FROM tenancy.audit_events y
+          WHERE x.event_id = $1 AND y.event_id = $2",
+        &[&b, &a],
+    )
+    .unwrap();
+    let (ok, at, problem) = verify(&mut su);
+    assert_eq!((ok, at), (false, Some(4)), "{problem:?}");
+    assert!(problem.unwrap().contains("payload"));
+    su.execute(
+        "UPDATE tenancy.audit_events SET payload = $2 WHERE event_id = $1",
+        &[&b, &original],
+    )
+    .unwrap();
+    assert!(verify(&mut su).0, "restored");
+    // Reordering two events inside their block.
+    let order: Vec<i64> = su
+        .query_one(
+            &format!("SELECT event_ids FROM tenancy.audit_seals WHERE organization_id = '{SHERWOOD}' ORDER BY block_no DESC LIMIT 1"),
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(order.len() >= 2, "{order:?}");
+    let mut swapped = order.clone();
+    swapped.swap(0, 1);
+    su.execute(
+        &format!("UPDATE tenancy.audit_seals SET event_ids = $1 WHERE organization_id = '{SHERWOOD}' AND event_ids = $2"),
+        &[&swapped, &order],
+    )
+    .unwrap();
+    let (ok, _, problem) = verify(&mut su);
+    assert!(!ok, "reordered");
+    assert!(problem.unwrap().contains("sealed block"));
+    su.execute(
+        &format!("UPDATE tenancy.audit_seals SET event_ids = $2 WHERE organization_id = '{SHERWOOD}' AND event_ids = $1"),
+        &[&swapped, &order],
+    )
+    .unwrap();
+    // An event inserted behind pg_tenancy's back (a copy under a new id) is in no block.
+    let stray: i64 = su
+        .query_one(
+            &format!(
+                "INSERT INTO tenancy.audit_events
+                 SELECT organization_id, seq, nextval('tenancy.audit_event_id'), occurred_at, txid, actor, actor_verified,
+                        session_role, outer_role, action, table_name, row_key, changed_columns, payload, prev_hash, hash,
+                        payload_digest
+                   FROM tenancy.audit_events WHERE organization_id = '{SHERWOOD}' ORDER BY event_id LIMIT 1
+                 RETURNING event_id"
+            ),
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let (ok, _, problem) = verify(&mut su);
+    assert!(!ok);
+    assert!(problem.unwrap().contains("in no sealed block"));
+    su.execute(
+        "DELETE FROM tenancy.audit_events WHERE event_id = $1",
+        &[&stray],
+    )
+    .unwrap();
     // Deleting one.
-    su.batch_execute(&format!(
-        "DELETE FROM tenancy.audit_events WHERE organization_id = '{SHERWOOD}' AND seq = 2"
-    ))
+    let second = nth(&mut su, 2);
+    su.execute(
+        "DELETE FROM tenancy.audit_events WHERE event_id = $1",
+        &[&second],
+    )
     .unwrap();
     let (ok, at, problem) = verify(&mut su);
     assert_eq!((ok, at), (false, Some(2)), "{problem:?}");
@@ -498,15 +586,18 @@ fn test_retention_is_one_recorded_superuser_function_and_the_chain_still_verifie
     let cluster = reference_cluster();
     let mut su = cluster.connect("postgres", "app");
     su.batch_execute(&format!(
-        "BEGIN; SELECT tenancy.set_org('{SHERWOOD}'); SELECT tenancy.log_action('old.1'); SELECT tenancy.log_action('old.2'); COMMIT;"
+        "BEGIN; SELECT tenancy.set_org('{SHERWOOD}'); SELECT tenancy.log_action('old.1'); SELECT tenancy.log_action('old.2'); COMMIT;
+         SELECT tenancy.audit_seal();"
     ))
     .unwrap();
+    // Purges remove whole sealed blocks: the old events were sealed before the cutoff.
     let cutoff: String = su
         .query_one("SELECT (clock_timestamp())::text", &[])
         .unwrap()
         .get(0);
     su.batch_execute(&format!(
-        "BEGIN; SELECT tenancy.set_org('{SHERWOOD}'); SELECT tenancy.log_action('new.1'); COMMIT;"
+        "BEGIN; SELECT tenancy.set_org('{SHERWOOD}'); SELECT tenancy.log_action('new.1'); COMMIT;
+         SELECT tenancy.audit_seal();"
     ))
     .unwrap();
     let before = count(
@@ -532,18 +623,20 @@ fn test_retention_is_one_recorded_superuser_function_and_the_chain_still_verifie
         &format!("SELECT count(*) FROM tenancy.audit_events WHERE organization_id = '{SHERWOOD}'"),
     );
     assert_eq!(after, before - deleted + 1, "the purge is itself recorded");
-    let actions = strings(&mut su, &format!("SELECT action FROM tenancy.audit_events WHERE organization_id = '{SHERWOOD}' ORDER BY seq"));
+    let actions = strings(&mut su, &format!("SELECT action FROM tenancy.audit_events WHERE organization_id = '{SHERWOOD}' ORDER BY event_id"));
     assert_eq!(actions, ["new.1", "AUDIT_PURGE"]);
     assert_chain_ok(&mut su, SHERWOOD);
     // Conway's trail is untouched.
     assert_chain_ok(&mut su, CONWAY);
 }
 
-/// Asserts that `org`'s audit chain verifies, showing the problem when it does not.
-fn assert_chain_ok(su: &mut Client, org: &str) {
+/// Seals what is pending and asserts that `org`'s whole audit trail verifies, showing the
+/// problem when it does not.
+pub fn assert_chain_ok(su: &mut Client, org: &str) {
+    su.batch_execute("SELECT tenancy.audit_seal()").unwrap();
     let row = su
         .query_one(
-            &format!("SELECT ok, problem FROM tenancy.audit_verify('{org}')"),
+            &format!("SELECT ok, problem, unsealed FROM tenancy.audit_verify('{org}')"),
             &[],
         )
         .unwrap();
@@ -552,6 +645,7 @@ fn assert_chain_ok(su: &mut Client, org: &str) {
         "{org}: {:?}",
         row.get::<_, Option<String>>(1)
     );
+    assert_eq!(row.get::<_, i64>(2), 0, "{org}: everything sealed");
 }
 
 /// S3: an UPDATE is recorded whatever output settings the session uses: values are compared
@@ -595,7 +689,7 @@ fn test_s3_session_output_settings_hide_no_update() {
         let last = app
             .query_one(
                 "SELECT action, changed_columns, changes::text FROM tenancy.my_audit_events
-                  WHERE table_name = 'public.vitals' ORDER BY seq DESC LIMIT 1",
+                  WHERE table_name = 'public.vitals' ORDER BY event_id DESC LIMIT 1",
                 &[],
             )
             .unwrap();
@@ -683,7 +777,7 @@ fn test_tables_created_later_in_an_audited_schema_are_audited() {
                 &mut su,
                 &format!("SELECT count(*) FROM pg_trigger WHERE tgrelid = '{t}'::regclass AND tgname LIKE 'tenancy_audit%' AND tgenabled = 'A'")
             ),
-            4,
+            3,
             "{t} has the audit triggers"
         );
     }

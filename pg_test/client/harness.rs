@@ -303,6 +303,20 @@ impl Cluster {
         );
     }
 
+    /// Starts the server again after it died (crash recovery runs).
+    pub fn start_again(&self) {
+        let log = self._tmp.path().join("server.log");
+        check(
+            "pg_ctl start",
+            pg_ctl()
+                .args(["start", "-w", "-t", "60", "-D"])
+                .arg(&self.dir)
+                .arg("-l")
+                .arg(&log)
+                .output(),
+        );
+    }
+
     pub fn reload(&self) {
         self.connect("postgres", "postgres")
             .batch_execute("SELECT pg_reload_conf()")

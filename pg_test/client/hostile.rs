@@ -432,7 +432,7 @@ fn test_thirty_two_pooled_clients_with_rotation_leak_nothing_and_lose_nothing() 
 }
 
 /// Restarts the server after an immediate shutdown (no checkpoint: crash recovery).
-fn immediate_restart(cluster: &Cluster) {
+pub(crate) fn immediate_restart(cluster: &Cluster) {
     let bin = crate::harness::bindir();
     let pg_ctl = |args: &[&str]| {
         // SAFETY: geteuid() cannot fail and touches no memory.

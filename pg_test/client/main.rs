@@ -15,6 +15,7 @@ mod regress;
 mod report;
 mod restore;
 mod rls;
+mod sealing;
 mod sessions;
 mod signed;
 mod upgrade;

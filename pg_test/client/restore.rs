@@ -36,11 +36,13 @@ fn fingerprint(c: &Cluster) -> Vec<String> {
         &mut su,
         "SELECT format('%s %s', evtname, evtenabled) FROM pg_event_trigger ORDER BY 1",
     ));
+    // Whatever was pending (before the dump, or restored pending) is sealed first.
+    su.batch_execute("SELECT tenancy.audit_seal()").unwrap();
     for org in [SHERWOOD, CONWAY] {
         out.extend(strings(
             &mut su,
             &format!(
-                "SELECT format('%s ok=%s events=%s', '{org}', ok, events) FROM tenancy.audit_verify('{org}')"
+                "SELECT format('%s ok=%s events=%s unsealed=%s', '{org}', ok, events, unsealed) FROM tenancy.audit_verify('{org}')"
             ),
         ));
         let mut app = c.connect("app", "app");
@@ -53,7 +55,7 @@ fn fingerprint(c: &Cluster) -> Vec<String> {
         ));
         out.extend(strings(
             &mut app,
-            "SELECT format('%s %s', seq, action) FROM tenancy.my_audit_events ORDER BY seq",
+            "SELECT format('%s %s', seq, action) FROM tenancy.my_audit_events ORDER BY event_id",
         ));
         app.batch_execute("COMMIT").unwrap();
     }

@@ -225,6 +225,7 @@ fn updating_gives_what_a_fresh_install_gives(from: &str) {
              INSERT INTO clinic.organizations (id, name, slug) VALUES ('{CONWAY}', 'Conway', 'conway'); COMMIT;"
         ))
         .unwrap();
+    su.batch_execute("SELECT tenancy.audit_seal()").unwrap();
     let row = su
         .query_one(
             &format!("SELECT ok, events FROM tenancy.audit_verify('{SHERWOOD}')"),
@@ -239,7 +240,7 @@ fn updating_gives_what_a_fresh_install_gives(from: &str) {
     );
     let actions = strings(
         &mut su,
-        &format!("SELECT action FROM tenancy.audit_events WHERE organization_id = '{SHERWOOD}' ORDER BY seq"),
+        &format!("SELECT action FROM tenancy.audit_events WHERE organization_id = '{SHERWOOD}' ORDER BY event_id"),
     );
     assert_eq!(actions, ["INSERT", "INSERT", "UPDATE"]);
 }

@@ -1,12 +1,14 @@
 //! The audit trail's SQL functions: `log_action`, `audit_payload`, `audit_verify`,
-//! `audit_purge`, `audit_history`.
+//! `audit_purge`, `audit_history`, `audit_rekey`.
 
-use super::chain::{event_hash, EventContent};
+use super::chain::{
+    event_hash, event_hash_v2, payload_digest, split_payload, BlockHasher, EventContent, EventV2,
+};
 use super::writer::{payload_label, write_event};
 use crate::crypto::{self, envelope::Content};
 use crate::error::{Raise, TenancyError};
 use pgrx::prelude::*;
-use pgrx::spi::SpiResult;
+use pgrx::spi::{SpiClient, SpiResult};
 
 /// Decrypts an audit payload of the current tenant.
 #[pg_extern(stable, parallel_restricted)]
@@ -31,10 +33,11 @@ pub(crate) fn audit_payload(payload: Option<&[u8]>, event_id: Option<i64>) -> Op
     Some(pgrx::JsonB(payload_json(&plain).or_raise()))
 }
 
-/// An audit payload's JSON (written by pg_tenancy's serde_json; authenticated, but parsed
+/// An audit payload's JSON: after the salt of a v2 payload, or the whole of a v1 one. (written by pg_tenancy's serde_json; authenticated, but parsed
 /// without trusting that: an error, never a panic).
 fn payload_json(plain: &[u8]) -> Result<serde_json::Value, TenancyError> {
-    serde_json::from_slice(plain).map_err(|_| TenancyError::PhiInvalidJson)
+    let json = split_payload(plain).map_or(plain, |(_, json)| json);
+    serde_json::from_slice(json).map_err(|_| TenancyError::PhiInvalidJson)
 }
 
 /// Records an operator action of the application in the current tenant's audit trail.
@@ -92,10 +95,27 @@ fn log_action(fcinfo: pg_sys::FunctionCallInfo) -> bool {
     true
 }
 
-/// Verifies `org`'s hash chain: one row with the number of events checked and, when broken,
-/// the first broken position and what is wrong. Superusers may verify any tenant; others
-/// only the tenant of their context.
+/// Verification's outcome: events checked, the first broken position and why, the unsealed tail.
+struct Verdict {
+    events: i64,
+    broken: Option<(Option<i64>, String)>,
+    unsealed: i64,
+    oldest_unsealed: Option<pgrx::datum::TimestampWithTimeZone>,
+}
+
+/// Rows read per statement while verifying: memory stays bounded however long the trail.
+const VERIFY_PAGE: i64 = 1000;
+/// Blocks read per statement (each holds up to 10,000 event ids).
+const VERIFY_BLOCKS: i64 = 8;
+
+/// Verifies `org`'s audit trail: the v1 chain (events of 0.1.0 and 0.2.0), then every sealed
+/// block (each event's hash, its payload's commitment, the block's hash and its link to the
+/// one before), and that every other event of the tenant is waiting to be sealed. One row:
+/// ok, events checked, the first broken position and what is wrong, and the unsealed tail
+/// (how many events, the oldest one's time). Superusers may verify any tenant; others only
+/// the tenant of their context.
 #[pg_extern(volatile, parallel_unsafe)]
+#[allow(clippy::type_complexity)] // a result row is a tuple of its columns
 fn audit_verify(
     org: &str,
 ) -> TableIterator<
@@ -105,6 +125,8 @@ fn audit_verify(
         name!(events, i64),
         name!(first_broken_seq, Option<i64>),
         name!(problem, Option<String>),
+        name!(unsealed, i64),
+        name!(oldest_unsealed, Option<pgrx::datum::TimestampWithTimeZone>),
     ),
 > {
     // This function is SECURITY DEFINER: ask about the caller (the outer user), not the owner.
@@ -117,38 +139,129 @@ fn audit_verify(
         }
         .report();
     }
-    let result = Spi::connect(|client| -> SpiResult<(i64, Option<(i64, String)>)> {
+    let v = Spi::connect(|client| verify(client, org))
+        .unwrap_or_else(|e| TenancyError::spi("reading the audit trail", e).report());
+    let (at, problem) = match v.broken {
+        Some((at, p)) => (at, Some(p)),
+        None => (None, None),
+    };
+    TableIterator::once((
+        problem.is_none(),
+        v.events,
+        at,
+        problem,
+        v.unsealed,
+        v.oldest_unsealed,
+    ))
+}
+
+fn verify(client: &SpiClient<'_>, org: &str) -> SpiResult<Verdict> {
+    // In one statement (one snapshot): the sealed blocks as of now, the v2 events, and which
+    // of them wait for the sealer. Blocks up to `last_block` never change but by a purge.
+    let r = client
+        .select(
+            "SELECT (SELECT count(*) FROM tenancy.audit_events e WHERE e.organization_id = $1 AND e.seq IS NULL),
+                    u.n, u.oldest,
+                    (SELECT coalesce(max(block_no), 0) FROM tenancy.audit_seals WHERE organization_id = $1),
+                    (SELECT coalesce(sum(event_count), 0)::bigint FROM tenancy.audit_seals WHERE organization_id = $1),
+                    h.purged_through_seq, h.purged_anchor
+               FROM (SELECT count(*) AS n, min(e.occurred_at) AS oldest
+                       FROM tenancy.audit_events e
+                      WHERE e.organization_id = $1 AND e.seq IS NULL
+                        AND EXISTS (SELECT 1 FROM tenancy.audit_pending p
+                                     WHERE p.organization_id = e.organization_id AND p.txid = e.txid
+                                       AND p.first_event_id <= e.event_id)) u
+               LEFT JOIN tenancy.audit_chain_heads h ON h.organization_id = $1",
+            None,
+            &[org.into()],
+        )?
+        .first();
+    let v2_total = r.get::<i64>(1)?.unwrap_or(0);
+    let unsealed = r.get::<i64>(2)?.unwrap_or(0);
+    let oldest_unsealed = r.get::<pgrx::datum::TimestampWithTimeZone>(3)?;
+    let last_block = r.get::<i64>(4)?.unwrap_or(0);
+    let sealed_total = r.get::<i64>(5)?.unwrap_or(0);
+    let purged_seq = r.get::<i64>(6)?.unwrap_or(0);
+    let anchor = r.get::<Vec<u8>>(7)?;
+    let mut v = Verdict {
+        events: 0,
+        broken: None,
+        unsealed,
+        oldest_unsealed,
+    };
+    // After a purge the trail starts at the anchor: the hash of the last purged event or block.
+    let mut prev = anchor.unwrap_or_else(|| vec![0u8; 32]);
+    let mut next_seq = purged_seq + 1;
+    if let Some(b) = verify_v1(client, org, &mut prev, &mut next_seq, &mut v.events)? {
+        v.broken = Some(b);
+        return Ok(v);
+    }
+    if let Some(b) = verify_blocks(
+        client,
+        org,
+        last_block,
+        &mut prev,
+        &mut next_seq,
+        &mut v.events,
+    )? {
+        v.broken = Some(b);
+        return Ok(v);
+    }
+    if v2_total - unsealed != sealed_total {
+        let stray = v2_total - unsealed - sealed_total;
+        v.broken = Some((
+            None,
+            if stray > 0 {
+                format!("{stray} event(s) are in no sealed block and not waiting to be sealed (written outside pg_tenancy)")
+            } else {
+                format!("{} sealed event(s) are missing", -stray)
+            },
+        ));
+    }
+    Ok(v)
+}
+
+/// The v1 chain, in pages by position.
+fn verify_v1(
+    client: &SpiClient<'_>,
+    org: &str,
+    prev: &mut Vec<u8>,
+    next_seq: &mut i64,
+    checked: &mut i64,
+) -> SpiResult<Option<(Option<i64>, String)>> {
+    loop {
         let rows = client.select(
             "SELECT seq, event_id, occurred_at, txid, actor, actor_verified, session_role::text, outer_role::text,
                     action, table_name, row_key, changed_columns, payload, prev_hash, hash
-               FROM tenancy.audit_events WHERE organization_id = $1 ORDER BY seq",
+               FROM tenancy.audit_events WHERE organization_id = $1 AND seq IS NOT NULL AND seq >= $2
+              ORDER BY seq LIMIT $3",
             None,
-            &[org.into()],
+            &[org.into(), (*next_seq).into(), VERIFY_PAGE.into()],
         )?;
-        // After a purge the chain starts at the anchor: the hash of the last purged event.
-        let anchor = client
-            .select(
-                "SELECT purged_through_seq, purged_anchor FROM tenancy.audit_chain_heads WHERE organization_id = $1",
-                None,
-                &[org.into()],
-            )?
-            .first()
-            .get_two::<i64, Vec<u8>>()
-            .unwrap_or((None, None));
-        let mut expected_prev = anchor.1.unwrap_or_else(|| vec![0u8; 32]);
-        let first_seq = anchor.0.unwrap_or(0) + 1;
-        let mut n = 0i64;
-        for (expected_seq, r) in (first_seq..).zip(rows) {
-            n += 1;
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        for r in rows {
+            *checked += 1;
+            let expected = *next_seq;
             let seq = r.get::<i64>(1)?.unwrap_or(0);
-            if seq != expected_seq {
-                return Ok((n, Some((expected_seq, format!("event {expected_seq} is missing (next stored is {seq})")))));
+            if seq != expected {
+                return Ok(Some((
+                    Some(expected),
+                    format!("event {expected} is missing (next stored is {seq})"),
+                )));
             }
-            let prev = r.get::<Vec<u8>>(14)?.unwrap_or_default();
-            if prev != expected_prev {
-                return Ok((n, Some((seq, "its link to the previous event does not match".into()))));
+            let stored_prev = r.get::<Vec<u8>>(14)?.unwrap_or_default();
+            if stored_prev != *prev {
+                return Ok(Some((
+                    Some(seq),
+                    "its link to the previous event does not match".into(),
+                )));
             }
-            let ts = r.get::<pgrx::datum::TimestampWithTimeZone>(3)?.map(|t| t.into_inner()).unwrap_or(0);
+            let ts = r
+                .get::<pgrx::datum::TimestampWithTimeZone>(3)?
+                .map(|t| t.into_inner())
+                .unwrap_or(0);
             let actor = r.get::<String>(5)?;
             let session_role = r.get::<String>(7)?.unwrap_or_default();
             let outer_role = r.get::<String>(8)?.unwrap_or_default();
@@ -173,28 +286,211 @@ fn audit_verify(
                 row_key: row_key.as_deref(),
                 changed_columns: changed.as_deref(),
                 payload: payload.as_deref(),
-                prev_hash: &prev,
+                prev_hash: &stored_prev,
             };
             if event_hash(&content).as_slice() != stored.as_slice() {
-                return Ok((n, Some((seq, "its content does not match its hash (edited)".into()))));
+                return Ok(Some((
+                    Some(seq),
+                    "its content does not match its hash (edited)".into(),
+                )));
             }
-            expected_prev = stored;
+            *prev = stored;
+            *next_seq += 1;
         }
-        Ok((n, None))
-    })
-    .unwrap_or_else(|e| TenancyError::spi("reading the audit trail", e).report());
-    let (events, broken) = result;
-    TableIterator::once((
-        broken.is_none(),
-        events,
-        broken.as_ref().map(|b| b.0),
-        broken.map(|b| b.1),
-    ))
+    }
 }
 
-/// Deletes `org`'s events older than `before` (whole chain prefix only), keeping the hash of
-/// the last deleted event as the chain's new anchor, and records the purge as an event in the
-/// same trail. The only way to delete audit events. Superuser. Returns how many were deleted.
+/// The sealed blocks up to `last_block`, a few per statement, each block's events read in one.
+fn verify_blocks(
+    client: &SpiClient<'_>,
+    org: &str,
+    last_block: i64,
+    prev: &mut Vec<u8>,
+    next_seq: &mut i64,
+    checked: &mut i64,
+) -> SpiResult<Option<(Option<i64>, String)>> {
+    let mut after = 0i64;
+    loop {
+        let blocks = client.select(
+            "SELECT block_no, first_seq, event_ids, prev_hash, hash FROM tenancy.audit_seals
+              WHERE organization_id = $1 AND block_no > $2 AND block_no <= $3
+              ORDER BY block_no LIMIT $4",
+            None,
+            &[
+                org.into(),
+                after.into(),
+                last_block.into(),
+                VERIFY_BLOCKS.into(),
+            ],
+        )?;
+        if blocks.is_empty() {
+            return Ok(None);
+        }
+        let mut list = Vec::new();
+        for b in blocks {
+            list.push((
+                b.get::<i64>(1)?.unwrap_or(0),
+                b.get::<i64>(2)?.unwrap_or(0),
+                b.get::<Vec<i64>>(3)?.unwrap_or_default(),
+                b.get::<Vec<u8>>(4)?.unwrap_or_default(),
+                b.get::<Vec<u8>>(5)?.unwrap_or_default(),
+            ));
+        }
+        for (block_no, first_seq, ids, block_prev, block_hash) in list {
+            after = block_no;
+            if first_seq != *next_seq {
+                return Ok(Some((
+                    Some(*next_seq),
+                    format!("sealed block {block_no} starts at position {first_seq}, not {}: events before it are missing", *next_seq),
+                )));
+            }
+            if block_prev != *prev {
+                return Ok(Some((
+                    Some(first_seq),
+                    format!("sealed block {block_no} does not link to the previous block"),
+                )));
+            }
+            if let Some(b) = verify_block_events(client, org, first_seq, &ids, checked)? {
+                return Ok(Some(b));
+            }
+            // The block's own hash over the stored event hashes (each checked just above).
+            let mut hasher = BlockHasher::new(org, block_no, first_seq, &block_prev);
+            let hashes = block_event_hashes(client, org, &ids)?;
+            for (id, h) in ids.iter().zip(&hashes) {
+                hasher.add(*id, h);
+            }
+            if hasher.finish().as_slice() != block_hash.as_slice() {
+                return Ok(Some((
+                    Some(first_seq),
+                    format!("sealed block {block_no} does not match its hash (edited, reordered or events removed)"),
+                )));
+            }
+            *prev = block_hash;
+            *next_seq += ids.len() as i64;
+        }
+    }
+}
+
+/// The stored hashes of `ids`, in the block's order.
+fn block_event_hashes(client: &SpiClient<'_>, org: &str, ids: &[i64]) -> SpiResult<Vec<Vec<u8>>> {
+    let rows = client.select(
+        "SELECT e.hash FROM unnest($2::bigint[]) WITH ORDINALITY AS b(id, n)
+           JOIN tenancy.audit_events e ON e.organization_id = $1 AND e.event_id = b.id
+          ORDER BY b.n",
+        None,
+        &[org.into(), ids.into()],
+    )?;
+    let mut out = Vec::with_capacity(ids.len());
+    for r in rows {
+        out.push(r.get::<Vec<u8>>(1)?.unwrap_or_default());
+    }
+    Ok(out)
+}
+
+/// Each event of one block: present, its hash over its content, its payload's commitment.
+fn verify_block_events(
+    client: &SpiClient<'_>,
+    org: &str,
+    first_seq: i64,
+    ids: &[i64],
+    checked: &mut i64,
+) -> SpiResult<Option<(Option<i64>, String)>> {
+    let rows = client.select(
+        "SELECT b.n, b.id, e.event_id, e.occurred_at, e.txid, e.actor, e.actor_verified, e.session_role::text,
+                e.outer_role::text, e.action, e.table_name, e.row_key, e.changed_columns, e.payload,
+                e.payload_digest, e.hash
+           FROM unnest($2::bigint[]) WITH ORDINALITY AS b(id, n)
+           LEFT JOIN tenancy.audit_events e ON e.organization_id = $1 AND e.event_id = b.id
+          ORDER BY b.n",
+        None,
+        &[org.into(), ids.into()],
+    )?;
+    for r in rows {
+        *checked += 1;
+        let seq = first_seq + r.get::<i64>(1)?.unwrap_or(1) - 1;
+        let id = r.get::<i64>(2)?.unwrap_or(0);
+        let Some(event_id) = r.get::<i64>(3)? else {
+            return Ok(Some((
+                Some(seq),
+                format!("event {id} (position {seq}) is missing"),
+            )));
+        };
+        let ts = r
+            .get::<pgrx::datum::TimestampWithTimeZone>(4)?
+            .map(|t| t.into_inner())
+            .unwrap_or(0);
+        let actor = r.get::<String>(6)?;
+        let session_role = r.get::<String>(8)?.unwrap_or_default();
+        let outer_role = r.get::<String>(9)?.unwrap_or_default();
+        let action = r.get::<String>(10)?.unwrap_or_default();
+        let table_name = r.get::<String>(11)?;
+        let row_key = r.get::<String>(12)?;
+        let changed = r.get::<Vec<String>>(13)?;
+        let payload = r.get::<Vec<u8>>(14)?;
+        let digest = r.get::<Vec<u8>>(15)?;
+        let stored = r.get::<Vec<u8>>(16)?.unwrap_or_default();
+        let content = EventV2 {
+            org,
+            event_id,
+            occurred_at: ts,
+            txid: r.get::<i64>(5)?.unwrap_or(0),
+            actor: actor.as_deref(),
+            actor_verified: r.get::<bool>(7)?.unwrap_or(false),
+            session_role: &session_role,
+            outer_role: &outer_role,
+            action: &action,
+            table_name: table_name.as_deref(),
+            row_key: row_key.as_deref(),
+            changed_columns: changed.as_deref(),
+            payload_digest: digest.as_deref(),
+        };
+        if event_hash_v2(&content).as_slice() != stored.as_slice() {
+            return Ok(Some((
+                Some(seq),
+                format!("event {event_id}: its content does not match its hash (edited)"),
+            )));
+        }
+        if let Some(problem) = payload_problem(org, event_id, payload.as_deref(), digest.as_deref())
+        {
+            return Ok(Some((Some(seq), format!("event {event_id}: {problem}"))));
+        }
+    }
+    Ok(None)
+}
+
+/// Whether a v2 payload still holds what its commitment (covered by the chain) says.
+fn payload_problem(
+    org: &str,
+    event_id: i64,
+    payload: Option<&[u8]>,
+    digest: Option<&[u8]>,
+) -> Option<String> {
+    let (payload, digest) = match (payload, digest) {
+        (None, None) => return None,
+        (Some(p), Some(d)) => (p, d),
+        _ => return Some("its payload does not match its commitment (added or removed)".into()),
+    };
+    let plain = match crypto::decrypt_for(org, payload, Some(Content::Jsonb), Some(&payload_label(event_id))) {
+        Ok((_, plain)) => plain,
+        Err(TenancyError::PhiUnknownKey { key_id }) => {
+            return Some(format!("its payload is under PHI key {key_id}, which is not in the key ring (re-encrypt with tenancy.audit_rekey() before retiring a key)"))
+        }
+        Err(TenancyError::PhiNotConfigured) => return None,
+        Err(_) => return Some("its payload does not decrypt for this tenant and event (replaced)".into()),
+    };
+    match split_payload(&plain) {
+        Some((salt, json)) if payload_digest(org, event_id, salt, json).as_slice() == digest => {
+            None
+        }
+        _ => Some("its payload does not match its commitment (replaced)".into()),
+    }
+}
+
+/// Deletes `org`'s events older than `before` (a prefix of its trail only: the v1 chain's
+/// events, then whole sealed blocks whose newest event is older), keeping the position and
+/// hash of the last deleted event or block as the trail's new anchor, and records the purge
+/// as an event in the same trail. Unsealed events are never purged. The only way to delete
+/// audit events. Superuser. Returns how many were deleted.
 #[pg_extern(volatile, parallel_unsafe)]
 fn audit_purge(org: &str, before: pgrx::datum::TimestampWithTimeZone) -> i64 {
     // SAFETY: superuser() only reads the current role.
@@ -204,48 +500,99 @@ fn audit_purge(org: &str, before: pgrx::datum::TimestampWithTimeZone) -> i64 {
         }
         .report();
     }
-    let (through, anchor) = Spi::connect_mut(|client| -> SpiResult<(i64, Option<Vec<u8>>)> {
-        // Lock the chain head: no event of this tenant is written meanwhile.
-        client.update(
-            "SELECT 1 FROM tenancy.audit_chain_heads WHERE organization_id = $1 FOR UPDATE",
-            None,
-            &[org.into()],
-        )?;
-        let rows = client.select(
-            "SELECT seq, hash FROM tenancy.audit_events
-              WHERE organization_id = $1 AND seq = (SELECT max(seq) FROM tenancy.audit_events
-                                                     WHERE organization_id = $1 AND occurred_at < $2)",
-            None,
-            &[org.into(), before.into()],
-        )?;
-        if rows.is_empty() {
-            return Ok((0, None)); // nothing that old: nothing to purge
-        }
-        let row = rows.first().get_two::<i64, Vec<u8>>()?;
-        Ok((row.0.unwrap_or(0), row.1))
-    })
-    .unwrap_or_else(|e| TenancyError::spi("reading the audit trail", e).report());
-    let Some(anchor) = anchor else {
-        return 0;
-    };
-    let deleted = crate::policy::with_maintenance(|| {
-        Spi::connect_mut(|client| -> SpiResult<i64> {
-            let n = client
-                .update(
-                    "DELETE FROM tenancy.audit_events WHERE organization_id = $1 AND seq <= $2",
-                    None,
-                    &[org.into(), through.into()],
-                )?
-                .len() as i64;
+    let (deleted, through) = crate::policy::with_maintenance(|| {
+        Spi::connect_mut(|client| -> SpiResult<(i64, i64)> {
+            // The sealers' lock: no block of this tenant is written meanwhile.
+            client.update("LOCK TABLE tenancy.audit_seals IN EXCLUSIVE MODE", None, &[])?;
             client.update(
-                "UPDATE tenancy.audit_chain_heads SET purged_through_seq = $2, purged_anchor = $3 WHERE organization_id = $1",
+                "INSERT INTO tenancy.audit_chain_heads (organization_id) VALUES ($1) ON CONFLICT DO NOTHING",
                 None,
-                &[org.into(), through.into(), anchor.clone().into()],
+                &[org.into()],
             )?;
-            Ok(n)
+            let mut deleted = 0i64;
+            let mut through = 0i64;
+            // The v1 chain: its prefix of events older than `before`.
+            let v1 = client.update(
+                "SELECT seq, hash, seq = (SELECT max(seq) FROM tenancy.audit_events WHERE organization_id = $1 AND seq IS NOT NULL)
+                   FROM tenancy.audit_events
+                  WHERE organization_id = $1 AND seq = (SELECT max(seq) FROM tenancy.audit_events
+                                                         WHERE organization_id = $1 AND seq IS NOT NULL AND occurred_at < $2)",
+                None,
+                &[org.into(), before.into()],
+            )?;
+            let mut v1_all_gone = client
+                .select(
+                    "SELECT NOT EXISTS (SELECT 1 FROM tenancy.audit_events WHERE organization_id = $1 AND seq IS NOT NULL)",
+                    None,
+                    &[org.into()],
+                )?
+                .first()
+                .get_one::<bool>()?
+                .unwrap_or(true);
+            if let Some(r) = v1.into_iter().next() {
+                let seq = r.get::<i64>(1)?.unwrap_or(0);
+                let hash = r.get::<Vec<u8>>(2)?;
+                v1_all_gone = r.get::<bool>(3)?.unwrap_or(false);
+                deleted += client
+                    .update(
+                        "DELETE FROM tenancy.audit_events WHERE organization_id = $1 AND seq IS NOT NULL AND seq <= $2",
+                        None,
+                        &[org.into(), seq.into()],
+                    )?
+                    .len() as i64;
+                client.update(
+                    "UPDATE tenancy.audit_chain_heads SET purged_through_seq = $2, purged_anchor = $3 WHERE organization_id = $1",
+                    None,
+                    &[org.into(), seq.into(), hash.into()],
+                )?;
+                through = seq;
+            }
+            if !v1_all_gone {
+                return Ok((deleted, through));
+            }
+            // Then whole blocks, oldest first, while their newest event is older than `before`.
+            let last = client
+                .select(
+                    "SELECT b.block_no, b.first_seq + b.event_count - 1, b.hash FROM tenancy.audit_seals b
+                      WHERE b.organization_id = $1
+                        AND b.block_no < coalesce((SELECT min(block_no) FROM tenancy.audit_seals
+                                                    WHERE organization_id = $1 AND newest_event_at >= $2), 9223372036854775807)
+                      ORDER BY b.block_no DESC LIMIT 1",
+                    None,
+                    &[org.into(), before.into()],
+                )?;
+            if let Some(r) = last.into_iter().next() {
+                let block_no = r.get::<i64>(1)?.unwrap_or(0);
+                let seq = r.get::<i64>(2)?.unwrap_or(0);
+                let hash = r.get::<Vec<u8>>(3)?;
+                deleted += client
+                    .update(
+                        "DELETE FROM tenancy.audit_events e USING tenancy.audit_seals b
+                          WHERE b.organization_id = $1 AND b.block_no <= $2
+                            AND e.organization_id = $1 AND e.event_id = ANY (b.event_ids)",
+                        None,
+                        &[org.into(), block_no.into()],
+                    )?
+                    .len() as i64;
+                client.update(
+                    "DELETE FROM tenancy.audit_seals WHERE organization_id = $1 AND block_no <= $2",
+                    None,
+                    &[org.into(), block_no.into()],
+                )?;
+                client.update(
+                    "UPDATE tenancy.audit_chain_heads SET purged_through_seq = $2, purged_anchor = $3 WHERE organization_id = $1",
+                    None,
+                    &[org.into(), seq.into(), hash.into()],
+                )?;
+                through = seq;
+            }
+            Ok((deleted, through))
         })
     })
     .unwrap_or_else(|e| TenancyError::spi("purging the audit trail", e).report());
+    if deleted == 0 {
+        return 0;
+    }
     write_event(
         org,
         "AUDIT_PURGE",
@@ -257,6 +604,62 @@ fn audit_purge(org: &str, before: pgrx::datum::TimestampWithTimeZone) -> i64 {
         ),
     );
     deleted
+}
+
+/// Re-encrypts up to `batch_size` v2 audit payloads (of `org`, or of every tenant when NULL)
+/// that are not under the active PHI key, keeping each payload's commitment, so the trail
+/// still verifies and the old key can be retired once none is left. Superuser. Returns how
+/// many were re-encrypted (0 when done). Events written before 0.2.1 hash their ciphertext:
+/// they keep their key until `audit_purge` removes them.
+#[pg_extern(volatile, parallel_unsafe)]
+fn audit_rekey(org: Option<&str>, batch_size: default!(Option<i32>, 1000)) -> i64 {
+    let batch_size = batch_size
+        .ok_or(TenancyError::NullArgument {
+            function: "audit_rekey",
+            argument: "batch_size",
+        })
+        .or_raise();
+    // SAFETY: superuser() only reads the current role.
+    if !unsafe { pg_sys::superuser() } {
+        TenancyError::SuperuserOnly {
+            what: "audit_rekey",
+        }
+        .report();
+    }
+    let active = crypto::active_key_id().or_raise();
+    crate::policy::with_maintenance(|| {
+        Spi::connect_mut(|client| -> SpiResult<i64> {
+            let rows = client.update(
+                "SELECT organization_id, event_id, payload FROM tenancy.audit_events
+                  WHERE ($1::text IS NULL OR organization_id = $1) AND seq IS NULL AND payload IS NOT NULL
+                    AND tenancy.phi_key_id(payload) <> $2
+                  LIMIT $3 FOR UPDATE",
+                None,
+                &[org.into(), i64::from(active).into(), batch_size.max(1).into()],
+            )?;
+            let mut todo = Vec::new();
+            for r in rows {
+                todo.push((
+                    r.get::<String>(1)?.unwrap_or_default(),
+                    r.get::<i64>(2)?.unwrap_or(0),
+                    r.get::<Vec<u8>>(3)?.unwrap_or_default(),
+                ));
+            }
+            let n = todo.len() as i64;
+            for (tenant, event_id, payload) in todo {
+                let label = payload_label(event_id);
+                let (_, plain) = crypto::decrypt_for(&tenant, &payload, Some(Content::Jsonb), Some(&label)).or_raise();
+                let fresh = crypto::encrypt_for(&tenant, Content::Jsonb, Some(&label), &plain).or_raise();
+                client.update(
+                    "UPDATE tenancy.audit_events SET payload = $3 WHERE organization_id = $1 AND event_id = $2",
+                    None,
+                    &[tenant.into(), event_id.into(), fresh.into()],
+                )?;
+            }
+            Ok(n)
+        })
+    })
+    .unwrap_or_else(|e| TenancyError::spi("re-encrypting the audit trail", e).report())
 }
 
 /// One clinic's audit history between `from` and `to`, payloads decrypted, for a support
@@ -271,7 +674,7 @@ fn audit_history(
 ) -> TableIterator<
     'static,
     (
-        name!(seq, i64),
+        name!(seq, Option<i64>),
         name!(occurred_at, pgrx::datum::TimestampWithTimeZone),
         name!(actor, Option<String>),
         name!(action, String),
@@ -292,7 +695,7 @@ fn audit_history(
         let t = client.select(
             "SELECT seq, occurred_at, actor, action, table_name, changed_columns, payload, event_id
                FROM tenancy.audit_events
-              WHERE organization_id = $1 AND occurred_at >= $2 AND occurred_at < $3 ORDER BY seq",
+              WHERE organization_id = $1 AND occurred_at >= $2 AND occurred_at < $3 ORDER BY event_id",
             None,
             &[org.into(), from.into(), to.into()],
         )?;
@@ -310,7 +713,7 @@ fn audit_history(
                 pgrx::JsonB(payload_json(&plain).or_raise())
             });
             out.push((
-                r.get::<i64>(1)?.unwrap_or(0),
+                r.get::<i64>(1)?,
                 r.get::<pgrx::datum::TimestampWithTimeZone>(2)?
                     .expect("occurred_at is NOT NULL"),
                 r.get::<String>(3)?,

@@ -1,7 +1,7 @@
 //! The audit trigger: reads the changed rows of a statement (transition tables) or of one row,
 //! renders each column with its output function, and appends one event per changed row.
 
-use super::writer::{append_events, take_context_head, NewEvent, Who};
+use super::writer::{append_events, NewEvent, Who};
 use crate::error::{Raise, TenancyError};
 use pgrx::prelude::*;
 use pgrx::PgMemoryContexts;
@@ -179,10 +179,9 @@ impl Drop for TransitionScan {
     }
 }
 
-/// The audit trigger. Attached by `tenancy.protect(..., audit => true)` as four statement
-/// triggers: BEFORE, it takes the context tenant's chain head; AFTER INSERT / UPDATE / DELETE
-/// ... REFERENCING the transition tables, it reads the statement's changed rows and appends
-/// their events in batches.
+/// The audit trigger. Attached by `tenancy.protect(..., audit => true)` as three statement
+/// triggers, AFTER INSERT / UPDATE / DELETE ... REFERENCING the transition tables: it reads
+/// the statement's changed rows and appends their events in batches.
 /// It also works as a row trigger (AFTER ... FOR EACH ROW), one event per call; the statement
 /// form is the faster for bulk statements (docs/audit.md has the measurements). Its
 /// argument is the tenant column; each event is filed under that column's value.
@@ -201,7 +200,8 @@ fn audit_trigger_body<'a>(
 ) -> Result<Option<PgHeapTuple<'a, pgrx::AllocatedByPostgres>>, TenancyError> {
     use pgrx::trigger_support::{PgTriggerLevel, PgTriggerOperation as Op, PgTriggerWhen};
     if matches!(trigger.when(), Ok(PgTriggerWhen::Before)) {
-        take_context_head();
+        // 0.2.0's tenancy_audit_lock took the chain head here; events no longer wait for
+        // one (protect() and the update drop that trigger).
         return Ok(None);
     }
     let data = trigger.trigger_data();

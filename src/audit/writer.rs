@@ -1,92 +1,85 @@
-//! Appending events: the chain head lock per tenant, the cached chain tips, the prepared
-//! statements, batched INSERTs, and who wrote each event.
+//! Appending events: each is hashed alone and inserted without waiting for anyone (no chain
+//! head lock: writers of one tenant run concurrently, under any isolation level); the
+//! transaction's first event of a tenant also files a row in `tenancy.audit_pending`, which
+//! the sealer ([`super::sealer`]) turns into a block of the tenant's chain after commit.
 
-use super::chain::{event_hash, EventContent};
+use super::chain::{event_hash_v2, payload_digest, EventV2, PAYLOAD_SALT, PAYLOAD_V2_MARK};
+use super::event::{array_literal, next_event_ids};
+pub(crate) use super::event::{payload_label, NewEvent, Who};
 use crate::crypto::{self, envelope::Content};
 use crate::error::{Raise, TenancyError};
 use pgrx::prelude::*;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiResult};
 use pgrx::PgOid;
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::HashSet;
 
 thread_local! {
     static PLANS: RefCell<Option<Plans>> = const { RefCell::new(None) };
-    /// The last (seq, hash) of every chain this transaction holds the head lock of. Updating
-    /// a head row per event would leave one dead row version per event for the next lookup
-    /// to walk (quadratic in a bulk statement), so the tip is read once and kept here.
-    static TIPS: RefCell<HashMap<String, (i64, Vec<u8>)>> = RefCell::new(HashMap::new());
+    /// The tenants this transaction has filed an `audit_pending` row for.
+    static PENDING: RefCell<HashSet<String>> = RefCell::new(HashSet::new());
 }
 
-/// Forgets the cached chain tips: at transaction end and when a subtransaction aborts (its
-/// events and its head locks are gone with it).
-fn forget_tips() {
-    TIPS.with(|t| t.borrow_mut().clear());
+fn forget_pending() {
+    PENDING.with(|t| t.borrow_mut().clear());
 }
 
-/// End of the transaction: the chain heads are released, their tips forgotten.
-pub(crate) fn at_xact_end(_end: crate::xact::End) {
-    forget_tips();
+/// End of the transaction: its pending rows are committed (or gone with it).
+pub(crate) fn at_xact_end(end: crate::xact::End) {
+    forget_pending();
+    super::legacy::at_xact_end(end);
 }
 
-/// End of a subtransaction: a rolled-back one took its events and head locks with it.
+/// End of a subtransaction: a rolled-back one may have taken a pending row with it; the next
+/// event files one again (a second row of the same transaction is harmless).
 pub(crate) fn at_sub_end(end: crate::xact::SubEnd, _level: i32) {
     if end == crate::xact::SubEnd::Abort {
-        forget_tips();
+        forget_pending();
+    }
+    super::legacy::at_sub_end(end, _level);
+}
+
+/// Whether `tenancy.audit_pending` exists (0.2.1's objects are installed).
+fn has_pending_table() -> bool {
+    // SAFETY: catalog lookups by name (missing_ok for the namespace).
+    unsafe {
+        let ns = pg_sys::get_namespace_oid(c"tenancy".as_ptr(), true);
+        ns != pg_sys::InvalidOid
+            && pg_sys::get_relname_relid(c"audit_pending".as_ptr(), ns) != pg_sys::InvalidOid
     }
 }
 
 struct Plans {
-    head: OwnedPreparedStatement,
-    lock: OwnedPreparedStatement,
-    tip: OwnedPreparedStatement,
+    pending: OwnedPreparedStatement,
     insert_one: OwnedPreparedStatement,
     insert: OwnedPreparedStatement,
 }
 
-const INSERT_COLUMNS: &str = "INSERT INTO tenancy.audit_events (organization_id, seq, event_id, occurred_at,
+const INSERT_COLUMNS: &str = "INSERT INTO tenancy.audit_events (organization_id, event_id, occurred_at,
     txid, actor, actor_verified, session_role, outer_role, action, table_name, row_key, changed_columns,
-    payload, prev_hash, hash)";
+    payload, hash, payload_digest)";
 
 fn text() -> PgOid {
     PgOid::BuiltIn(pg_sys::BuiltinOid::TEXTOID)
 }
 
 fn prepare(client: &SpiClient<'_>) -> SpiResult<Plans> {
+    use pg_sys::BuiltinOid::*;
+    let o = PgOid::BuiltIn;
     Ok(Plans {
-        head: client
+        pending: client
             .prepare_mut(
-                "INSERT INTO tenancy.audit_chain_heads (organization_id) VALUES ($1) ON CONFLICT DO NOTHING",
-                &[text()],
-            )?
-            .keep(),
-        // Locks the tenant's chain head (held to commit: one writer per tenant at a time).
-        lock: client
-            .prepare_mut(
-                "SELECT 1 FROM tenancy.audit_chain_heads WHERE organization_id = $1 FOR UPDATE",
-                &[text()],
-            )?
-            .keep(),
-        // Then reads the chain's tip, in a statement of its own so that in READ COMMITTED it
-        // sees what the writer we waited for committed: the newest event, or the purge
-        // anchor, or the start.
-        tip: client
-            .prepare_mut(
-                "SELECT coalesce(e.seq, h.purged_through_seq), coalesce(e.hash, h.purged_anchor)
-                   FROM tenancy.audit_chain_heads h
-                   LEFT JOIN LATERAL (SELECT seq, hash FROM tenancy.audit_events
-                                       WHERE organization_id = h.organization_id
-                                       ORDER BY seq DESC LIMIT 1) e ON true
-                  WHERE h.organization_id = $1",
-                &[text()],
+                "INSERT INTO tenancy.audit_pending (organization_id, txid, first_event_id)
+                 SELECT * FROM unnest($1, $2, $3)",
+                &[o(TEXTARRAYOID), o(INT8ARRAYOID), o(INT8ARRAYOID)],
             )?
             .keep(),
         // One event (the common OLTP case): a plain VALUES row, the cheapest plan.
         insert_one: client
             .prepare_mut(
                 &format!(
-                    "{INSERT_COLUMNS} VALUES ($1[1], $2[1], $3[1], $4, $5, $6, $7, $8::name, $9::name, $10[1], $11[1],
-                        $12[1], $13[1]::text[], $14[1], $15[1], $16[1])"
+                    "{INSERT_COLUMNS} VALUES ($1[1], $2[1], $3, $4, $5, $6, $7::name, $8::name, $9[1], $10[1],
+                        $11[1], $12[1]::text[], $13[1], $14[1], $15[1])"
                 ),
                 &array_params(),
             )?
@@ -96,10 +89,10 @@ fn prepare(client: &SpiClient<'_>) -> SpiResult<Plans> {
             .prepare_mut(
                 &format!(
                     "{INSERT_COLUMNS}
-                     SELECT u.o, u.s, u.e, $4, $5, $6, $7, $8::name, $9::name, u.a, u.t, u.k, u.c::text[],
-                            u.p, u.ph, u.h
-                       FROM unnest($1, $2, $3, $10, $11, $12, $13, $14, $15, $16)
-                            AS u(o, s, e, a, t, k, c, p, ph, h)"
+                     SELECT u.o, u.e, $3, $4, $5, $6, $7::name, $8::name, u.a, u.t, u.k, u.c::text[],
+                            u.p, u.h, u.d
+                       FROM unnest($1, $2, $9, $10, $11, $12, $13, $14, $15)
+                            AS u(o, e, a, t, k, c, p, h, d)"
                 ),
                 &array_params(),
             )?
@@ -109,12 +102,11 @@ fn prepare(client: &SpiClient<'_>) -> SpiResult<Plans> {
 
 /// The parameter types of both insert plans: per-event columns as arrays, the writer's
 /// columns (time, transaction, actor, roles) once.
-fn array_params() -> [PgOid; 16] {
+fn array_params() -> [PgOid; 15] {
     use pg_sys::BuiltinOid::*;
     let o = PgOid::BuiltIn;
     [
         o(TEXTARRAYOID),
-        o(INT8ARRAYOID),
         o(INT8ARRAYOID),
         o(TIMESTAMPTZOID),
         o(INT8OID),
@@ -132,29 +124,6 @@ fn array_params() -> [PgOid; 16] {
     ]
 }
 
-/// `n` values of `tenancy.audit_event_id`, without a query: the sequence is looked up once,
-/// then the builtin nextval(regclass) is called per value.
-fn next_event_ids(n: usize) -> Vec<i64> {
-    // SAFETY: catalog lookups by name (the namespace lookup raises if the schema is missing).
-    let seq = unsafe {
-        let ns = pg_sys::get_namespace_oid(c"tenancy".as_ptr(), false);
-        pg_sys::get_relname_relid(c"audit_event_id".as_ptr(), ns)
-    };
-    if seq == pg_sys::InvalidOid {
-        TenancyError::UndefinedTable {
-            name: "tenancy.audit_event_id".into(),
-        }
-        .report();
-    }
-    (0..n)
-        .map(|_| {
-            // SAFETY: nextval(regclass) on the sequence found above.
-            unsafe { pgrx::direct_function_call::<i64>(pg_sys::nextval_oid, &[seq.into_datum()]) }
-                .expect("nextval returns a value")
-        })
-        .collect()
-}
-
 /// Runs `f` with an SPI connection and this backend's prepared statements (prepared on first
 /// use, kept for the backend's life).
 fn with_plans<R>(f: impl FnOnce(&mut SpiClient<'_>, &Plans) -> SpiResult<R>) -> SpiResult<R> {
@@ -167,111 +136,6 @@ fn with_plans<R>(f: impl FnOnce(&mut SpiClient<'_>, &Plans) -> SpiResult<R>) -> 
             f(client, slot.as_ref().expect("prepared just above"))
         })
     })
-}
-
-/// Locks the chain heads of `orgs` (sorted, none held yet) for the rest of the transaction
-/// and reads their tips.
-fn take_heads(client: &mut SpiClient<'_>, plans: &Plans, orgs: &[&str]) -> SpiResult<()> {
-    for org in orgs {
-        let org = *org;
-        // The head row exists but for a tenant's very first event.
-        if client.update(&plans.lock, None, &[org.into()])?.is_empty() {
-            client.update(&plans.head, None, &[org.into()])?;
-            client.update(&plans.lock, None, &[org.into()])?;
-        }
-        let row = client.update(&plans.tip, None, &[org.into()])?.first();
-        let tip = (
-            row.get::<i64>(1)?.unwrap_or(0),
-            row.get::<Vec<u8>>(2)?.unwrap_or_else(|| vec![0u8; 32]),
-        );
-        TIPS.with(|t| t.borrow_mut().insert(org.to_string(), tip));
-    }
-    Ok(())
-}
-
-/// Takes the chain head of the context's tenant before a statement on an audited table
-/// touches any row (the BEFORE STATEMENT form of the audit trigger). A transaction thus takes
-/// its tenant's head lock before its row locks, in the same order as every other writer of
-/// the tenant: holding a row lock while waiting for the head, which deadlocked against a
-/// writer holding the head and waiting for that row, cannot happen for context-bound writers.
-pub(super) fn take_context_head() {
-    let Some(org) = crate::context::current_org() else {
-        return; // no context: rows are filed by their own tenant at the end of the statement
-    };
-    if TIPS.with(|t| t.borrow().contains_key(&org)) {
-        return;
-    }
-    with_plans(|client, plans| take_heads(client, plans, &[org.as_str()]))
-        .unwrap_or_else(|e| TenancyError::spi("locking the audit chain", e).report());
-}
-
-/// One event to append, before its place in its tenant's chain is known.
-pub(crate) struct NewEvent {
-    pub org: String,
-    pub action: String,
-    pub table_name: Option<String>,
-    pub row_key: Option<String>,
-    pub changed_columns: Option<Vec<String>>,
-    pub payload: Option<serde_json::Value>,
-}
-
-/// A text[] literal of `items` (every element quoted), for one cell of a batch.
-fn array_literal(items: &[String]) -> String {
-    let mut s = String::from("{");
-    for (i, item) in items.iter().enumerate() {
-        if i > 0 {
-            s.push(',');
-        }
-        s.push('"');
-        for ch in item.chars() {
-            if ch == '"' || ch == '\\' {
-                s.push('\\');
-            }
-            s.push(ch);
-        }
-        s.push('"');
-    }
-    s.push('}');
-    s
-}
-
-/// Who wrote an event, and when.
-pub(crate) struct Who {
-    pub actor: Option<String>,
-    pub actor_verified: bool,
-    pub session_role: String,
-    pub outer_role: String,
-    pub occurred_at: i64,
-}
-
-impl Who {
-    /// The current session's actor, roles and clock.
-    pub(crate) fn current() -> Who {
-        let (actor, actor_verified) = crate::context::current_actor_and_verified();
-        // SAFETY: plain reads of the current roles and clock.
-        unsafe {
-            Who {
-                actor,
-                actor_verified,
-                session_role: role_name(pg_sys::GetSessionUserId()),
-                outer_role: role_name(pg_sys::GetOuterUserId()),
-                occurred_at: pg_sys::GetCurrentTimestamp(),
-            }
-        }
-    }
-}
-
-/// A role's name (or its oid when it was dropped).
-pub(crate) fn role_name(oid: pg_sys::Oid) -> String {
-    // SAFETY: GetUserNameFromId with noerr=true returns NULL for a dropped role.
-    unsafe {
-        let p = pg_sys::GetUserNameFromId(oid, true);
-        if p.is_null() {
-            format!("oid {}", u32::from(oid))
-        } else {
-            std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned()
-        }
-    }
 }
 
 /// Appends one event to `org`'s chain, written by the current session.
@@ -296,84 +160,91 @@ pub(crate) fn write_event(
     );
 }
 
-/// Appends `events` (in order) to their tenants' chains on behalf of `who`, in one INSERT.
-/// Each payload is encrypted for its tenant under the active PHI key, bound to its event id.
-/// Chain heads this transaction does not hold yet are locked in a fixed (sorted) order within
-/// the batch (docs/audit.md: what can still deadlock across batches).
+/// Appends `events` (in order) on behalf of `who`, in one INSERT, and files the pending rows
+/// of tenants this transaction had written no event for yet. Each payload is encrypted for its
+/// tenant under the active PHI key, bound to its event id, with a secret salt in front of the
+/// JSON; the event's hash covers the salted payload's digest, not the ciphertext.
 pub(crate) fn append_events(who: &Who, events: &[NewEvent]) {
     if events.is_empty() {
         return;
     }
+    if !has_pending_table() {
+        // The library is newer than the extension's objects (ALTER EXTENSION pg_tenancy
+        // UPDATE not run yet): write the 0.2.0 chain, which the update keeps.
+        return super::legacy::append_events(who, events);
+    }
     let result: SpiResult<()> = with_plans(|client, plans| {
-        let mut missing: Vec<&str> = TIPS.with(|t| {
-            let tips = t.borrow();
-            events
-                .iter()
-                .map(|e| e.org.as_str())
-                .filter(|org| !tips.contains_key(*org))
-                .collect()
-        });
-        missing.sort_unstable();
-        missing.dedup();
-        take_heads(client, plans, &missing)?;
         let ids = next_event_ids(events.len());
         // txid_current(): the top-level transaction id with its epoch.
         // SAFETY: assigns the transaction id if it has none yet, as txid_current() does.
         let txid = unsafe { pg_sys::GetTopFullTransactionId() }.value as i64;
         let mut orgs = Vec::with_capacity(events.len());
-        let mut seqs = Vec::with_capacity(events.len());
         let mut actions = Vec::with_capacity(events.len());
         let mut tables = Vec::with_capacity(events.len());
         let mut keys = Vec::with_capacity(events.len());
         let mut changed = Vec::with_capacity(events.len());
         let mut payloads = Vec::with_capacity(events.len());
-        let mut prevs = Vec::with_capacity(events.len());
         let mut hashes = Vec::with_capacity(events.len());
-        TIPS.with(|t| {
-            let mut tips = t.borrow_mut();
+        let mut digests = Vec::with_capacity(events.len());
+        let (mut new_orgs, mut new_firsts) = (Vec::new(), Vec::new());
+        PENDING.with(|p| {
+            let mut pending = p.borrow_mut();
             for (e, &event_id) in events.iter().zip(&ids) {
-                let tip = tips.get_mut(&e.org).expect("every chain head is held");
-                let seq = tip.0 + 1;
-                let sealed = e.payload.as_ref().map(|p| {
-                    let bytes = serde_json::to_vec(p).expect("JSON serialises");
-                    crypto::encrypt_for(
-                        &e.org,
-                        Content::Jsonb,
-                        Some(&payload_label(event_id)),
-                        &bytes,
-                    )
-                    .or_raise()
-                });
-                let hash = event_hash(&EventContent {
-                    org: &e.org,
-                    seq,
-                    event_id,
-                    occurred_at: who.occurred_at,
-                    txid,
-                    actor: who.actor.as_deref(),
-                    actor_verified: who.actor_verified,
-                    session_role: &who.session_role,
-                    outer_role: &who.outer_role,
-                    action: &e.action,
-                    table_name: e.table_name.as_deref(),
-                    row_key: e.row_key.as_deref(),
-                    changed_columns: e.changed_columns.as_deref(),
-                    payload: sealed.as_deref(),
-                    prev_hash: &tip.1,
-                })
-                .to_vec();
-                orgs.push(e.org.clone());
-                seqs.push(seq);
-                actions.push(e.action.clone());
-                tables.push(e.table_name.clone());
-                keys.push(e.row_key.clone());
-                changed.push(e.changed_columns.as_deref().map(array_literal));
-                payloads.push(sealed);
-                prevs.push(std::mem::replace(&mut tip.1, hash.clone()));
-                hashes.push(hash);
-                tip.0 = seq;
+                if pending.insert(e.org.clone()) {
+                    new_orgs.push(e.org.clone());
+                    new_firsts.push(event_id);
+                }
             }
         });
+        for (e, &event_id) in events.iter().zip(&ids) {
+            let sealed = e.payload.as_ref().map(|p| {
+                let salt = crypto::random_bytes::<PAYLOAD_SALT>();
+                let json = serde_json::to_vec(p).expect("JSON serialises");
+                let mut plain = Vec::with_capacity(1 + PAYLOAD_SALT + json.len());
+                plain.push(PAYLOAD_V2_MARK);
+                plain.extend_from_slice(&salt);
+                plain.extend_from_slice(&json);
+                let envelope = crypto::encrypt_for(
+                    &e.org,
+                    Content::Jsonb,
+                    Some(&payload_label(event_id)),
+                    &plain,
+                )
+                .or_raise();
+                (
+                    envelope,
+                    payload_digest(&e.org, event_id, &salt, &json).to_vec(),
+                )
+            });
+            let (payload, digest) = match sealed {
+                Some((p, d)) => (Some(p), Some(d)),
+                None => (None, None),
+            };
+            let hash = event_hash_v2(&EventV2 {
+                org: &e.org,
+                event_id,
+                occurred_at: who.occurred_at,
+                txid,
+                actor: who.actor.as_deref(),
+                actor_verified: who.actor_verified,
+                session_role: &who.session_role,
+                outer_role: &who.outer_role,
+                action: &e.action,
+                table_name: e.table_name.as_deref(),
+                row_key: e.row_key.as_deref(),
+                changed_columns: e.changed_columns.as_deref(),
+                payload_digest: digest.as_deref(),
+            })
+            .to_vec();
+            orgs.push(e.org.clone());
+            actions.push(e.action.clone());
+            tables.push(e.table_name.clone());
+            keys.push(e.row_key.clone());
+            changed.push(e.changed_columns.as_deref().map(array_literal));
+            payloads.push(payload);
+            hashes.push(hash);
+            digests.push(digest);
+        }
         let ts = pgrx::datum::TimestampWithTimeZone::try_from(who.occurred_at)
             .expect("the clock is a valid timestamp");
         let plan = if events.len() == 1 {
@@ -386,7 +257,6 @@ pub(crate) fn append_events(who: &Who, events: &[NewEvent]) {
             None,
             &[
                 orgs.into(),
-                seqs.into(),
                 ids.into(),
                 ts.into(),
                 txid.into(),
@@ -399,16 +269,23 @@ pub(crate) fn append_events(who: &Who, events: &[NewEvent]) {
                 keys.into(),
                 changed.into(),
                 payloads.into(),
-                prevs.into(),
                 hashes.into(),
+                digests.into(),
             ],
         )?;
+        if !new_orgs.is_empty() {
+            let txids = vec![txid; new_orgs.len()];
+            client.update(
+                &plans.pending,
+                None,
+                &[new_orgs.into(), txids.into(), new_firsts.into()],
+            )?;
+        }
         Ok(())
     });
+    if result.is_err() {
+        // Whatever was filed in this statement is rolled back with it.
+        forget_pending();
+    }
     result.unwrap_or_else(|e| TenancyError::spi("writing the audit event", e).report());
-}
-
-/// The label an event's payload is bound to.
-pub(crate) fn payload_label(event_id: i64) -> String {
-    format!("tenancy.audit_events:{event_id}")
 }

@@ -142,12 +142,17 @@ thread_local! {
 }
 
 fn fresh_nonce() -> [u8; 12] {
+    random_bytes::<12>()
+}
+
+/// `N` (at most 4,096) bytes from the OS CSPRNG, drawn from this process's pool.
+pub(crate) fn random_bytes<const N: usize>() -> [u8; N] {
     NONCES.with(|cell| {
         let mut slot = cell.borrow_mut();
         // SAFETY: a plain read of a process-global integer.
         let pid = unsafe { pg_sys::MyProcPid };
         let stale = match slot.as_ref() {
-            Some(p) => p.pid != pid || p.used + 12 > p.bytes.len(),
+            Some(p) => p.pid != pid || p.used + N > p.bytes.len(),
             None => true,
         };
         if stale {
@@ -161,12 +166,12 @@ fn fresh_nonce() -> [u8; 12] {
             });
         }
         let pool = slot.as_mut().expect("filled just above");
-        let mut nonce = [0u8; 12];
-        nonce.copy_from_slice(&pool.bytes[pool.used..pool.used + 12]);
+        let mut out = [0u8; N];
+        out.copy_from_slice(&pool.bytes[pool.used..pool.used + N]);
         // Drawn bytes are wiped so a later memory disclosure cannot replay them.
-        pool.bytes[pool.used..pool.used + 12].fill(0);
-        pool.used += 12;
-        nonce
+        pool.bytes[pool.used..pool.used + N].fill(0);
+        pool.used += N;
+        out
     })
 }
 
@@ -189,6 +194,11 @@ pub(crate) fn encrypt_for(
         label,
         plaintext,
     ))
+}
+
+/// The id of the active key (the ring loaded, or the error saying why not).
+pub(crate) fn active_key_id() -> Result<u32> {
+    Ok(ring()?.active)
 }
 
 /// Decrypts an envelope for `tenant`, checking it holds `want` (any type when `None`).

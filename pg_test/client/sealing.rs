@@ -1,0 +1,280 @@
+//! II-6: audit events are written without waiting for any other writer and sealed after
+//! commit. Writers of one tenant run concurrently under every isolation level; no tenant's
+//! open transaction holds up another tenant, the reveal worker or the sealer; a crash between
+//! commit and sealing loses nothing; an old key can be retired on an audited database.
+
+use crate::audit::assert_chain_ok;
+use crate::harness::{count, keyring_tool, strings, Cluster};
+use crate::rls::{reference_cluster, CONWAY, SHERWOOD};
+use postgres::Client;
+use std::time::{Duration, Instant};
+
+fn enter(c: &mut Client, isolation: &str, org: &str) {
+    c.batch_execute(&format!(
+        "BEGIN ISOLATION LEVEL {isolation}; SELECT tenancy.set_org('{org}', 'writer')"
+    ))
+    .unwrap();
+}
+
+/// Polls (up to 15 s) until `sql` (a count) reaches `want`; returns the last value.
+fn wait_for(su: &mut Client, sql: &str, want: i64) -> i64 {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let n = count(su, sql);
+        if n == want || Instant::now() > deadline {
+            return n;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn unsealed(su: &mut Client, org: &str) -> i64 {
+    count(
+        su,
+        &format!("SELECT unsealed FROM tenancy.audit_verify('{org}')"),
+    )
+}
+
+#[test]
+fn test_writers_of_one_tenant_do_not_wait_for_each_other() {
+    let c = reference_cluster();
+    let mut first = c.connect("app", "app");
+    let mut second = c.connect("app", "app");
+    second.batch_execute("SET lock_timeout = '1s'").unwrap();
+    // The first writer of Sherwood stays open after its insert; the second commits within
+    // its lock_timeout of 1 s (0.2.0 made it wait for the first's chain head).
+    enter(&mut first, "READ COMMITTED", SHERWOOD);
+    first
+        .batch_execute("INSERT INTO clinic.reviews (rating, body) VALUES (1, 'first, open')")
+        .unwrap();
+    enter(&mut second, "READ COMMITTED", SHERWOOD);
+    second
+        .batch_execute("INSERT INTO clinic.reviews (rating, body) VALUES (2, 'second'); COMMIT;")
+        .expect("the second writer of the tenant does not wait for the first");
+    // Neither another tenant's writes, nor its reveals, nor the sealer wait for Sherwood's
+    // open transaction.
+    let mut conway = c.connect("app", "app");
+    conway.batch_execute("SET lock_timeout = '1s'").unwrap();
+    enter(&mut conway, "READ COMMITTED", CONWAY);
+    conway
+        .batch_execute(
+            "INSERT INTO clinic.reviews (rating, body) VALUES (3, 'conway');
+             SELECT tenancy.phi_reveal(tenancy.phi_encrypt('x', 'sealing.label'), 'sealing.label');
+             COMMIT;",
+        )
+        .unwrap();
+    let mut su = c.connect("postgres", "app");
+    assert_eq!(
+        wait_for(
+            &mut su,
+            "SELECT count(*) FROM tenancy.audit_events WHERE action = 'REVEAL' AND table_name = 'sealing.label'",
+            1
+        ),
+        1,
+        "the reveal worker recorded Conway's reveal"
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while unsealed(&mut su, CONWAY) > 0 || unsealed(&mut su, SHERWOOD) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the worker seals committed events while a transaction of Sherwood stays open"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    first.batch_execute("COMMIT").unwrap();
+    // Under REPEATABLE READ and SERIALIZABLE, two writers of one tenant that began together
+    // both commit (0.2.0: duplicate key on the tip the second read with its old snapshot).
+    for isolation in ["REPEATABLE READ", "SERIALIZABLE"] {
+        enter(&mut first, isolation, SHERWOOD);
+        enter(&mut second, isolation, SHERWOOD);
+        for c in [&mut first, &mut second] {
+            c.batch_execute("SELECT count(*) FROM clinic.services")
+                .unwrap();
+        }
+        first
+            .batch_execute("INSERT INTO clinic.reviews (rating, body) VALUES (4, 'rr 1'); COMMIT;")
+            .unwrap_or_else(|e| panic!("{isolation}, first: {e:?}"));
+        second
+            .batch_execute("INSERT INTO clinic.reviews (rating, body) VALUES (5, 'rr 2'); COMMIT;")
+            .unwrap_or_else(|e| panic!("{isolation}, second: {e:?}"));
+    }
+    assert_chain_ok(&mut su, SHERWOOD);
+    assert_chain_ok(&mut su, CONWAY);
+    assert_eq!(
+        count(
+            &mut su,
+            &format!("SELECT count(*) FROM tenancy.audit_events WHERE organization_id = '{SHERWOOD}' AND table_name = 'clinic.reviews' AND action = 'INSERT' AND txid IS NOT NULL AND event_id > 0 AND changed_columns IS NOT NULL")
+        ),
+        count(
+            &mut su,
+            &format!("SELECT count(*) FROM clinic.reviews WHERE organization_id = '{SHERWOOD}'")
+        ),
+        "one event per row"
+    );
+}
+
+/// kill -9 of the postmaster between commit and sealing: the committed events and their
+/// pending rows survive crash recovery, and the worker seals them after the restart.
+#[test]
+fn test_events_committed_before_a_crash_are_sealed_after_it() {
+    let c = reference_cluster();
+    let mut su = c.connect("postgres", "app");
+    su.batch_execute("SELECT tenancy.audit_seal()").unwrap();
+    // Hold the sealer off (its lock conflicts with SHARE), so the events are surely unsealed.
+    let mut blocker = c.connect("postgres", "app");
+    blocker
+        .batch_execute("BEGIN; LOCK TABLE tenancy.audit_seals IN SHARE MODE")
+        .unwrap();
+    let mut app = c.connect("app", "app");
+    enter(&mut app, "READ COMMITTED", SHERWOOD);
+    app.batch_execute(
+        "INSERT INTO clinic.reviews (rating, body) SELECT 1, 'crash ' || g FROM generate_series(1, 500) g; COMMIT;",
+    )
+    .unwrap();
+    assert!(unsealed(&mut su, SHERWOOD) >= 500, "committed, not sealed");
+    drop((su, blocker, app));
+    let pid = std::fs::read_to_string(c.dir.join("postmaster.pid")).unwrap();
+    let pid = pid.lines().next().unwrap().trim().to_string();
+    let children = std::process::Command::new("pgrep")
+        .args(["-P", &pid])
+        .output()
+        .unwrap();
+    let children: Vec<String> = String::from_utf8_lossy(&children.stdout)
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    assert!(!children.is_empty(), "the postmaster has children");
+    std::process::Command::new("kill")
+        .args(["-9", &pid])
+        .output()
+        .unwrap();
+    // The orphaned backends and the worker exit once they notice; then a start runs crash
+    // recovery.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let alive = children.iter().any(|p| {
+            std::process::Command::new("kill")
+                .args(["-0", p])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        }) || std::process::Command::new("kill")
+            .args(["-0", &pid])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !alive {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the old server's processes exit");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    c.start_again();
+    let mut su = c.connect("postgres", "app");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while unsealed(&mut su, SHERWOOD) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the worker seals after the restart"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_chain_ok(&mut su, SHERWOOD);
+    assert_eq!(
+        count(
+            &mut su,
+            &format!("SELECT count(*) FROM tenancy.audit_events WHERE organization_id = '{SHERWOOD}' AND row_key IS NOT NULL AND table_name = 'clinic.reviews' AND action = 'INSERT'")
+        ),
+        count(
+            &mut su,
+            &format!("SELECT count(*) FROM clinic.reviews WHERE organization_id = '{SHERWOOD}'")
+        ),
+        "nothing lost"
+    );
+}
+
+/// Retiring a PHI key on an audited database: a new key, PHI columns rotated, audit
+/// payloads re-encrypted (their commitments unchanged), the old key removed from the ring:
+/// the trail still verifies and decrypts.
+#[test]
+fn test_an_old_key_is_retired_on_an_audited_database() {
+    let c: Cluster = reference_cluster();
+    let mut su = c.connect("postgres", "app");
+    su.batch_execute(&format!(
+        "BEGIN; SELECT tenancy.set_org('{SHERWOOD}'); SELECT tenancy.log_action('before.rotation', '{{\"k\": 1}}'); COMMIT;
+         SELECT tenancy.audit_seal();"
+    ))
+    .unwrap();
+    let before = strings(
+        &mut su,
+        &format!("SELECT encode(hash, 'hex') FROM tenancy.audit_seals WHERE organization_id = '{SHERWOOD}' ORDER BY block_no"),
+    );
+    let path = c.phi_key_file.clone().unwrap();
+    keyring_tool(&["add", path.to_str().unwrap(), "--activate"]);
+    c.reload();
+    c.wait_for_active_key(2);
+    // Every PHI column, then the trail.
+    let columns: Vec<(String, String)> = su
+        .query(
+            "SELECT a.attrelid::regclass::text, a.attname::text FROM pg_attribute a JOIN tenancy.protected_tables p ON p.rel = a.attrelid
+              WHERE a.atttypid = 'tenancy.phi'::regtype AND NOT a.attisdropped",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    for (table, column) in &columns {
+        su.batch_execute(&format!(
+            "CALL tenancy.phi_rotate_all('{table}', '{column}')"
+        ))
+        .unwrap();
+    }
+    let mut rekeyed = 0;
+    loop {
+        let n = count(&mut su, "SELECT tenancy.audit_rekey(NULL, 100)");
+        if n == 0 {
+            break;
+        }
+        rekeyed += n;
+    }
+    assert!(rekeyed > 0, "payloads were under key 1");
+    assert_eq!(
+        count(&mut su, "SELECT count(*) FROM tenancy.audit_events WHERE payload IS NOT NULL AND tenancy.phi_key_id(payload) <> 2"),
+        0
+    );
+    keyring_tool(&["retire", path.to_str().unwrap(), "1"]);
+    c.reload();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while count(
+        &mut c.connect("postgres", "app"),
+        "SELECT count(*) FROM tenancy.phi_key_status()",
+    ) != 1
+    {
+        assert!(Instant::now() < deadline, "key 1 is gone from the ring");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut su = c.connect("postgres", "app");
+    assert_chain_ok(&mut su, SHERWOOD);
+    assert_chain_ok(&mut su, CONWAY);
+    let after = strings(
+        &mut su,
+        &format!("SELECT encode(hash, 'hex') FROM tenancy.audit_seals WHERE organization_id = '{SHERWOOD}' ORDER BY block_no"),
+    );
+    assert_eq!(
+        after[..before.len()],
+        before[..],
+        "the sealed chain is unchanged"
+    );
+    let mut app = c.connect("app", "app");
+    enter(&mut app, "READ COMMITTED", SHERWOOD);
+    let details = strings(
+        &mut app,
+        "SELECT changes::text FROM tenancy.my_audit_events WHERE action = 'before.rotation'",
+    );
+    assert_eq!(details, [r#"{"k": 1}"#]);
+    let names = strings(
+        &mut app,
+        "SELECT tenancy.phi_reveal(first_name) FROM clinic.patients ORDER BY id LIMIT 1",
+    );
+    assert_eq!(names.len(), 1, "PHI columns decrypt under key 2");
+    app.batch_execute("COMMIT").unwrap();
+}
