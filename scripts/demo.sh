@@ -121,9 +121,9 @@ step "Ada's phone ciphertext, copied into Conway's transaction, is refused" \
 step "Disabling row level security is refused, even for the table owner" \
   "ALTER TABLE clinic.patients DISABLE ROW LEVEL SECURITY;" "host=127.0.0.1 port=$PORT user=clinic_owner dbname=clinic"
 step "Sherwood's audit trail of what just happened (payloads decrypted for Sherwood only)" \
-  "BEGIN; SELECT tenancy.set_org('$SHERWOOD', 'dr-jones'); SELECT tenancy.log_action('demo.viewed_trail'); SELECT seq, action, table_name, changed_columns, left(changes::text, 60) AS changes FROM tenancy.my_audit_events ORDER BY seq; COMMIT;"
-step "The trail's hash chain verifies (as the DBA)" \
-  "SELECT organization_id, v.* FROM (VALUES ('$SHERWOOD'), ('$CONWAY')) o(organization_id), tenancy.audit_verify(organization_id) v;" \
+  "BEGIN; SELECT tenancy.set_org('$SHERWOOD', 'dr-jones'); SELECT tenancy.log_action('demo.viewed_trail'); SELECT event_id, action, table_name, changed_columns, left(changes::text, 60) AS changes FROM tenancy.my_audit_events ORDER BY event_id; COMMIT;"
+step "The trail, sealed into hash-chained blocks after commit, verifies (as the DBA)" \
+  "SELECT tenancy.audit_seal() AS sealed_now; SELECT organization_id, v.* FROM (VALUES ('$SHERWOOD'), ('$CONWAY')) o(organization_id), tenancy.audit_verify(organization_id) v;" \
   "host=127.0.0.1 port=$PORT user=postgres dbname=clinic"
 say "The isolation report (as the DBA): no findings"
 psql -X "host=127.0.0.1 port=$PORT user=postgres dbname=clinic" -c "SELECT severity, object, finding FROM tenancy.isolation_report();" | sed 's/^/  /'
