@@ -33,7 +33,7 @@ for v in "${VERSIONS[@]}"; do
   # updated with ALTER EXTENSION pg_tenancy UPDATE.
   printf '\n==> [test] PostgreSQL %s, reference schema updated from 0.1.0\n' "$v"
   PG_TENANCY_TEST_UPGRADE_FROM=0.1.0 PGRX_FEATURES="pg$v pg_test" \
-    cargo test --test client --no-default-features --features "pg$v pg_test" -- rls:: audit:: restore:: 2>&1 | tee -a "$log"
+    cargo test --test client --no-default-features --features "pg$v pg_test" -- rls:: audit:: sealing:: restore:: 2>&1 | tee -a "$log"
   rc2=${PIPESTATUS[0]}
   [ "$rc" -ne 0 ] || rc=$rc2
   secs=$(( $(date +%s) - start ))
