@@ -66,52 +66,62 @@ pub extern "C-unwind" fn pg_tenancy_reveal_worker_main(_arg: pg_sys::Datum) {
         }
     });
     let mut last_seal = std::time::Instant::now();
+    let mut behind = false;
     while BackgroundWorker::wait_latch(Some(Duration::from_millis(POLL_MS))) {
-        if last_seal.elapsed().as_millis() >= SEAL_MS {
+        // Reveals first (a full queue refuses reveals); then at most one sealing round per
+        // wake, so sealing a busy platform never starves the queue: every SEAL_MS, or at
+        // once while the last round was full.
+        write_reveals();
+        if behind || last_seal.elapsed().as_millis() >= SEAL_MS {
             last_seal = std::time::Instant::now();
-            seal();
+            behind = seal_once();
         }
-        let batch: Vec<RevealRecord> = crate::reveal_log::queued();
-        if batch.is_empty() {
-            continue;
-        }
-        if !installed("tenancy.audit_events") {
-            continue; // the extension is not installed in this database yet
-        }
-        // Oldest first; writers take no lock, so no tenant's open transaction can hold
-        // this one up.
-        BackgroundWorker::transaction(|| {
-            for r in &batch {
-                let who = crate::audit::writer::Who {
-                    actor: r.actor.get(),
-                    actor_verified: r.actor_verified,
-                    session_role: r.session_role.get().unwrap_or_default(),
-                    outer_role: r.outer_role.get().unwrap_or_default(),
-                    occurred_at: r.at,
-                };
-                let payload = serde_json::json!({
-                    "label": r.label.get(),
-                    "count": r.count,
-                    "transaction": if r.committed { "committed" } else { "rolled back" },
-                    "xid": r.xid,
-                });
-                let label = r.label.get().filter(|l| !l.is_empty());
-                crate::audit::writer::append_events(
-                    &who,
-                    &[crate::audit::writer::NewEvent {
-                        org: r.org.get().unwrap_or_default(),
-                        action: "REVEAL".into(),
-                        table_name: label,
-                        row_key: None,
-                        changed_columns: None,
-                        payload: Some(payload),
-                    }],
-                );
-            }
-        });
-        // Written and committed: remove exactly what was written (new records may follow).
-        crate::reveal_log::remove_oldest(batch.len());
     }
+}
+
+/// Writes the queued reveal records as REVEAL events, in one transaction, and removes them
+/// from the queue once committed.
+fn write_reveals() {
+    let batch: Vec<RevealRecord> = crate::reveal_log::queued();
+    if batch.is_empty() {
+        return;
+    }
+    if !installed("tenancy.audit_events") {
+        return; // the extension is not installed in this database yet
+    }
+    // Oldest first; writers take no lock, so no tenant's open transaction can hold
+    // this one up.
+    BackgroundWorker::transaction(|| {
+        for r in &batch {
+            let who = crate::audit::writer::Who {
+                actor: r.actor.get(),
+                actor_verified: r.actor_verified,
+                session_role: r.session_role.get().unwrap_or_default(),
+                outer_role: r.outer_role.get().unwrap_or_default(),
+                occurred_at: r.at,
+            };
+            let payload = serde_json::json!({
+                "label": r.label.get(),
+                "count": r.count,
+                "transaction": if r.committed { "committed" } else { "rolled back" },
+                "xid": r.xid,
+            });
+            let label = r.label.get().filter(|l| !l.is_empty());
+            crate::audit::writer::append_events(
+                &who,
+                &[crate::audit::writer::NewEvent {
+                    org: r.org.get().unwrap_or_default(),
+                    action: "REVEAL".into(),
+                    table_name: label,
+                    row_key: None,
+                    changed_columns: None,
+                    payload: Some(payload),
+                }],
+            );
+        }
+    });
+    // Written and committed: remove exactly what was written (new records may follow).
+    crate::reveal_log::remove_oldest(batch.len());
 }
 
 /// Whether `relation` exists in the worker's database (the extension installed, updated).
@@ -127,15 +137,11 @@ fn installed(relation: &str) -> bool {
     })
 }
 
-/// Seals what is pending, a round per transaction, until nothing is left.
-fn seal() {
+/// One sealing round in its own transaction; whether it was full (more is pending).
+fn seal_once() -> bool {
     if !installed("tenancy.audit_seals") {
-        return; // not installed, or not updated to 0.2.1 yet
+        return false; // not installed, or not updated to 0.2.1 yet
     }
-    loop {
-        let round = BackgroundWorker::transaction(crate::audit::sealer::seal_round);
-        if round.groups == 0 {
-            return;
-        }
-    }
+    let round = BackgroundWorker::transaction(crate::audit::sealer::seal_round);
+    round.groups >= crate::audit::sealer::GROUPS_PER_ROUND
 }

@@ -19,8 +19,9 @@ use pgrx::prelude::*;
 use pgrx::spi::{SpiClient, SpiResult};
 use std::collections::BTreeMap;
 
-/// Pending (tenant, transaction) groups one round takes.
-const GROUPS_PER_ROUND: i64 = 1000;
+/// Pending (tenant, transaction) groups one round takes: a round is short, so the worker
+/// gets back to the reveal queue quickly.
+pub(crate) const GROUPS_PER_ROUND: i64 = 200;
 /// Events per block (and per read): a bulk statement's events become several blocks.
 const BLOCK_EVENTS: i64 = 10_000;
 
