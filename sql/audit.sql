@@ -41,12 +41,14 @@ COMMENT ON COLUMN tenancy.audit_events.payload_digest IS 'v2 events: SHA-256 com
 
 -- One row per (writing transaction, tenant) whose events are not sealed yet. Written with
 -- the transaction's first event of the tenant (so it commits, or vanishes, with them); the
--- sealer reads and deletes them. No index: it stays small, drained after every commit.
+-- sealer reads and deletes them. Small (drained continuously); its index serves the
+-- sealer's and audit_verify's "is this event still pending" probes.
 CREATE TABLE tenancy.audit_pending (
   organization_id text COLLATE "C" NOT NULL,
   txid            bigint NOT NULL,
   first_event_id  bigint NOT NULL
 );
+CREATE INDEX audit_pending_tenant_txid ON tenancy.audit_pending (organization_id, txid);
 COMMENT ON TABLE tenancy.audit_pending IS
   'Transactions whose audit events wait for the sealer: tenant, transaction id, first event id.';
 

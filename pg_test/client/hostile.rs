@@ -821,9 +821,15 @@ fn test_soak_pooled_workload() {
     assert_eq!(f.foreign_rows.load(Ordering::Relaxed), 0, "{figures}");
     assert_eq!(f.leaked_contexts.load(Ordering::Relaxed), 0, "{figures}");
     for code in f.errors.lock().unwrap().keys() {
+        let worker: Vec<String> = cluster
+            .log()
+            .lines()
+            .filter(|l| l.contains("background worker") || l.contains("pg_tenancy reveal audit"))
+            .map(str::to_string)
+            .collect();
         assert!(
             ["42501", "22012"].contains(&code.as_str()),
-            "unexpected error {code}: {figures}"
+            "unexpected error {code}: {figures}\nthe worker in the server log: {worker:#?}"
         );
     }
     assert_trail_matches(&cluster, &f, 50);

@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 
 /// Pending (tenant, transaction) groups one round takes: a round is short, so the worker
 /// gets back to the reveal queue quickly.
-pub(crate) const GROUPS_PER_ROUND: i64 = 200;
+pub(crate) const GROUPS_PER_ROUND: i64 = 64;
 /// Events per block (and per read): a bulk statement's events become several blocks.
 const BLOCK_EVENTS: i64 = 10_000;
 
