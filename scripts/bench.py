@@ -544,7 +544,11 @@ GRANT USAGE ON SEQUENCE bench.oltp_id TO app;
         while int(c.psql("SELECT count(*) FROM tenancy.audit_pending").strip() or 0) > 0 and time.time() - start < 600:
             time.sleep(0.05)
         seal_lag.append((time.time() - start) * 1000)
-        c.psql(f"COPY (SELECT * FROM tenancy.audit_events WHERE table_name = 'bench.audit_tenancy' AND action = 'INSERT' "
+        # Written by psql (this user), read by the server (COPY FROM a file: the table AM's
+        # multi-insert path, as COPY-speed as PostgreSQL gets).
+        if os.path.exists(events_file):
+            os.remove(events_file)
+        c.psql(f"\\copy (SELECT * FROM tenancy.audit_events WHERE table_name = 'bench.audit_tenancy' AND action = 'INSERT' "
                f"ORDER BY event_id DESC LIMIT {bulk_n}) TO '{events_file}'")
         os.chmod(events_file, 0o644)
         c.psql("TRUNCATE bench.audit_floor")
