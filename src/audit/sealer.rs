@@ -5,8 +5,7 @@
 //! MODE`: only sealers and `audit_purge` take it; readers are not blocked, and the
 //! application, which may only read the table, cannot take a conflicting lock), deletes up to
 //! [`GROUPS_PER_ROUND`] (tenant, transaction) groups from `tenancy.audit_pending`, and seals
-//! their events in a fixed number of statements (tenant by tenant in event-id order, at most
-//! [`BLOCK_EVENTS`] per block, all blocks of a page in one INSERT). A
+//! their events tenant by tenant in event-id order, at most [`BLOCK_EVENTS`] per block. A
 //! crash rolls the round back: its pending rows come back and the next round seals them.
 //!
 //! Events are matched to the pending rows the round took by (tenant, transaction id, event id
@@ -52,9 +51,10 @@ struct Block {
     newest: i64,
 }
 
-/// Seals what is pending, in the current transaction (one round). The same few statements
-/// whatever the number of tenants: take the groups, read the tenants' tips, read the events
-/// (in pages of [`BLOCK_EVENTS`]), write the blocks, move the tips.
+/// Seals what is pending, in the current transaction (one round): take the groups, read
+/// the tenants' tips (one statement), read each tenant's events along its primary key (one
+/// statement per tenant and page of [`BLOCK_EVENTS`]), write the blocks (one INSERT per 256),
+/// move the tips (one statement).
 pub(crate) fn seal_round() -> Round {
     Spi::connect_mut(|client| -> SpiResult<Round> {
         client.update("LOCK TABLE tenancy.audit_seals IN EXCLUSIVE MODE", None, &[])?;
@@ -85,89 +85,83 @@ pub(crate) fn seal_round() -> Round {
         if pairs.is_empty() {
             return Ok(round);
         }
-        let mut orgs: Vec<String> = pairs.keys().map(|k| k.0.clone()).collect();
-        orgs.dedup();
+        // Per tenant: its transactions taken and the smallest first event id.
+        let mut groups: BTreeMap<String, (Vec<i64>, i64)> = BTreeMap::new();
+        for ((org, txid), first) in pairs {
+            let g = groups.entry(org).or_insert_with(|| (Vec::new(), first));
+            g.0.push(txid);
+            g.1 = g.1.min(first);
+        }
+        let orgs: Vec<String> = groups.keys().cloned().collect();
         let mut tips = tips(client, &orgs)?;
         let start = tips.clone();
-        let p_org: Vec<String> = pairs.keys().map(|k| k.0.clone()).collect();
-        let p_txid: Vec<i64> = pairs.keys().map(|k| k.1).collect();
-        let p_from: Vec<i64> = pairs.values().copied().collect();
-        let mut current: Option<Block> = None;
-        let mut done: Vec<Block> = Vec::new();
-        let (mut after_org, mut after_id) = (String::new(), i64::MIN);
-        loop {
-            let rows = client.select(
-                "SELECT e.organization_id, e.event_id, e.hash, e.occurred_at
-                   FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS g(org, txid, from_id)
-                   JOIN tenancy.audit_events e
-                     ON e.organization_id = g.org AND e.txid = g.txid AND e.event_id >= g.from_id AND e.seq IS NULL
-                  WHERE (e.organization_id, e.event_id) > ($4, $5)
-                    AND NOT EXISTS (SELECT 1 FROM tenancy.audit_pending p
-                                     WHERE p.organization_id = e.organization_id AND p.txid = e.txid
-                                       AND p.first_event_id <= e.event_id)
-                  ORDER BY e.organization_id, e.event_id LIMIT $6",
-                None,
-                &[
-                    p_org.clone().into(),
-                    p_txid.clone().into(),
-                    p_from.clone().into(),
-                    after_org.clone().into(),
-                    after_id.into(),
-                    BLOCK_EVENTS.into(),
-                ],
-            )?;
-            let n = rows.len() as i64;
-            for r in rows {
-                let org = r.get::<String>(1)?.unwrap_or_default();
-                let id = r.get::<i64>(2)?.unwrap_or(0);
-                let hash = r.get::<Vec<u8>>(3)?.unwrap_or_default();
-                let at = r
-                    .get::<pgrx::datum::TimestampWithTimeZone>(4)?
-                    .map(|t| t.into_inner())
-                    .unwrap_or(0);
-                if current.as_ref().is_some_and(|b| b.org != org) {
-                    done.push(current.take().expect("checked just above"));
-                }
-                let block = current.get_or_insert_with(|| {
-                    // Rows come tenant by tenant, and a full block is written (its tip
-                    // moved) before the tenant's next one begins: the tip is current.
-                    let tip = tips.get(&org).cloned().expect("every tip was read");
-                    Block {
-                        org: org.clone(),
-                        block_no: tip.block + 1,
-                        first_seq: tip.seq + 1,
-                        hasher: BlockHasher::new(&org, tip.block + 1, tip.seq + 1, &tip.hash),
-                        prev: tip.hash,
-                        ids: Vec::new(),
-                        newest: i64::MIN,
+        let mut done: Vec<Sealed> = Vec::new();
+        for (org, (txids, from)) in groups {
+            // The tenant's events of those transactions, in pages along its primary key.
+            let mut after = from - 1;
+            let mut block: Option<Block> = None;
+            loop {
+                let rows = client.select(
+                    "SELECT e.event_id, e.hash, e.occurred_at FROM tenancy.audit_events e
+                      WHERE e.organization_id = $1 AND e.event_id > $2 AND e.txid = ANY ($3) AND e.seq IS NULL
+                        AND NOT EXISTS (SELECT 1 FROM tenancy.audit_pending p
+                                         WHERE p.organization_id = e.organization_id AND p.txid = e.txid
+                                           AND p.first_event_id <= e.event_id)
+                      ORDER BY e.event_id LIMIT $4",
+                    None,
+                    &[
+                        org.as_str().into(),
+                        after.into(),
+                        txids.clone().into(),
+                        BLOCK_EVENTS.into(),
+                    ],
+                )?;
+                let n = rows.len() as i64;
+                for r in rows {
+                    let id = r.get::<i64>(1)?.unwrap_or(0);
+                    let hash = r.get::<Vec<u8>>(2)?.unwrap_or_default();
+                    let at = r
+                        .get::<pgrx::datum::TimestampWithTimeZone>(3)?
+                        .map(|t| t.into_inner())
+                        .unwrap_or(0);
+                    let b = block.get_or_insert_with(|| {
+                        let tip = tips.get(&org).cloned().expect("every tip was read");
+                        Block {
+                            org: org.clone(),
+                            block_no: tip.block + 1,
+                            first_seq: tip.seq + 1,
+                            hasher: BlockHasher::new(&org, tip.block + 1, tip.seq + 1, &tip.hash),
+                            prev: tip.hash,
+                            ids: Vec::new(),
+                            newest: i64::MIN,
+                        }
+                    });
+                    b.hasher.add(id, &hash);
+                    b.ids.push(id);
+                    b.newest = b.newest.max(at);
+                    if b.ids.len() as i64 >= BLOCK_EVENTS {
+                        done.push(finish(block.take().expect("just filled"), &mut tips));
                     }
-                });
-                block.hasher.add(id, &hash);
-                block.ids.push(id);
-                block.newest = block.newest.max(at);
-                if block.ids.len() as i64 >= BLOCK_EVENTS {
-                    // Full: written now, so the tenant's next block links to its hash.
-                    done.push(current.take().expect("just filled"));
-                    let written = write_blocks(client, std::mem::take(&mut done), &mut tips)?;
-                    round.blocks += written.0;
-                    round.events += written.1;
+                    after = id;
                 }
-                (after_org, after_id) = (org, id);
+                if done.len() >= 256 {
+                    round.blocks += done.len() as i64;
+                    write_blocks(client, std::mem::take(&mut done))?;
+                }
+                if n < BLOCK_EVENTS {
+                    break;
+                }
             }
-            if !done.is_empty() {
-                let written = write_blocks(client, std::mem::take(&mut done), &mut tips)?;
-                round.blocks += written.0;
-                round.events += written.1;
-            }
-            if n < BLOCK_EVENTS {
-                break;
+            if let Some(b) = block.take() {
+                done.push(finish(b, &mut tips));
             }
         }
-        if let Some(b) = current.take() {
-            let written = write_blocks(client, vec![b], &mut tips)?;
-            round.blocks += written.0;
-            round.events += written.1;
-        }
+        round.blocks += done.len() as i64;
+        write_blocks(client, done)?;
+        round.events = tips
+            .iter()
+            .map(|(org, t)| t.seq - start.get(org).map_or(t.seq, |s| s.seq))
+            .sum();
         move_tips(client, &start, &tips)?;
         Ok(round)
     })
@@ -209,13 +203,49 @@ fn tips(client: &SpiClient<'_>, orgs: &[String]) -> SpiResult<BTreeMap<String, T
     Ok(out)
 }
 
-/// Writes finished blocks in one INSERT and moves their tenants' tips past them; returns
-/// (blocks, events).
-fn write_blocks(
-    client: &mut SpiClient<'_>,
-    blocks: Vec<Block>,
-    tips: &mut BTreeMap<String, Tip>,
-) -> SpiResult<(i64, i64)> {
+/// A finished block, ready to be written.
+struct Sealed {
+    org: String,
+    block_no: i64,
+    first_seq: i64,
+    count: i32,
+    ids: String,
+    newest: pgrx::datum::TimestampWithTimeZone,
+    prev: Vec<u8>,
+    hash: Vec<u8>,
+}
+
+/// Finishes a block: its hash, and the tenant's tip moved past it.
+fn finish(b: Block, tips: &mut BTreeMap<String, Tip>) -> Sealed {
+    let n = b.hasher.count();
+    let hash = b.hasher.finish().to_vec();
+    tips.insert(
+        b.org.clone(),
+        Tip {
+            block: b.block_no,
+            seq: b.first_seq + n - 1,
+            hash: hash.clone(),
+        },
+    );
+    let list: Vec<String> = b.ids.iter().map(i64::to_string).collect();
+    Sealed {
+        org: b.org,
+        block_no: b.block_no,
+        first_seq: b.first_seq,
+        count: n as i32,
+        ids: format!("{{{}}}", list.join(",")),
+        newest: pgrx::datum::TimestampWithTimeZone::try_from(b.newest)
+            .expect("an event's time is a valid timestamp"),
+        prev: b.prev,
+        hash,
+    }
+}
+
+/// Writes finished blocks in one INSERT.
+fn write_blocks(client: &mut SpiClient<'_>, blocks: Vec<Sealed>) -> SpiResult<()> {
+    if blocks.is_empty() {
+        return Ok(());
+    }
     let mut orgs = Vec::with_capacity(blocks.len());
     let mut nos = Vec::with_capacity(blocks.len());
     let mut firsts = Vec::with_capacity(blocks.len());
@@ -224,33 +254,16 @@ fn write_blocks(
     let mut newest = Vec::with_capacity(blocks.len());
     let mut prevs = Vec::with_capacity(blocks.len());
     let mut hashes = Vec::with_capacity(blocks.len());
-    let mut events = 0;
     for b in blocks {
-        let n = b.hasher.count();
-        let hash = b.hasher.finish().to_vec();
-        tips.insert(
-            b.org.clone(),
-            Tip {
-                block: b.block_no,
-                seq: b.first_seq + n - 1,
-                hash: hash.clone(),
-            },
-        );
-        events += n;
-        let list: Vec<String> = b.ids.iter().map(i64::to_string).collect();
         orgs.push(b.org);
         nos.push(b.block_no);
         firsts.push(b.first_seq);
-        counts.push(n as i32);
-        ids.push(format!("{{{}}}", list.join(",")));
-        newest.push(
-            pgrx::datum::TimestampWithTimeZone::try_from(b.newest)
-                .expect("an event's time is a valid timestamp"),
-        );
+        counts.push(b.count);
+        ids.push(b.ids);
+        newest.push(b.newest);
         prevs.push(b.prev);
-        hashes.push(hash);
+        hashes.push(b.hash);
     }
-    let count = orgs.len() as i64;
     client.update(
         "INSERT INTO tenancy.audit_seals (organization_id, block_no, first_seq, event_count, event_ids,
                                           newest_event_at, sealed_at, prev_hash, hash)
@@ -269,7 +282,7 @@ fn write_blocks(
             hashes.into(),
         ],
     )?;
-    Ok((count, events))
+    Ok(())
 }
 
 /// Records the tips that moved in `tenancy.audit_chain_heads`, in one statement.
