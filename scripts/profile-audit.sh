@@ -37,7 +37,7 @@ wait
 grep -E "latency average|tps" $D/pgbench.out
 sudo -u postgres $B/pg_ctl -D $D/d stop -m fast >/dev/null
 echo "== shares of all samples by process, by object, then pg_tenancy.so's symbols and the hottest overall"
-perf report -i $D/oltp.perf --no-children --sort comm --stdio -g none 2>/dev/null | grep "%" | head -4
-perf report -i $D/oltp.perf --no-children --comm postgres --sort dso --stdio -g none 2>/dev/null | grep "%" | head -6
-perf report -i $D/oltp.perf --no-children --comm postgres --dso pg_tenancy.so --sort sym --stdio -g none 2>/dev/null | grep "%" | head -12
-perf report -i $D/oltp.perf --no-children --comm postgres --sort sym --stdio -g none 2>/dev/null | grep "%" | head -20
+perf report -i $D/oltp.perf --no-children --sort comm --stdio -g none 2>/dev/null | grep "%" | head -4 || true
+perf report -i $D/oltp.perf --no-children --comm postgres --sort dso --stdio -g none 2>/dev/null | grep "%" | head -6 || true
+perf report -i $D/oltp.perf --no-children --comm postgres --dso pg_tenancy.so --sort sym --stdio -g none 2>/dev/null | grep "%" | head -12 || true
+perf report -i $D/oltp.perf --no-children --comm postgres --sort sym --stdio -g none 2>/dev/null | grep "%" | head -20 || true
