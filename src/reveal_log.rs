@@ -23,6 +23,9 @@ use std::collections::BTreeMap;
 /// load (the hostile suite's soak on PG 13, with the worker polling every 100 ms); 2,048
 /// records are about 1.4 MB of shared memory.
 const QUEUE_LEN: usize = 2048;
+/// Distinct (tenant, label) records one transaction may hold: one transaction cannot take
+/// more than an eighth of the queue from everyone else's reveals.
+const RECORDS_PER_XACT: usize = QUEUE_LEN / 8;
 const ORG_MAX: usize = crate::ids::MAX_ID_LEN;
 const LABEL_MAX: usize = crate::ids::MAX_LABEL_LEN;
 const ROLE_MAX: usize = 64;
@@ -96,6 +99,9 @@ impl RevealRecord {
 #[repr(C)]
 pub(crate) struct RevealQueue {
     len: usize,
+    /// Slots promised to records of transactions still running: a record gets its slot
+    /// before its first reveal, so the end of the transaction always finds room.
+    reserved: usize,
     records: [RevealRecord; QUEUE_LEN],
 }
 
@@ -103,6 +109,7 @@ impl Default for RevealQueue {
     fn default() -> Self {
         Self {
             len: 0,
+            reserved: 0,
             records: [RevealRecord::EMPTY; QUEUE_LEN],
         }
     }
@@ -162,8 +169,10 @@ pub(crate) fn remove_oldest(n: usize) {
 }
 
 /// Checks that a reveal of `label` for `org` may happen here: an audit database is configured,
-/// this is it, and the reveal has a place in the queue (a record of this transaction for the
-/// same tenant and label already holds one; only a new record needs a free slot).
+/// this is it, and the reveal's record has its slot in the queue. A record of this
+/// transaction for the same tenant and label already holds one; a new record takes (reserves)
+/// one now, before anything is revealed, or the reveal is refused: the queue full, or this
+/// transaction holding [`RECORDS_PER_XACT`] records already.
 pub(crate) fn check_reveal_allowed(org: &str, label: Option<&str>) -> Result<(), TenancyError> {
     let here = HERE_ALLOWED.with(|h| {
         h.borrow_mut()
@@ -187,42 +196,36 @@ pub(crate) fn check_reveal_allowed(org: &str, label: Option<&str>) -> Result<(),
     if let Err(reason) = here {
         return Err(TenancyError::RevealNotAudited { reason });
     }
-    let counted = with_key(org, label.unwrap_or(""), |key| {
+    let label = label.unwrap_or("");
+    let counted = with_key(org, label, |key| {
         PENDING.with(|p| p.borrow().contains_key(key))
     });
     if counted {
         return Ok(());
     }
-    let full = QUEUE.share().len >= QUEUE_LEN;
-    if full {
+    if PENDING.with(|p| p.borrow().len()) >= RECORDS_PER_XACT {
         return Err(TenancyError::RevealNotAudited {
-            reason: "the reveal queue is full".into(),
+            reason: format!(
+                "this transaction already revealed under {RECORDS_PER_XACT} distinct labels, the most one transaction may"
+            ),
         });
     }
-    Ok(())
-}
-
-/// Counts one reveal of `label` for `org` in the current transaction.
-pub(crate) fn note(org: &str, label: Option<&str>) {
-    let label = label.unwrap_or("");
-    let counted = with_key(org, label, |key| {
-        PENDING.with(|p| match p.borrow_mut().get_mut(key) {
-            Some(r) => {
-                r.count += 1;
-                true
-            }
-            None => false,
-        })
-    });
-    if counted {
-        return;
+    {
+        let mut q = QUEUE.exclusive();
+        if q.len + q.reserved >= QUEUE_LEN {
+            return Err(TenancyError::RevealNotAudited {
+                reason: "the reveal queue is full".into(),
+            });
+        }
+        q.reserved += 1;
     }
+    // The record exists from now on (count 0 until the reveal succeeds), so the end of the
+    // transaction gives its slot back whatever happens next.
     PENDING.with(|p| {
-        let mut pending = p.borrow_mut();
         let who = crate::audit::writer::Who::current();
         // SAFETY: a plain read of the transaction id (0 when none is assigned yet).
         let xid = unsafe { u32::from(pg_sys::GetTopTransactionIdIfAny()) } as u64;
-        pending.insert(
+        p.borrow_mut().insert(
             format!("{org}\0{label}"),
             RevealRecord {
                 org: Fixed::from(Some(org)),
@@ -232,11 +235,25 @@ pub(crate) fn note(org: &str, label: Option<&str>) {
                 outer_role: Fixed::from(Some(&who.outer_role)),
                 actor_verified: who.actor_verified,
                 committed: false,
-                count: 1,
+                count: 0,
                 at: who.occurred_at,
                 xid,
             },
         );
+    });
+    Ok(())
+}
+
+/// Counts one reveal of `label` for `org` in the current transaction (its record was made
+/// by [`check_reveal_allowed`]).
+pub(crate) fn note(org: &str, label: Option<&str>) {
+    let label = label.unwrap_or("");
+    with_key(org, label, |key| {
+        PENDING.with(|p| {
+            if let Some(r) = p.borrow_mut().get_mut(key) {
+                r.count += 1;
+            }
+        })
     });
 }
 
@@ -257,10 +274,16 @@ fn flush(committed: bool) {
     }
     let mut q = QUEUE.exclusive();
     for (_, mut record) in pending {
+        // Every record holds a reserved slot (len + reserved never exceeds the queue).
+        q.reserved = q.reserved.saturating_sub(1);
+        if record.count == 0 {
+            continue; // refused or failed before anything was revealed
+        }
         if q.len >= QUEUE_LEN {
-            // check_reveal_allowed refuses reveals once full; concurrent flushes can still fill it.
-            pgrx::log!("pg_tenancy: reveal queue full; a reveal record was dropped");
-            break;
+            pgrx::warning!(
+                "pg_tenancy: reveal queue full at transaction end; a reveal record was dropped"
+            );
+            continue;
         }
         record.committed = committed;
         let i = q.len;

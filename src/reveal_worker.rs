@@ -142,6 +142,5 @@ fn seal_once() -> bool {
     if !installed("tenancy.audit_seals") {
         return false; // not installed, or not updated to 0.2.1 yet
     }
-    let round = BackgroundWorker::transaction(crate::audit::sealer::seal_round);
-    round.groups >= crate::audit::sealer::GROUPS_PER_ROUND
+    BackgroundWorker::transaction(crate::audit::sealer::seal_round).more
 }

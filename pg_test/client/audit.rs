@@ -550,6 +550,62 @@ fn test_reveals_are_refused_where_they_cannot_be_audited() {
     su.batch_execute("ROLLBACK").unwrap();
 }
 
+/// A reveal's record has its place in the queue before anything is revealed: a transaction
+/// that reveals under many distinct labels (dummy labels sorted before the real one) is
+/// refused at the 257th label, never left with a reveal that the end of the transaction
+/// cannot queue; every label it did reveal under is on record.
+#[test]
+fn test_no_reveal_goes_unrecorded_when_labels_flood_the_queue() {
+    let c = reference_cluster();
+    let mut app = c.connect("app", "app");
+    enter(&mut app, SHERWOOD, "flooder");
+    let revealed = count(
+        &mut app,
+        "SELECT count(tenancy.phi_reveal(tenancy.phi_encrypt('x', 'a' || lpad(g::text, 5, '0')), 'a' || lpad(g::text, 5, '0')))
+           FROM generate_series(1, 256) g",
+    );
+    assert_eq!(revealed, 256);
+    let err = db_error(app.query_one(
+        "SELECT tenancy.phi_reveal(tenancy.phi_encrypt('x', 'patients.phone'), 'patients.phone')",
+        &[],
+    ));
+    assert_eq!(err.code().code(), "55000", "{err:?}");
+    assert!(err.detail().unwrap_or_default().contains("256"), "{err:?}");
+    app.batch_execute("ROLLBACK").unwrap();
+    let mut su = c.connect("postgres", "app");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let mut n = 0;
+    while std::time::Instant::now() < deadline {
+        n = count(
+            &mut su,
+            &format!("SELECT count(*) FROM tenancy.audit_events WHERE organization_id = '{SHERWOOD}' AND action = 'REVEAL' AND actor = 'flooder'"),
+        );
+        if n == 256 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(n, 256, "every label revealed under is on record");
+    assert_eq!(
+        count(
+            &mut su,
+            "SELECT count(*) FROM tenancy.audit_events WHERE action = 'REVEAL' AND table_name = 'patients.phone' AND actor = 'flooder'"
+        ),
+        0,
+        "the refused reveal revealed nothing"
+    );
+    // Another tenant still reveals (the flood held at most an eighth of the queue).
+    let mut conway = c.connect("app", "app");
+    enter(&mut conway, CONWAY, "nurse");
+    conway
+        .query_one(
+            "SELECT tenancy.phi_reveal(tenancy.phi_encrypt('y', 'patients.phone'), 'patients.phone')",
+            &[],
+        )
+        .unwrap();
+    conway.batch_execute("COMMIT").unwrap();
+}
+
 #[test]
 fn test_support_reads_one_clinics_history_and_is_recorded_doing_so() {
     let mut su = cluster().connect("postgres", "app");

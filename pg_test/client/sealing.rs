@@ -289,3 +289,44 @@ fn test_an_old_key_is_retired_on_an_audited_database() {
     assert_eq!(names.len(), 1, "PHI columns decrypt under key 2");
     app.batch_execute("COMMIT").unwrap();
 }
+
+/// A round seals at most 20,000 events and files the rest of a large transaction as pending
+/// again: a 45,000-row statement is sealed over three rounds or more, each event exactly once,
+/// in blocks of at most 10,000, and the trail verifies.
+#[test]
+fn test_a_large_transaction_is_sealed_over_several_rounds() {
+    let c = reference_cluster();
+    let mut app = c.connect("app", "app");
+    enter(&mut app, "READ COMMITTED", SHERWOOD);
+    app.batch_execute(
+        "INSERT INTO clinic.reviews (rating, body) SELECT 1, 'bulk ' || g FROM generate_series(1, 45000) g; COMMIT;",
+    )
+    .unwrap();
+    let mut su = c.connect("postgres", "app");
+    assert_chain_ok(&mut su, SHERWOOD);
+    let blocks: Vec<(i32, i64)> = su
+        .query(
+            &format!("SELECT event_count, first_seq FROM tenancy.audit_seals WHERE organization_id = '{SHERWOOD}' ORDER BY block_no"),
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert!(blocks.iter().all(|b| b.0 <= 10_000), "{blocks:?}");
+    assert!(
+        blocks.len() >= 5,
+        "45,000 events in blocks of at most 10,000: {blocks:?}"
+    );
+    assert_eq!(
+        count(
+            &mut su,
+            &format!("SELECT count(*) FROM (SELECT unnest(event_ids) FROM tenancy.audit_seals WHERE organization_id = '{SHERWOOD}') s")
+        ),
+        count(
+            &mut su,
+            &format!("SELECT count(DISTINCT id) FROM (SELECT unnest(event_ids) AS id FROM tenancy.audit_seals WHERE organization_id = '{SHERWOOD}') s")
+        ),
+        "no event sealed twice"
+    );
+}

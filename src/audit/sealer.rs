@@ -24,10 +24,14 @@ use std::collections::BTreeMap;
 pub(crate) const GROUPS_PER_ROUND: i64 = 256;
 /// Events per block (and per read): a bulk statement's events become several blocks.
 const BLOCK_EVENTS: i64 = 10_000;
+/// Events one round seals at most (the rest of a large transaction waits for the next).
+const ROUND_EVENTS: i64 = 20_000;
 
 /// What one round did.
 pub(crate) struct Round {
     pub groups: i64,
+    /// Whether more is pending than this round took (the next one should follow at once).
+    pub more: bool,
     pub blocks: i64,
     pub events: i64,
 }
@@ -79,6 +83,7 @@ pub(crate) fn seal_round() -> Round {
         }
         let mut round = Round {
             groups: pairs.len() as i64,
+            more: false,
             blocks: 0,
             events: 0,
         };
@@ -96,11 +101,21 @@ pub(crate) fn seal_round() -> Round {
         let mut tips = tips(client, &orgs)?;
         let start = tips.clone();
         let mut done: Vec<Sealed> = Vec::new();
+        // Work left for the next round, filed again as pending rows: a round seals at most
+        // ROUND_EVENTS events, so the worker is back to the reveal queue in a fraction of a
+        // second however large a transaction was.
+        let mut carry: Vec<(String, i64, i64)> = Vec::new();
+        let mut budget = ROUND_EVENTS;
         for (org, (txids, from)) in groups {
+            if budget <= 0 {
+                carry.extend(txids.iter().map(|t| (org.clone(), *t, from)));
+                continue;
+            }
             // The tenant's events of those transactions, in pages along its primary key.
             let mut after = from - 1;
             let mut block: Option<Block> = None;
             loop {
+                let page = BLOCK_EVENTS.min(budget);
                 let rows = client.select(
                     "SELECT e.event_id, e.hash, e.occurred_at FROM tenancy.audit_events e
                       WHERE e.organization_id = $1 AND e.event_id > $2 AND e.txid = ANY ($3) AND e.seq IS NULL
@@ -113,10 +128,11 @@ pub(crate) fn seal_round() -> Round {
                         org.as_str().into(),
                         after.into(),
                         txids.clone().into(),
-                        BLOCK_EVENTS.into(),
+                        page.into(),
                     ],
                 )?;
                 let n = rows.len() as i64;
+                budget -= n;
                 for r in rows {
                     let id = r.get::<i64>(1)?.unwrap_or(0);
                     let hash = r.get::<Vec<u8>>(2)?.unwrap_or_default();
@@ -148,7 +164,11 @@ pub(crate) fn seal_round() -> Round {
                     round.blocks += done.len() as i64;
                     write_blocks(client, std::mem::take(&mut done))?;
                 }
-                if n < BLOCK_EVENTS {
+                if n < page {
+                    break; // the tenant's events of these transactions are all sealed
+                }
+                if budget <= 0 {
+                    carry.extend(txids.iter().map(|t| (org.clone(), *t, after + 1)));
                     break;
                 }
             }
@@ -158,6 +178,19 @@ pub(crate) fn seal_round() -> Round {
         }
         round.blocks += done.len() as i64;
         write_blocks(client, done)?;
+        round.more = !carry.is_empty() || round.groups >= GROUPS_PER_ROUND;
+        if !carry.is_empty() {
+            client.update(
+                "INSERT INTO tenancy.audit_pending (organization_id, txid, first_event_id)
+                 SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[])",
+                None,
+                &[
+                    carry.iter().map(|c| c.0.clone()).collect::<Vec<_>>().into(),
+                    carry.iter().map(|c| c.1).collect::<Vec<_>>().into(),
+                    carry.iter().map(|c| c.2).collect::<Vec<_>>().into(),
+                ],
+            )?;
+        }
         round.events = tips
             .iter()
             .map(|(org, t)| t.seq - start.get(org).map_or(t.seq, |s| s.seq))
@@ -327,7 +360,7 @@ fn audit_seal() -> i64 {
     loop {
         let round = seal_round();
         total += round.events;
-        if round.groups < GROUPS_PER_ROUND {
+        if !round.more {
             return total;
         }
     }
