@@ -28,6 +28,8 @@ const WORKER_SETTINGS: &[(&str, &str)] = &[
 const POLL_MS: u64 = 20;
 /// How often the worker seals what writers committed.
 const SEAL_MS: u128 = 100;
+/// The longest sealing waits while reveals keep the worker busy.
+const SEAL_MAX_MS: u128 = 1000;
 
 /// Registers the worker when an audit database is configured; only from `_PG_init` under
 /// preload.
@@ -72,7 +74,12 @@ pub extern "C-unwind" fn pg_tenancy_reveal_worker_main(_arg: pg_sys::Datum) {
         // wake, so sealing a busy platform never starves the queue: every SEAL_MS, or at
         // once while the last round was full.
         write_reveals();
-        if behind || last_seal.elapsed().as_millis() >= SEAL_MS {
+        // While reveals keep arriving faster than one batch per wake, they come first (a
+        // full queue refuses reveals; an unsealed event only waits), but sealing still gets
+        // a round at least every SEAL_MAX_MS.
+        let since = last_seal.elapsed().as_millis();
+        let reveals_waiting = crate::reveal_log::queued_len() > 0;
+        if (!reveals_waiting && (behind || since >= SEAL_MS)) || since >= SEAL_MAX_MS {
             last_seal = std::time::Instant::now();
             behind = seal_once();
         }

@@ -821,10 +821,20 @@ fn test_soak_pooled_workload() {
     assert_eq!(f.foreign_rows.load(Ordering::Relaxed), 0, "{figures}");
     assert_eq!(f.leaked_contexts.load(Ordering::Relaxed), 0, "{figures}");
     for code in f.errors.lock().unwrap().keys() {
-        let worker: Vec<String> = cluster
-            .log()
+        // The worker's own lines: those of every PID the postmaster says it ran as.
+        let log = cluster.log();
+        let pids: Vec<String> = log
             .lines()
-            .filter(|l| l.contains("background worker") || l.contains("pg_tenancy reveal audit"))
+            .filter(|l| l.contains("pg_tenancy reveal audit"))
+            .filter_map(|l| l.split("(PID ").nth(1))
+            .filter_map(|rest| rest.split(')').next())
+            .map(|pid| format!("[{pid}]"))
+            .collect();
+        let worker: Vec<String> = log
+            .lines()
+            .filter(|l| {
+                l.contains("pg_tenancy reveal audit") || pids.iter().any(|p| l.contains(p.as_str()))
+            })
             .map(str::to_string)
             .collect();
         assert!(
