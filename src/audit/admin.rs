@@ -2,7 +2,8 @@
 //! `audit_purge`, `audit_history`, `audit_rekey`.
 
 use super::chain::{
-    event_hash, event_hash_v2, payload_digest, split_payload, BlockHasher, EventContent, EventV2,
+    event_hash, event_hash_v2, payload_digest, split_payload, BlockHasher, Body, EventContent,
+    EventV2,
 };
 use super::writer::{payload_label, write_event};
 use crate::crypto::{self, envelope::Content};
@@ -221,6 +222,55 @@ fn verify(client: &SpiClient<'_>, org: &str) -> SpiResult<Verdict> {
     Ok(v)
 }
 
+/// The columns both formats hash of a stored event (occurred_at, txid, actor,
+/// actor_verified, session_role, outer_role, action, table_name, row_key, changed_columns),
+/// read from a row where they stand in that order from column `at`.
+struct Stored {
+    occurred_at: i64,
+    txid: i64,
+    actor: Option<String>,
+    actor_verified: bool,
+    session_role: String,
+    outer_role: String,
+    action: String,
+    table_name: Option<String>,
+    row_key: Option<String>,
+    changed_columns: Option<Vec<String>>,
+}
+
+impl Stored {
+    fn read(r: &pgrx::spi::SpiHeapTupleData<'_>, at: usize) -> SpiResult<Stored> {
+        Ok(Stored {
+            occurred_at: r
+                .get::<pgrx::datum::TimestampWithTimeZone>(at)?
+                .map(|t| t.into_inner())
+                .unwrap_or(0),
+            txid: r.get::<i64>(at + 1)?.unwrap_or(0),
+            actor: r.get::<String>(at + 2)?,
+            actor_verified: r.get::<bool>(at + 3)?.unwrap_or(false),
+            session_role: r.get::<String>(at + 4)?.unwrap_or_default(),
+            outer_role: r.get::<String>(at + 5)?.unwrap_or_default(),
+            action: r.get::<String>(at + 6)?.unwrap_or_default(),
+            table_name: r.get::<String>(at + 7)?,
+            row_key: r.get::<String>(at + 8)?,
+            changed_columns: r.get::<Vec<String>>(at + 9)?,
+        })
+    }
+
+    fn body(&self) -> Body<'_> {
+        Body {
+            actor: self.actor.as_deref(),
+            actor_verified: self.actor_verified,
+            session_role: &self.session_role,
+            outer_role: &self.outer_role,
+            action: &self.action,
+            table_name: self.table_name.as_deref(),
+            row_key: self.row_key.as_deref(),
+            changed_columns: self.changed_columns.as_deref(),
+        }
+    }
+}
+
 /// The v1 chain, in pages by position.
 fn verify_v1(
     client: &SpiClient<'_>,
@@ -258,33 +308,16 @@ fn verify_v1(
                     "its link to the previous event does not match".into(),
                 )));
             }
-            let ts = r
-                .get::<pgrx::datum::TimestampWithTimeZone>(3)?
-                .map(|t| t.into_inner())
-                .unwrap_or(0);
-            let actor = r.get::<String>(5)?;
-            let session_role = r.get::<String>(7)?.unwrap_or_default();
-            let outer_role = r.get::<String>(8)?.unwrap_or_default();
-            let action = r.get::<String>(9)?.unwrap_or_default();
-            let table_name = r.get::<String>(10)?;
-            let row_key = r.get::<String>(11)?;
-            let changed = r.get::<Vec<String>>(12)?;
+            let ev = Stored::read(&r, 3)?;
             let payload = r.get::<Vec<u8>>(13)?;
             let stored = r.get::<Vec<u8>>(15)?.unwrap_or_default();
             let content = EventContent {
                 org,
                 seq,
                 event_id: r.get::<i64>(2)?.unwrap_or(0),
-                occurred_at: ts,
-                txid: r.get::<i64>(4)?.unwrap_or(0),
-                actor: actor.as_deref(),
-                actor_verified: r.get::<bool>(6)?.unwrap_or(false),
-                session_role: &session_role,
-                outer_role: &outer_role,
-                action: &action,
-                table_name: table_name.as_deref(),
-                row_key: row_key.as_deref(),
-                changed_columns: changed.as_deref(),
+                occurred_at: ev.occurred_at,
+                txid: ev.txid,
+                body: ev.body(),
                 payload: payload.as_deref(),
                 prev_hash: &stored_prev,
             };
@@ -350,14 +383,12 @@ fn verify_blocks(
                     format!("sealed block {block_no} does not link to the previous block"),
                 )));
             }
-            if let Some(b) = verify_block_events(client, org, first_seq, &ids, checked)? {
-                return Ok(Some(b));
-            }
-            // The block's own hash over the stored event hashes (each checked just above).
+            // The block's own hash, over the stored event hashes as each is checked.
             let mut hasher = BlockHasher::new(org, block_no, first_seq, &block_prev);
-            let hashes = block_event_hashes(client, org, &ids)?;
-            for (id, h) in ids.iter().zip(&hashes) {
-                hasher.add(*id, h);
+            if let Some(b) =
+                verify_block_events(client, org, first_seq, &ids, &mut hasher, checked)?
+            {
+                return Ok(Some(b));
             }
             if hasher.finish().as_slice() != block_hash.as_slice() {
                 return Ok(Some((
@@ -371,28 +402,14 @@ fn verify_blocks(
     }
 }
 
-/// The stored hashes of `ids`, in the block's order.
-fn block_event_hashes(client: &SpiClient<'_>, org: &str, ids: &[i64]) -> SpiResult<Vec<Vec<u8>>> {
-    let rows = client.select(
-        "SELECT e.hash FROM unnest($2::bigint[]) WITH ORDINALITY AS b(id, n)
-           JOIN tenancy.audit_events e ON e.organization_id = $1 AND e.event_id = b.id
-          ORDER BY b.n",
-        None,
-        &[org.into(), ids.into()],
-    )?;
-    let mut out = Vec::with_capacity(ids.len());
-    for r in rows {
-        out.push(r.get::<Vec<u8>>(1)?.unwrap_or_default());
-    }
-    Ok(out)
-}
-
-/// Each event of one block: present, its hash over its content, its payload's commitment.
+/// Each event of one block: present, its hash over its content, its payload's commitment;
+/// each stored hash goes into the block's `hasher` in the block's order.
 fn verify_block_events(
     client: &SpiClient<'_>,
     org: &str,
     first_seq: i64,
     ids: &[i64],
+    hasher: &mut BlockHasher,
     checked: &mut i64,
 ) -> SpiResult<Option<(Option<i64>, String)>> {
     let rows = client.select(
@@ -415,33 +432,16 @@ fn verify_block_events(
                 format!("event {id} (position {seq}) is missing"),
             )));
         };
-        let ts = r
-            .get::<pgrx::datum::TimestampWithTimeZone>(4)?
-            .map(|t| t.into_inner())
-            .unwrap_or(0);
-        let actor = r.get::<String>(6)?;
-        let session_role = r.get::<String>(8)?.unwrap_or_default();
-        let outer_role = r.get::<String>(9)?.unwrap_or_default();
-        let action = r.get::<String>(10)?.unwrap_or_default();
-        let table_name = r.get::<String>(11)?;
-        let row_key = r.get::<String>(12)?;
-        let changed = r.get::<Vec<String>>(13)?;
+        let ev = Stored::read(&r, 4)?;
         let payload = r.get::<Vec<u8>>(14)?;
         let digest = r.get::<Vec<u8>>(15)?;
         let stored = r.get::<Vec<u8>>(16)?.unwrap_or_default();
         let content = EventV2 {
             org,
             event_id,
-            occurred_at: ts,
-            txid: r.get::<i64>(5)?.unwrap_or(0),
-            actor: actor.as_deref(),
-            actor_verified: r.get::<bool>(7)?.unwrap_or(false),
-            session_role: &session_role,
-            outer_role: &outer_role,
-            action: &action,
-            table_name: table_name.as_deref(),
-            row_key: row_key.as_deref(),
-            changed_columns: changed.as_deref(),
+            occurred_at: ev.occurred_at,
+            txid: ev.txid,
+            body: ev.body(),
             payload_digest: digest.as_deref(),
         };
         if event_hash_v2(&content).as_slice() != stored.as_slice() {
@@ -454,6 +454,7 @@ fn verify_block_events(
         {
             return Ok(Some((Some(seq), format!("event {event_id}: {problem}"))));
         }
+        hasher.add(event_id, &stored);
     }
     Ok(None)
 }

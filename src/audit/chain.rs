@@ -20,13 +20,8 @@ pub(crate) const PAYLOAD_V2_MARK: u8 = 0;
 /// Bytes of secret salt after the mark, then the JSON.
 pub(crate) const PAYLOAD_SALT: usize = 16;
 
-/// Everything hashed for one event, in a fixed order.
-pub(crate) struct EventContent<'a> {
-    pub org: &'a str,
-    pub seq: i64,
-    pub event_id: i64,
-    pub occurred_at: i64,
-    pub txid: i64,
+/// Who did what, hashed the same way (and in the same place) by both formats.
+pub(crate) struct Body<'a> {
     pub actor: Option<&'a str>,
     pub actor_verified: bool,
     pub session_role: &'a str,
@@ -35,6 +30,16 @@ pub(crate) struct EventContent<'a> {
     pub table_name: Option<&'a str>,
     pub row_key: Option<&'a str>,
     pub changed_columns: Option<&'a [String]>,
+}
+
+/// Everything hashed for one v1 event, in a fixed order.
+pub(crate) struct EventContent<'a> {
+    pub org: &'a str,
+    pub seq: i64,
+    pub event_id: i64,
+    pub occurred_at: i64,
+    pub txid: i64,
+    pub body: Body<'a>,
     pub payload: Option<&'a [u8]>,
     pub prev_hash: &'a [u8],
 }
@@ -49,23 +54,27 @@ fn field(h: &mut Sha256, v: Option<&[u8]>) {
     }
 }
 
+fn body(h: &mut Sha256, b: &Body<'_>) {
+    let changed = b.changed_columns.map(|c| c.join("\u{1f}"));
+    field(h, b.actor.map(str::as_bytes));
+    field(h, Some(&[b.actor_verified as u8]));
+    field(h, Some(b.session_role.as_bytes()));
+    field(h, Some(b.outer_role.as_bytes()));
+    field(h, Some(b.action.as_bytes()));
+    field(h, b.table_name.map(str::as_bytes));
+    field(h, b.row_key.map(str::as_bytes));
+    field(h, changed.as_deref().map(str::as_bytes));
+}
+
 /// SHA-256 over the length-prefixed fields (u32 big-endian length, or 0xFFFFFFFF for NULL).
 pub(crate) fn event_hash(e: &EventContent<'_>) -> [u8; 32] {
     let mut h = Sha256::new();
-    let changed = e.changed_columns.map(|c| c.join("\u{1f}"));
     field(&mut h, Some(HASH_DOMAIN.as_bytes()));
     field(&mut h, Some(e.org.as_bytes()));
     for n in [e.seq, e.event_id, e.occurred_at, e.txid] {
         field(&mut h, Some(&n.to_be_bytes()));
     }
-    field(&mut h, e.actor.map(str::as_bytes));
-    field(&mut h, Some(&[e.actor_verified as u8]));
-    field(&mut h, Some(e.session_role.as_bytes()));
-    field(&mut h, Some(e.outer_role.as_bytes()));
-    field(&mut h, Some(e.action.as_bytes()));
-    field(&mut h, e.table_name.map(str::as_bytes));
-    field(&mut h, e.row_key.map(str::as_bytes));
-    field(&mut h, changed.as_deref().map(str::as_bytes));
+    body(&mut h, &e.body);
     field(&mut h, e.payload);
     field(&mut h, Some(e.prev_hash));
     h.finalize().into()
@@ -77,14 +86,7 @@ pub(crate) struct EventV2<'a> {
     pub event_id: i64,
     pub occurred_at: i64,
     pub txid: i64,
-    pub actor: Option<&'a str>,
-    pub actor_verified: bool,
-    pub session_role: &'a str,
-    pub outer_role: &'a str,
-    pub action: &'a str,
-    pub table_name: Option<&'a str>,
-    pub row_key: Option<&'a str>,
-    pub changed_columns: Option<&'a [String]>,
+    pub body: Body<'a>,
     pub payload_digest: Option<&'a [u8]>,
 }
 
@@ -92,20 +94,12 @@ pub(crate) struct EventV2<'a> {
 /// and with the payload's commitment instead of its ciphertext).
 pub(crate) fn event_hash_v2(e: &EventV2<'_>) -> [u8; 32] {
     let mut h = Sha256::new();
-    let changed = e.changed_columns.map(|c| c.join("\u{1f}"));
     field(&mut h, Some(EVENT_DOMAIN_V2.as_bytes()));
     field(&mut h, Some(e.org.as_bytes()));
     for n in [e.event_id, e.occurred_at, e.txid] {
         field(&mut h, Some(&n.to_be_bytes()));
     }
-    field(&mut h, e.actor.map(str::as_bytes));
-    field(&mut h, Some(&[e.actor_verified as u8]));
-    field(&mut h, Some(e.session_role.as_bytes()));
-    field(&mut h, Some(e.outer_role.as_bytes()));
-    field(&mut h, Some(e.action.as_bytes()));
-    field(&mut h, e.table_name.map(str::as_bytes));
-    field(&mut h, e.row_key.map(str::as_bytes));
-    field(&mut h, changed.as_deref().map(str::as_bytes));
+    body(&mut h, &e.body);
     field(&mut h, e.payload_digest);
     h.finalize().into()
 }
@@ -173,13 +167,8 @@ impl BlockHasher {
 mod tests {
     use super::*;
 
-    fn sample<'a>(changed: &'a [String], payload: &'a [u8], prev: &'a [u8]) -> EventContent<'a> {
-        EventContent {
-            org: "org",
-            seq: 1,
-            event_id: 10,
-            occurred_at: 5,
-            txid: 7,
+    fn sample_body(changed: &[String]) -> Body<'_> {
+        Body {
             actor: Some("u"),
             actor_verified: false,
             session_role: "app",
@@ -188,6 +177,17 @@ mod tests {
             table_name: Some("clinic.reviews"),
             row_key: Some("{}"),
             changed_columns: Some(changed),
+        }
+    }
+
+    fn sample<'a>(changed: &'a [String], payload: &'a [u8], prev: &'a [u8]) -> EventContent<'a> {
+        EventContent {
+            org: "org",
+            seq: 1,
+            event_id: 10,
+            occurred_at: 5,
+            txid: 7,
+            body: sample_body(changed),
             payload: Some(payload),
             prev_hash: prev,
         }
@@ -203,10 +203,10 @@ mod tests {
             "deterministic"
         );
         let mut e = sample(&changed, b"p", &[0; 32]);
-        e.actor = None;
+        e.body.actor = None;
         assert_ne!(event_hash(&e), base, "NULL differs from a value");
         let mut e = sample(&changed, b"p", &[0; 32]);
-        e.actor_verified = true;
+        e.body.actor_verified = true;
         assert_ne!(event_hash(&e), base);
         assert_ne!(
             event_hash(&sample(&changed, b"q", &[0; 32])),
@@ -226,8 +226,8 @@ mod tests {
         );
         // Length prefixes: moving bytes between adjacent fields changes the hash.
         let mut e = sample(&changed, b"p", &[0; 32]);
-        e.session_role = "ap";
-        e.outer_role = "papp";
+        e.body.session_role = "ap";
+        e.body.outer_role = "papp";
         assert_ne!(event_hash(&e), base);
     }
 
@@ -239,14 +239,7 @@ mod tests {
             event_id: id,
             occurred_at: 5,
             txid: 7,
-            actor: Some("u"),
-            actor_verified: false,
-            session_role: "app",
-            outer_role: "app",
-            action: "UPDATE",
-            table_name: Some("clinic.reviews"),
-            row_key: Some("{}"),
-            changed_columns: Some(&changed),
+            body: sample_body(&changed),
             payload_digest: digest,
         };
         let base = event_hash_v2(&e(Some(b"d"), 1));
@@ -282,5 +275,27 @@ mod tests {
             Some((&[9u8; PAYLOAD_SALT][..], &b"{\"a\":1}"[..]))
         );
         assert_eq!(split_payload(b"{\"a\":1}"), None, "v1: bare JSON");
+    }
+
+    /// Known answers: the stored formats never change (v1 is what 0.1.0 and 0.2.0 wrote).
+    #[test]
+    fn test_hash_formats_are_fixed() {
+        let changed = vec!["rating".to_string()];
+        assert_eq!(
+            hex::encode(event_hash(&sample(&changed, b"p", &[0; 32]))),
+            "8ac309a13ee5960bf9ed5a852790d771544e019085e0a97d02143e7af23c58a6"
+        );
+        let e = EventV2 {
+            org: "org",
+            event_id: 10,
+            occurred_at: 5,
+            txid: 7,
+            body: sample_body(&changed),
+            payload_digest: Some(b"d"),
+        };
+        assert_eq!(
+            hex::encode(event_hash_v2(&e)),
+            "39e5bb857cf3bad0746fc0736c9679f157fdd4e3ad1db0f05c2c190553f9315a"
+        );
     }
 }

@@ -1,6 +1,7 @@
 //! One audit event before it is written, who writes it, and the identities both chain
 //! formats share (event ids, payload labels). A leaf of the audit module.
 
+use super::chain::Body;
 use crate::error::TenancyError;
 use pgrx::prelude::*;
 
@@ -55,6 +56,22 @@ pub(super) fn array_literal(items: &[String]) -> String {
     }
     s.push('}');
     s
+}
+
+impl NewEvent {
+    /// What both hash formats cover of this event and its writer.
+    pub(super) fn body<'a>(&'a self, who: &'a Who) -> Body<'a> {
+        Body {
+            actor: who.actor.as_deref(),
+            actor_verified: who.actor_verified,
+            session_role: &who.session_role,
+            outer_role: &who.outer_role,
+            action: &self.action,
+            table_name: self.table_name.as_deref(),
+            row_key: self.row_key.as_deref(),
+            changed_columns: self.changed_columns.as_deref(),
+        }
+    }
 }
 
 /// Who wrote an event, and when.

@@ -225,14 +225,7 @@ pub(crate) fn append_events(who: &Who, events: &[NewEvent]) {
                 event_id,
                 occurred_at: who.occurred_at,
                 txid,
-                actor: who.actor.as_deref(),
-                actor_verified: who.actor_verified,
-                session_role: &who.session_role,
-                outer_role: &who.outer_role,
-                action: &e.action,
-                table_name: e.table_name.as_deref(),
-                row_key: e.row_key.as_deref(),
-                changed_columns: e.changed_columns.as_deref(),
+                body: e.body(who),
                 payload_digest: digest.as_deref(),
             })
             .to_vec();
