@@ -172,7 +172,7 @@ findings AS (
   UNION ALL
   -- O5: an index, constraint or default/generated expression that reads a PHI column through a
   -- function that is not built in (a wrapper may reveal, and the result is stored).
-  SELECT DISTINCT 'high', tenancy.object_text(d.classid, d.objid, d.objsubid) || ' on ' || t.name,
+  SELECT DISTINCT 'high', od.text || ' on ' || t.name,
          format('expression over PHI column %I calls %s: if it reveals, plaintext is stored', a.attname, f.oid::regprocedure),
          'Drop it: index or check only the ciphertext (tenancy.phi_key_id) or a keyed hash computed by the application.'
     FROM tenant_tables t
@@ -184,14 +184,16 @@ findings AS (
                      AND dc.refobjid = t.oid AND dc.refobjsubid > 0
     JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum = dc.refobjsubid AND a.atttypid = 'tenancy.phi'::regtype
     JOIN pg_proc f ON d.refclassid = 'pg_proc'::regclass AND f.oid = d.refobjid
+    CROSS JOIN LATERAL (SELECT tenancy.object_text(d.classid, d.objid, d.objsubid)) od(text)
    WHERE f.oid >= 16384
-     AND tenancy.object_text(d.classid, d.objid, d.objsubid) IS NOT NULL
+     AND od.text IS NOT NULL
      AND f.oid NOT IN ('tenancy.phi_key_id(bytea)'::regprocedure, 'tenancy.phi_is_envelope(bytea)'::regprocedure)
   UNION ALL
-  SELECT 'high', t.name, tenancy.foreign_code_problem(t.oid::regclass),
+  SELECT 'high', t.name, fc.problem,
          'Drop it, or have a superuser own the function (review it first): it sees every tenant''s rows.'
     FROM tenant_tables t
-   WHERE tenancy.foreign_code_problem(t.oid::regclass) IS NOT NULL
+    CROSS JOIN LATERAL (SELECT tenancy.foreign_code_problem(t.oid::regclass)) fc(problem)
+   WHERE fc.problem IS NOT NULL
   UNION ALL
   SELECT 'critical', t.name,
          format('child of %s, which is not protected: reads through the parent skip this table''s row level security', i.inhparent::regclass),
@@ -260,11 +262,12 @@ findings AS (
    WHERE NOT p.audited
   UNION ALL
   SELECT 'critical', p.rel::text,
-         'registered as protected but ' || tenancy.protection_problem(p.rel),
+         'registered as protected but ' || pp.problem,
          format('SELECT tenancy.protect(%L);', p.rel::text)
     FROM tenancy.protected_tables p
+    CROSS JOIN LATERAL (SELECT tenancy.protection_problem(p.rel)) pp(problem)
    WHERE EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = p.rel)
-     AND tenancy.protection_problem(p.rel) IS NOT NULL
+     AND pp.problem IS NOT NULL
 )
 SELECT severity, object, finding, fix FROM findings
 ORDER BY CASE severity WHEN 'critical' THEN 0 WHEN 'high' THEN 1 ELSE 2 END, object, finding
