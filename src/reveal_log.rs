@@ -158,11 +158,6 @@ pub(crate) fn queued() -> Vec<RevealRecord> {
     q.records[..q.len].to_vec()
 }
 
-/// How many records wait in the queue.
-pub(crate) fn queued_len() -> usize {
-    QUEUE.share().len
-}
-
 /// Removes the `n` oldest records, once the worker has written and committed them (new
 /// records may have been queued meanwhile).
 pub(crate) fn remove_oldest(n: usize) {

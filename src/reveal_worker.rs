@@ -1,7 +1,7 @@
-//! The audit worker: a background worker connected to `tenancy.audit_database` that writes
-//! the queued reveal records ([`crate::reveal_log`]) as `REVEAL` events, each batch in its own
-//! transaction, removes them from the queue once committed, and seals committed audit events
-//! into their tenants' chains ([`crate::audit::sealer`]) every [`SEAL_MS`].
+//! The audit workers, connected to `tenancy.audit_database`: the reveal worker writes the
+//! queued reveal records ([`crate::reveal_log`]) as `REVEAL` events, each batch in its own
+//! transaction, and removes them from the queue once committed; the sealer seals committed
+//! audit events into their tenants' chains ([`crate::audit::sealer`]) every [`SEAL_MS`].
 
 use crate::error::TenancyError;
 use crate::reveal_log::RevealRecord;
@@ -26,29 +26,31 @@ const WORKER_SETTINGS: &[(&str, &str)] = &[
 
 /// How often the worker looks at the queue.
 const POLL_MS: u64 = 20;
-/// How often the worker seals what writers committed.
-const SEAL_MS: u128 = 100;
-/// The longest sealing waits while reveals keep the worker busy.
-const SEAL_MAX_MS: u128 = 1000;
+/// How often the sealer seals what writers committed (at once again while it is behind).
+const SEAL_MS: u64 = 100;
 
-/// Registers the worker when an audit database is configured; only from `_PG_init` under
-/// preload.
+/// Registers the two workers when an audit database is configured; only from `_PG_init`
+/// under preload. Two, so that sealing a busy platform never keeps reveals waiting (a full
+/// queue refuses reveals; an unsealed event only waits).
 pub(crate) fn init() {
     if !crate::preload::is_preloaded() || crate::gucs::audit_database().is_none() {
         return;
     }
-    BackgroundWorkerBuilder::new("pg_tenancy reveal audit")
-        .set_function("pg_tenancy_reveal_worker_main")
-        .set_library("pg_tenancy")
-        .enable_spi_access()
-        .set_restart_time(Some(Duration::from_secs(1)))
-        .load();
+    for (name, function) in [
+        ("pg_tenancy reveal audit", "pg_tenancy_reveal_worker_main"),
+        ("pg_tenancy audit sealer", "pg_tenancy_sealer_main"),
+    ] {
+        BackgroundWorkerBuilder::new(name)
+            .set_function(function)
+            .set_library("pg_tenancy")
+            .enable_spi_access()
+            .set_restart_time(Some(Duration::from_secs(1)))
+            .load();
+    }
 }
 
-/// The worker: writes queued reveal records as audit events, oldest first.
-#[pg_guard]
-#[unsafe(no_mangle)]
-pub extern "C-unwind" fn pg_tenancy_reveal_worker_main(_arg: pg_sys::Datum) {
+/// Connects a worker to the audit database and pins its settings.
+fn start() {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let db = crate::gucs::audit_database().unwrap_or_else(|| "postgres".into());
     BackgroundWorker::connect_worker_to_spi(Some(&db), None);
@@ -67,22 +69,30 @@ pub extern "C-unwind" fn pg_tenancy_reveal_worker_main(_arg: pg_sys::Datum) {
             });
         }
     });
-    let mut last_seal = std::time::Instant::now();
-    let mut behind = false;
+}
+
+/// The reveal worker: writes queued reveal records as audit events, oldest first.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn pg_tenancy_reveal_worker_main(_arg: pg_sys::Datum) {
+    start();
     while BackgroundWorker::wait_latch(Some(Duration::from_millis(POLL_MS))) {
-        // Reveals first (a full queue refuses reveals); then at most one sealing round per
-        // wake, so sealing a busy platform never starves the queue: every SEAL_MS, or at
-        // once while the last round was full.
         write_reveals();
-        // While reveals keep arriving faster than one batch per wake, they come first (a
-        // full queue refuses reveals; an unsealed event only waits), but sealing still gets
-        // a round at least every SEAL_MAX_MS.
-        let since = last_seal.elapsed().as_millis();
-        let reveals_waiting = crate::reveal_log::queued_len() > 0;
-        if (!reveals_waiting && (behind || since >= SEAL_MS)) || since >= SEAL_MAX_MS {
-            last_seal = std::time::Instant::now();
-            behind = seal_once();
-        }
+    }
+}
+
+/// The sealer: a round every SEAL_MS, or at once while more is pending than a round takes.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn pg_tenancy_sealer_main(_arg: pg_sys::Datum) {
+    start();
+    let mut behind = false;
+    while BackgroundWorker::wait_latch(Some(Duration::from_millis(if behind {
+        1
+    } else {
+        SEAL_MS
+    }))) {
+        behind = seal_once();
     }
 }
 
