@@ -17,6 +17,7 @@
 
 pub(crate) mod admin;
 pub(crate) mod chain;
+mod direct;
 mod event;
 mod legacy;
 pub(crate) mod sealer;
