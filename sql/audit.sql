@@ -39,18 +39,19 @@ COMMENT ON COLUMN tenancy.audit_events.prev_hash IS 'v1 events: the previous eve
 COMMENT ON COLUMN tenancy.audit_events.hash IS 'SHA-256 over the event''s content (v1: and prev_hash) (docs/audit.md).';
 COMMENT ON COLUMN tenancy.audit_events.payload_digest IS 'v2 events: SHA-256 commitment to the payload''s plaintext and a secret salt inside the ciphertext; the payload can be re-encrypted under a new key without changing it.';
 
--- One row per (writing transaction, tenant) whose events are not sealed yet. Written with
--- the transaction's first event of the tenant (so it commits, or vanishes, with them); the
--- sealer reads and deletes them. Small (drained continuously); its index serves the
--- sealer's and audit_verify's "is this event still pending" probes.
+-- The sealer's work list: per writing statement and tenant, the ids and hashes of up to 40
+-- of its events, written with them (so it commits, or vanishes, with them, subtransactions
+-- included). The sealer deletes rows and builds blocks from them without reading the
+-- events; audit_verify checks every sealed event against its hash. Small (drained
+-- continuously), read whole: no index.
 CREATE TABLE tenancy.audit_pending (
   organization_id text COLLATE "C" NOT NULL,
-  txid            bigint NOT NULL,
-  first_event_id  bigint NOT NULL
+  event_ids       bigint[] NOT NULL,
+  hashes          bytea NOT NULL,
+  occurred_at     timestamptz NOT NULL
 );
-CREATE INDEX audit_pending_tenant_txid ON tenancy.audit_pending (organization_id, txid);
 COMMENT ON TABLE tenancy.audit_pending IS
-  'Transactions whose audit events wait for the sealer: tenant, transaction id, first event id.';
+  'Audit events waiting for the sealer: tenant, event ids, their hashes (32 bytes each, in order), time written.';
 
 -- The seals: per tenant, blocks of events in chain order, each hashing the previous block.
 CREATE TABLE tenancy.audit_seals (

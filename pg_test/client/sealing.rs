@@ -330,3 +330,69 @@ fn test_a_large_transaction_is_sealed_over_several_rounds() {
         "no event sealed twice"
     );
 }
+
+/// The sealer builds blocks from the pending rows written with the events, never reading
+/// the events: a pending row pg_tenancy did not write (ids and hashes that do not match) is
+/// set aside with a warning and blocks nobody, and an event deleted before it was sealed is
+/// reported by audit_verify as missing from its block.
+#[test]
+fn test_a_malformed_pending_row_is_set_aside_and_an_event_deleted_before_sealing_is_found() {
+    let c = reference_cluster();
+    let mut su = c.connect("postgres", "app");
+    su.batch_execute(
+        "INSERT INTO tenancy.audit_pending (organization_id, event_ids, hashes, occurred_at)
+         VALUES ('not-a-tenant-of-ours', '{1,2}', '\\x00', now())",
+    )
+    .unwrap();
+    let mut app = c.connect("app", "app");
+    enter(&mut app, "READ COMMITTED", CONWAY);
+    app.batch_execute(
+        "INSERT INTO clinic.reviews (rating, body) VALUES (4, 'sealed past a bad row'); COMMIT;",
+    )
+    .unwrap();
+    assert_chain_ok(&mut su, CONWAY);
+    assert_eq!(
+        count(
+            &mut su,
+            "SELECT count(*) FROM tenancy.audit_pending WHERE organization_id = 'not-a-tenant-of-ours'"
+        ),
+        0,
+        "the malformed row was taken out of the sealer's way"
+    );
+    assert!(
+        c.log()
+            .contains("a malformed row of tenancy.audit_pending was discarded"),
+        "the discarded row is in the log"
+    );
+
+    // An event deleted between its commit and its sealing (the sealer held off by a lock
+    // that conflicts with its own) is sealed from its pending row all the same, so the
+    // trail shows the gap.
+    let mut holder = c.connect("postgres", "app");
+    holder
+        .batch_execute("BEGIN; LOCK TABLE tenancy.audit_seals IN SHARE MODE")
+        .unwrap();
+    enter(&mut app, "READ COMMITTED", CONWAY);
+    app.batch_execute(
+        "INSERT INTO clinic.reviews (rating, body) VALUES (2, 'deleted before sealing'); COMMIT;",
+    )
+    .unwrap();
+    su.batch_execute(
+        "ALTER EVENT TRIGGER tenancy_guard_ddl DISABLE;
+         ALTER TABLE tenancy.audit_events DISABLE TRIGGER audit_events_append_only;
+         DELETE FROM tenancy.audit_events WHERE action = 'INSERT' AND table_name = 'clinic.reviews'
+            AND event_id = (SELECT max(event_id) FROM tenancy.audit_events);",
+    )
+    .unwrap();
+    holder.batch_execute("COMMIT").unwrap();
+    su.batch_execute("SELECT tenancy.audit_seal()").unwrap();
+    let row = su
+        .query_one(
+            &format!("SELECT ok, problem FROM tenancy.audit_verify('{CONWAY}')"),
+            &[],
+        )
+        .unwrap();
+    assert!(!row.get::<_, bool>(0), "a sealed event is missing");
+    let problem: String = row.get(1);
+    assert!(problem.contains("missing"), "{problem}");
+}

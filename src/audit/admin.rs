@@ -169,9 +169,8 @@ fn verify(client: &SpiClient<'_>, org: &str) -> SpiResult<Verdict> {
                FROM (SELECT count(*) AS n, min(e.occurred_at) AS oldest
                        FROM tenancy.audit_events e
                       WHERE e.organization_id = $1 AND e.seq IS NULL
-                        AND EXISTS (SELECT 1 FROM tenancy.audit_pending p
-                                     WHERE p.organization_id = e.organization_id AND p.txid = e.txid
-                                       AND p.first_event_id <= e.event_id)) u
+                        AND e.event_id IN (SELECT pg_catalog.unnest(p.event_ids) FROM tenancy.audit_pending p
+                                            WHERE p.organization_id = $1)) u
                LEFT JOIN tenancy.audit_chain_heads h ON h.organization_id = $1",
             None,
             &[org.into()],

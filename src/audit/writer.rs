@@ -1,7 +1,9 @@
 //! Appending events: each is hashed alone and inserted without waiting for anyone (no chain
 //! head lock: writers of one tenant run concurrently, under any isolation level); the
-//! transaction's first event of a tenant also files a row in `tenancy.audit_pending`, which
-//! the sealer ([`super::sealer`]) turns into a block of the tenant's chain after commit.
+//! events' ids and hashes also go to `tenancy.audit_pending` (a row per tenant and up to
+//! [`PENDING_EVENTS`] events), which the sealer ([`super::sealer`]) turns into blocks of the
+//! tenant's chain after commit. Both are written through the table access method
+//! ([`super::direct`]), as COPY writes.
 
 use super::chain::{event_hash_v2, payload_digest, EventV2, PAYLOAD_SALT, PAYLOAD_V2_MARK};
 use super::direct;
@@ -11,31 +13,21 @@ use crate::crypto::{self, envelope::Content};
 use crate::error::Raise;
 use pgrx::prelude::*;
 use pgrx::PgMemoryContexts;
-use std::cell::RefCell;
-use std::collections::HashSet;
 
-thread_local! {
-    /// The tenants this transaction has filed an `audit_pending` row for.
-    static PENDING: RefCell<HashSet<String>> = RefCell::new(HashSet::new());
-}
+/// Events per `audit_pending` row: about 1.7 kB, below the size at which PostgreSQL would
+/// compress or move it out of line.
+const PENDING_EVENTS: usize = 40;
 
-fn forget_pending() {
-    PENDING.with(|t| t.borrow_mut().clear());
-}
-
-/// End of the transaction: its pending rows are committed (or gone with it).
+/// End of the transaction: nothing of the writer's outlives it (its pending rows are
+/// committed with its events, or gone with them).
 pub(crate) fn at_xact_end(end: crate::xact::End) {
-    forget_pending();
     super::legacy::at_xact_end(end);
 }
 
-/// End of a subtransaction: a rolled-back one may have taken a pending row with it; the next
-/// event files one again (a second row of the same transaction is harmless).
-pub(crate) fn at_sub_end(end: crate::xact::SubEnd, _level: i32) {
-    if end == crate::xact::SubEnd::Abort {
-        forget_pending();
-    }
-    super::legacy::at_sub_end(end, _level);
+/// End of a subtransaction (the 0.2.0 writer's heads; the pending rows of a rolled-back
+/// subtransaction are gone with its events).
+pub(crate) fn at_sub_end(end: crate::xact::SubEnd, level: i32) {
+    super::legacy::at_sub_end(end, level);
 }
 
 /// The columns the writer fills, in the order of its cells.
@@ -57,7 +49,7 @@ const EVENT_COLUMNS: [&str; 15] = [
     "payload_digest",
 ];
 
-const PENDING_COLUMNS: [&str; 3] = ["organization_id", "txid", "first_event_id"];
+const PENDING_COLUMNS: [&str; 4] = ["organization_id", "event_ids", "hashes", "occurred_at"];
 
 /// Appends one event to `org`'s chain, written by the current session.
 pub(crate) fn write_event(
@@ -102,17 +94,7 @@ pub(crate) fn append_events(who: &Who, events: &[NewEvent]) {
     // txid_current(): the top-level transaction id with its epoch.
     // SAFETY: assigns the transaction id if it has none yet, as txid_current() does.
     let txid = unsafe { pg_sys::GetTopFullTransactionId() }.value as i64;
-    let mut new_tenants = Vec::new();
-    PENDING.with(|p| {
-        let mut pending = p.borrow_mut();
-        for (e, &event_id) in events.iter().zip(&ids) {
-            if pending.insert(e.org.clone()) {
-                new_tenants.push((e.org.as_str(), event_id));
-            }
-        }
-    });
-    // The cells live in a context of their own, gone once the rows are written. An error
-    // aborts the (sub)transaction, whose end forgets the pending rows filed here.
+    // The cells live in a context of their own, gone once the rows are written.
     let mut cells = PgMemoryContexts::new("pg_tenancy audit rows");
     // SAFETY: nothing allocated in `cells` outlives the closure (the rows are written in it).
     unsafe {
@@ -120,19 +102,46 @@ pub(crate) fn append_events(who: &Who, events: &[NewEvent]) {
             let session_role = direct::name_datum(&who.session_role);
             let outer_role = direct::name_datum(&who.outer_role);
             let actor = who.actor.as_deref().into_datum();
+            // Per tenant, in order: (event id, hash) of this batch's events.
+            let mut sealed: Vec<(&str, Vec<i64>, Vec<u8>)> = Vec::new();
             let rows: Vec<Vec<direct::Cell>> = events
                 .iter()
                 .zip(&ids)
                 .map(|(e, &event_id)| {
-                    event_row(who, e, event_id, txid, session_role, outer_role, actor)
+                    let (row, hash) =
+                        event_row(who, e, event_id, txid, session_role, outer_role, actor);
+                    let at = match sealed.iter().position(|t| t.0 == e.org) {
+                        Some(at) => at,
+                        None => {
+                            sealed.push((e.org.as_str(), Vec::new(), Vec::new()));
+                            sealed.len() - 1
+                        }
+                    };
+                    sealed[at].1.push(event_id);
+                    sealed[at].2.extend_from_slice(&hash);
+                    row
                 })
                 .collect();
             direct::insert(events_rel, &EVENT_COLUMNS, &rows);
-            let pending_rows: Vec<Vec<direct::Cell>> = new_tenants
+            // What the sealer needs of them, in the same (sub)transaction: committed with
+            // the events or gone with them.
+            let occurred_at = pg_sys::Datum::from(who.occurred_at);
+            let pending: Vec<Vec<direct::Cell>> = sealed
                 .iter()
-                .map(|&(org, first)| vec![org.into_datum(), txid.into_datum(), first.into_datum()])
+                .flat_map(|(org, ids, hashes)| {
+                    ids.chunks(PENDING_EVENTS)
+                        .zip(hashes.chunks(PENDING_EVENTS * 32))
+                        .map(|(ids, hashes)| {
+                            vec![
+                                org.into_datum(),
+                                ids.to_vec().into_datum(),
+                                hashes.into_datum(),
+                                Some(occurred_at),
+                            ]
+                        })
+                })
                 .collect();
-            direct::insert(pending_rel, &PENDING_COLUMNS, &pending_rows);
+            direct::insert(pending_rel, &PENDING_COLUMNS, &pending);
         })
     };
 }
@@ -148,7 +157,7 @@ fn event_row(
     session_role: pg_sys::Datum,
     outer_role: pg_sys::Datum,
     actor: direct::Cell,
-) -> Vec<direct::Cell> {
+) -> (Vec<direct::Cell>, [u8; 32]) {
     let sealed = e.payload.as_ref().map(|p| {
         let salt = crypto::random_bytes::<PAYLOAD_SALT>();
         let json = serde_json::to_vec(p).expect("JSON serialises");
@@ -174,7 +183,7 @@ fn event_row(
         body: e.body(who),
         payload_digest: digest,
     });
-    vec![
+    let row = vec![
         e.org.as_str().into_datum(),
         event_id.into_datum(),
         // timestamptz is the microseconds since 2000-01-01 the clock returned.
@@ -191,5 +200,6 @@ fn event_row(
         sealed.as_ref().map(|(p, _)| p.as_slice()).into_datum(),
         hash.as_slice().into_datum(),
         digest.into_datum(),
-    ]
+    ];
+    (row, hash)
 }
