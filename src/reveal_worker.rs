@@ -77,6 +77,7 @@ fn start() {
 pub extern "C-unwind" fn pg_tenancy_reveal_worker_main(_arg: pg_sys::Datum) {
     start();
     while BackgroundWorker::wait_latch(Some(Duration::from_millis(POLL_MS))) {
+        reload_if_signalled();
         write_reveals();
     }
 }
@@ -92,7 +93,20 @@ pub extern "C-unwind" fn pg_tenancy_sealer_main(_arg: pg_sys::Datum) {
     } else {
         SEAL_MS
     }))) {
+        reload_if_signalled();
         behind = seal_once();
+    }
+}
+
+/// After a reload signal (`pg_reload_conf()`, `pg_ctl reload`), reads the configuration
+/// again here, at the top of the loop, as every backend does between commands: the key ring
+/// is loaded again by its setting's assign hook, so a rotation reaches the worker's REVEAL
+/// payloads. The signal handler itself only sets a flag and the latch (pgrx's).
+fn reload_if_signalled() {
+    if BackgroundWorker::sighup_received() {
+        // SAFETY: outside any transaction, in the worker's main loop, as postgres's own
+        // background processes call it.
+        unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
     }
 }
 

@@ -396,3 +396,50 @@ fn test_a_malformed_pending_row_is_set_aside_and_an_event_deleted_before_sealing
     let problem: String = row.get(1);
     assert!(problem.contains("missing"), "{problem}");
 }
+
+/// II-7: the reveal worker reads the configuration again after a reload signal, as every
+/// backend does, so after the runbook's add key, activate, reload, its REVEAL payloads are
+/// sealed under the new key (it kept key 1 for good before).
+#[test]
+fn test_the_reveal_worker_picks_up_a_key_rotation_on_reload() {
+    let c = reference_cluster();
+    let mut su = c.connect("postgres", "app");
+    let mut app = c.connect("app", "app");
+    let newest_reveal_key = |su: &mut Client, label: &str| -> i64 {
+        count(
+            su,
+            &format!(
+                "SELECT coalesce(max((get_byte(payload, 4)::bigint << 24) | (get_byte(payload, 5) << 16)
+                                     | (get_byte(payload, 6) << 8) | get_byte(payload, 7)), 0)
+                   FROM tenancy.audit_events WHERE action = 'REVEAL' AND table_name = '{label}'"
+            ),
+        )
+    };
+    let reveal = |app: &mut Client, label: &str| {
+        enter(app, "READ COMMITTED", SHERWOOD);
+        app.batch_execute(&format!(
+            "SELECT tenancy.phi_reveal(tenancy.phi_encrypt('x', '{label}'), '{label}'); COMMIT;"
+        ))
+        .unwrap();
+    };
+    reveal(&mut app, "rotation.before");
+    let events = "SELECT count(*) FROM tenancy.audit_events WHERE action = 'REVEAL' AND table_name LIKE 'rotation.%'";
+    assert_eq!(wait_for(&mut su, events, 1), 1, "the reveal was recorded");
+    assert_eq!(newest_reveal_key(&mut su, "rotation.before"), 1);
+    let path = c.phi_key_file.clone().unwrap();
+    keyring_tool(&["add", path.to_str().unwrap(), "--activate"]);
+    c.reload();
+    c.wait_for_active_key(2);
+    reveal(&mut app, "rotation.after");
+    assert_eq!(
+        wait_for(&mut su, events, 2),
+        2,
+        "the second reveal was recorded"
+    );
+    assert_eq!(
+        newest_reveal_key(&mut su, "rotation.after"),
+        2,
+        "the worker sealed the REVEAL payload under the key activated by the reload"
+    );
+    assert_chain_ok(&mut su, SHERWOOD);
+}

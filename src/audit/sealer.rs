@@ -4,7 +4,7 @@
 //! A round (one transaction) takes the sealers' lock (`LOCK tenancy.audit_seals IN EXCLUSIVE
 //! MODE`: only sealers and `audit_purge` take it; readers are not blocked, and the
 //! application, which may only read the table, cannot take a conflicting lock), deletes up to
-//! [`ROWS_PER_ROUND`] rows of `tenancy.audit_pending` (each the ids and hashes of up to 40
+//! rows holding up to [`ROUND_EVENTS`] events of `tenancy.audit_pending` (each the ids and hashes of up to 40
 //! events of one tenant, written with them by the writer), and seals their events tenant by
 //! tenant in event-id order, at most [`BLOCK_EVENTS`] per block. It never reads the events
 //! themselves: `audit_verify` checks that every sealed event is there and matches its hash.
@@ -16,8 +16,8 @@ use pgrx::prelude::*;
 use pgrx::spi::{SpiClient, SpiResult};
 use std::collections::BTreeMap;
 
-/// Pending rows one round takes (at most 20,000 events): a round is short.
-pub(crate) const ROWS_PER_ROUND: i64 = 500;
+/// Events one round seals at most (whole pending rows of up to 40): a round is short.
+const ROUND_EVENTS: i64 = 20_000;
 /// Events per block: a bulk statement's events become several blocks.
 const BLOCK_EVENTS: usize = 10_000;
 
@@ -50,18 +50,26 @@ struct Pending {
 pub(crate) fn seal_round() -> Round {
     Spi::connect_mut(|client| -> SpiResult<Round> {
         client.update("LOCK TABLE tenancy.audit_seals IN EXCLUSIVE MODE", None, &[])?;
+        // Pending rows in the order they lie, as many as hold ROUND_EVENTS events at most
+        // (and the first whatever its size, so that no row can stop the sealer).
         let taken = client.update(
             "DELETE FROM tenancy.audit_pending
-              WHERE ctid = ANY (ARRAY(SELECT ctid FROM tenancy.audit_pending LIMIT $1))
+              WHERE ctid = ANY (ARRAY(
+                      SELECT s.ctid FROM (SELECT p.ctid, pg_catalog.sum(pg_catalog.cardinality(p.event_ids))
+                                                   OVER (ROWS UNBOUNDED PRECEDING) AS n,
+                                                 pg_catalog.row_number() OVER (ROWS UNBOUNDED PRECEDING) AS r
+                                            FROM (SELECT ctid, event_ids FROM tenancy.audit_pending LIMIT $1) p) s
+                       WHERE s.n OPERATOR(pg_catalog.<=) $1 OR s.r OPERATOR(pg_catalog.=) 1))
              RETURNING organization_id, event_ids, hashes, occurred_at",
             None,
-            &[ROWS_PER_ROUND.into()],
+            &[ROUND_EVENTS.into()],
         )?;
         let mut round = Round {
-            more: taken.len() as i64 >= ROWS_PER_ROUND,
+            more: false,
             blocks: 0,
             events: 0,
         };
+        let mut taken_events = 0;
         let mut tenants: BTreeMap<String, Vec<Pending>> = BTreeMap::new();
         for row in taken {
             let org = row.get::<String>(1)?.unwrap_or_default();
@@ -81,6 +89,7 @@ pub(crate) fn seal_round() -> Round {
                 );
                 continue;
             }
+            taken_events += ids.len() as i64;
             let list = tenants.entry(org).or_default();
             for (id, hash) in ids.iter().zip(hashes.chunks_exact(32)) {
                 list.push(Pending {
@@ -90,6 +99,8 @@ pub(crate) fn seal_round() -> Round {
                 });
             }
         }
+        // Full (or nearly: the next row would not have fitted): more is waiting.
+        round.more = taken_events > ROUND_EVENTS - 40;
         if tenants.is_empty() {
             return Ok(round);
         }
