@@ -139,3 +139,32 @@ BEGIN
   END LOOP;
 END
 $pin$;
+
+-- II-7/9: one view a monitoring system polls (superusers and pg_monitor).
+CREATE VIEW tenancy.audit_status AS
+  SELECT w.reveal_queue_records, w.refused_records,
+         (SELECT coalesce(pg_catalog.sum(pg_catalog.cardinality(p.event_ids)), 0)::bigint
+            FROM tenancy.audit_pending p) AS unsealed_events,
+         (SELECT pg_catalog.min(p.occurred_at) FROM tenancy.audit_pending p) AS oldest_unsealed,
+         w.reveal_worker_pid IS NOT NULL
+           AND EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a WHERE a.pid = w.reveal_worker_pid) AS reveal_worker_running,
+         w.sealer_pid IS NOT NULL
+           AND EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a WHERE a.pid = w.sealer_pid) AS sealer_running,
+         w.last_digest_at
+    FROM tenancy.audit_worker_status() w;
+REVOKE ALL ON tenancy.audit_status FROM PUBLIC;
+GRANT SELECT ON tenancy.audit_status TO pg_monitor;
+REVOKE EXECUTE ON FUNCTION tenancy.audit_worker_status() FROM PUBLIC;
+COMMENT ON VIEW tenancy.audit_status IS
+  'Health of the audit trail: reveal records in flight, records the reveal worker could not write (their reveals refused), unsealed events and the oldest, whether the reveal worker and the sealer run, when the digest file was last written. Superusers and pg_monitor.';
+COMMENT ON FUNCTION tenancy.audit_worker_status() IS
+  'The audit workers'' shared counters behind tenancy.audit_status. Superuser.';
+
+-- II-7/9: digests to keep outside the database, and verification against one.
+ALTER FUNCTION tenancy.audit_verify(text, text) SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION tenancy.audit_verify(text, text) IS
+  'Verify a tenant''s audit trail as audit_verify(org) does, and that it extends a digest kept from tenancy.audit_digest(): truncation, rewriting and reordering since that digest are reported. Superuser, or the tenant itself.';
+ALTER FUNCTION tenancy.audit_digest() SET search_path = pg_catalog, pg_temp;
+REVOKE EXECUTE ON FUNCTION tenancy.audit_digest() FROM PUBLIC;
+COMMENT ON FUNCTION tenancy.audit_digest() IS
+  'Every tenant''s newest sealed position and hash, with a digest line to store outside the database (docs/audit.md). Superuser.';

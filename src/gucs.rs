@@ -56,6 +56,13 @@ static PHI_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>
 /// events from the background worker. Reveals are refused elsewhere. Postmaster context.
 static AUDIT_DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
+/// `tenancy.audit_digest_file`: a file outside the data directory to which the sealer appends
+/// every tenant's digest line (tenancy.audit_digest()) once per interval. Server-only.
+static AUDIT_DIGEST_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+
+/// `tenancy.audit_digest_interval`: seconds between two digest writes.
+static AUDIT_DIGEST_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(3600);
+
 /// A string setting's assign hook, as PostgreSQL calls it.
 pub(crate) type AssignHook =
     unsafe extern "C-unwind" fn(*const std::ffi::c_char, *mut std::ffi::c_void);
@@ -123,6 +130,24 @@ pub(crate) fn init(preloaded: bool, hooks: AssignHooks) {
             None,
         );
     }
+    GucRegistry::define_string_guc(
+        c"tenancy.audit_digest_file",
+        c"File outside the data directory to which the sealer appends every tenant's audit digest line once per interval; empty: none.",
+        c"Keep it (or copies of it) where database superusers cannot change it; check with tenancy.audit_verify(org, digest). Read again on reload.",
+        &AUDIT_DIGEST_FILE,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY,
+    );
+    GucRegistry::define_int_guc(
+        c"tenancy.audit_digest_interval",
+        c"Seconds between two digest writes to tenancy.audit_digest_file.",
+        c"",
+        &AUDIT_DIGEST_INTERVAL,
+        1,
+        86400 * 7,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
     // A postmaster-context setting can only be defined while preloading; loaded any other
     // way, the library refuses to work anyway (preload.rs).
     if preloaded {
@@ -165,6 +190,15 @@ pub(crate) fn audit_database() -> Option<String> {
         .get()
         .map(|s| s.to_string_lossy().into_owned())
         .filter(|s| !s.trim().is_empty())
+}
+
+/// The digest file and the seconds between two writes, when a file is configured.
+pub(crate) fn audit_digest_file() -> Option<(String, i32)> {
+    AUDIT_DIGEST_FILE
+        .get()
+        .map(|s| s.to_string_lossy().trim().to_string())
+        .filter(|s| !s.is_empty())
+        .map(|f| (f, AUDIT_DIGEST_INTERVAL.get()))
 }
 
 /// The configured context key path, or `None` when signed mode is off.

@@ -1,6 +1,6 @@
 //! The audit workers, connected to `tenancy.audit_database`: the reveal worker writes the
-//! queued reveal records ([`crate::reveal_log`]) as `REVEAL` events, each batch in its own
-//! transaction, and removes them from the queue once committed; the sealer seals committed
+//! queued reveal records ([`crate::reveal_log`]) as `REVEAL` and `REVEAL_END` events, each
+//! batch in its own durable transaction, and wakes the revealers waiting for them; the sealer seals committed
 //! audit events into their tenants' chains ([`crate::audit::sealer`]) every [`SEAL_MS`].
 
 use crate::error::TenancyError;
@@ -76,10 +76,13 @@ fn start() {
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn pg_tenancy_reveal_worker_main(_arg: pg_sys::Datum) {
     start();
+    // SAFETY: a plain read of the worker's pid.
+    crate::reveal_log::set_worker(unsafe { pg_sys::MyProcPid });
     while BackgroundWorker::wait_latch(Some(Duration::from_millis(POLL_MS))) {
         reload_if_signalled();
         write_reveals();
     }
+    crate::reveal_log::set_worker(0);
 }
 
 /// The sealer: a round every SEAL_MS, or at once while more is pending than a round takes.
@@ -87,7 +90,10 @@ pub extern "C-unwind" fn pg_tenancy_reveal_worker_main(_arg: pg_sys::Datum) {
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn pg_tenancy_sealer_main(_arg: pg_sys::Datum) {
     start();
+    // SAFETY: a plain read of the worker's pid.
+    crate::reveal_log::set_sealer(unsafe { pg_sys::MyProcPid });
     let mut behind = false;
+    let mut last_digest: Option<std::time::Instant> = None;
     while BackgroundWorker::wait_latch(Some(Duration::from_millis(if behind {
         1
     } else {
@@ -95,7 +101,48 @@ pub extern "C-unwind" fn pg_tenancy_sealer_main(_arg: pg_sys::Datum) {
     }))) {
         reload_if_signalled();
         behind = seal_once();
+        if let Some((path, interval)) = crate::gucs::audit_digest_file() {
+            let due = last_digest
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(interval.max(1) as u64));
+            if due && !behind && installed("tenancy.audit_seals") {
+                last_digest = Some(std::time::Instant::now());
+                write_digests(&path);
+            }
+        }
     }
+    crate::reveal_log::set_sealer(0);
+}
+
+/// Appends every tenant's digest line to the digest file (a LOG line when it cannot).
+fn write_digests(path: &str) {
+    let written = BackgroundWorker::transaction(|| crate::audit::digest::append_to_file(path));
+    match written {
+        // SAFETY: the clock.
+        Ok(_) => crate::reveal_log::digest_written(unsafe { pg_sys::GetCurrentTimestamp() }),
+        Err(problem) => pgrx::log!("pg_tenancy: audit digests not written: {problem}"),
+    }
+}
+
+/// The audit workers' counters for `tenancy.audit_status`: records in the reveal queue,
+/// records the worker could not write since the server started, the workers' pids.
+#[pg_extern(volatile, parallel_restricted)]
+#[allow(clippy::type_complexity)] // a result row is a tuple of its columns
+fn audit_worker_status() -> TableIterator<
+    'static,
+    (
+        name!(reveal_queue_records, i64),
+        name!(refused_records, i64),
+        name!(reveal_worker_pid, Option<i32>),
+        name!(sealer_pid, Option<i32>),
+        name!(last_digest_at, Option<pgrx::datum::TimestampWithTimeZone>),
+    ),
+> {
+    let (len, refused, worker, sealer, digest_at) = crate::reveal_log::status();
+    let pid = |p: i32| (p != 0).then_some(p);
+    let at = (digest_at != 0)
+        .then(|| pgrx::datum::TimestampWithTimeZone::try_from(digest_at).ok())
+        .flatten();
+    TableIterator::once((len, refused, pid(worker), pid(sealer), at))
 }
 
 /// After a reload signal (`pg_reload_conf()`, `pg_ctl reload`), reads the configuration
@@ -110,49 +157,187 @@ fn reload_if_signalled() {
     }
 }
 
-/// Writes the queued reveal records as REVEAL events, in one transaction, and removes them
-/// from the queue once committed.
+/// Writes the queued records: a `REVEAL` (or `SUPPORT_READ`) event for each new one, a
+/// `REVEAL_END` for each settled one, all in one transaction committed durably, then wakes
+/// the revealers waiting for them. When that transaction fails, each record is tried alone:
+/// one that still fails is set aside (logged, counted in `tenancy.audit_status`, its reveal
+/// refused) and holds up no other.
 fn write_reveals() {
-    let batch: Vec<RevealRecord> = crate::reveal_log::queued();
+    let batch: Vec<RevealRecord> = crate::reveal_log::to_write();
     if batch.is_empty() {
         return;
     }
     if !installed("tenancy.audit_events") {
         return; // the extension is not installed in this database yet
     }
-    // Oldest first; writers take no lock, so no tenant's open transaction can hold
-    // this one up.
-    BackgroundWorker::transaction(|| {
-        for r in &batch {
-            let who = crate::audit::writer::Who {
-                actor: r.actor.get(),
-                actor_verified: r.actor_verified,
-                session_role: r.session_role.get().unwrap_or_default(),
-                outer_role: r.outer_role.get().unwrap_or_default(),
-                occurred_at: r.at,
-            };
-            let payload = serde_json::json!({
-                "label": r.label.get(),
-                "count": r.count,
-                "transaction": if r.committed { "committed" } else { "rolled back" },
-                "xid": r.xid,
-            });
-            let label = r.label.get().filter(|l| !l.is_empty());
-            crate::audit::writer::append_events(
-                &who,
-                &[crate::audit::writer::NewEvent {
-                    org: r.org.get().unwrap_or_default(),
-                    action: "REVEAL".into(),
-                    table_name: label,
-                    row_key: None,
-                    changed_columns: None,
-                    payload: Some(payload),
-                }],
+    if try_transaction(|| batch.iter().for_each(write_record)) {
+        crate::reveal_log::mark_written(&batch);
+        return;
+    }
+    for r in &batch {
+        if try_transaction(|| write_record(r)) {
+            crate::reveal_log::mark_written(std::slice::from_ref(r));
+        } else {
+            pgrx::log!(
+                "pg_tenancy: a reveal record could not be written and was set aside (tenant {:?}, label {:?}, session {}, record {})",
+                r.org.get().unwrap_or_default(),
+                r.label.get().unwrap_or_default(),
+                r.session(),
+                r.session_seq
+            );
+            crate::reveal_log::mark_refused(r);
+        }
+    }
+}
+
+/// Runs `f` in a transaction of its own; false (the transaction rolled back, the error
+/// logged) when it raised.
+fn try_transaction(f: impl FnOnce()) -> bool {
+    // SAFETY: called from the worker's main loop, outside any transaction; the snapshot is
+    // pushed for SPI and popped before the commit, as BackgroundWorker::transaction does.
+    unsafe {
+        pg_sys::StartTransactionCommand();
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+    }
+    let ok = PgTryBuilder::new(std::panic::AssertUnwindSafe(move || {
+        f();
+        true
+    }))
+    .catch_others(|e| {
+        if let pg_sys::panic::CaughtError::PostgresError(report)
+        | pg_sys::panic::CaughtError::ErrorReport(report) = &e
+        {
+            pgrx::log!(
+                "pg_tenancy: writing reveal records failed: {}",
+                report.message()
             );
         }
+        false
+    })
+    .execute();
+    // SAFETY: ends the transaction begun above (an error left it aborted, not ended).
+    unsafe {
+        if ok {
+            pg_sys::PopActiveSnapshot();
+            pg_sys::CommitTransactionCommand();
+        } else {
+            pg_sys::AbortCurrentTransaction();
+        }
+    }
+    ok
+}
+
+/// The events of one record.
+fn write_record(r: &RevealRecord) {
+    use crate::reveal_log::{Kind, Stage};
+    let who = crate::audit::writer::Who {
+        actor: r.actor.get(),
+        actor_verified: r.actor_verified,
+        session_role: r.session_role.get().unwrap_or_default(),
+        outer_role: r.outer_role.get().unwrap_or_default(),
+        occurred_at: r.at,
+    };
+    let org = r.org.get().unwrap_or_default();
+    let label = r.label.get().filter(|l| !l.is_empty());
+    let mut request = serde_json::json!({
+        "session": r.session(),
+        "record": r.session_seq,
+        "xid": r.xid,
     });
-    // Written and committed: remove exactly what was written (new records may follow).
-    crate::reveal_log::remove_oldest(batch.len());
+    if r.leader_pid != 0 {
+        request["parallel_leader_pid"] = r.leader_pid.into();
+    }
+    let event = |action: &str, row_key: Option<String>, payload: serde_json::Value| {
+        crate::audit::writer::NewEvent {
+            org: org.clone(),
+            action: action.into(),
+            table_name: label.clone(),
+            row_key,
+            changed_columns: None,
+            payload: Some(payload),
+        }
+    };
+    let mut events = Vec::new();
+    match r.kind {
+        Kind::PreparedEnd => return write_prepared_end(r),
+        Kind::SupportRead if !r.written => events.push(event(
+            "SUPPORT_READ",
+            None,
+            serde_json::json!({ "period": r.detail.get(), "request": request }),
+        )),
+        Kind::SupportRead => {}
+        Kind::Reveal => {
+            if !r.written {
+                events.push(event(
+                    "REVEAL",
+                    None,
+                    serde_json::json!({ "label": r.label.get(), "request": request }),
+                ));
+            }
+            if r.stage == Stage::Settled {
+                let gid = r.gid.get();
+                events.push(event(
+                    "REVEAL_END",
+                    gid.as_ref().map(|g| format!("prepared:{g}")),
+                    serde_json::json!({
+                        "label": r.label.get(),
+                        "count": r.count,
+                        "transaction": r.outcome.name(),
+                        "gid": gid,
+                        "request": request,
+                    }),
+                ));
+            }
+        }
+    }
+    crate::audit::writer::append_events(&who, &events);
+}
+
+/// COMMIT / ROLLBACK PREPARED of a transaction that revealed: a `REVEAL_END` for each of its
+/// prepared records, in their tenants' trails.
+fn write_prepared_end(r: &RevealRecord) {
+    let gid = r.gid.get().unwrap_or_default();
+    let key = format!("prepared:{gid}");
+    let prepared: Vec<(String, Option<String>)> = Spi::connect(|client| {
+        client
+            .select(
+                "SELECT DISTINCT organization_id, table_name FROM tenancy.audit_events
+                  WHERE action = 'REVEAL_END' AND row_key = $1",
+                None,
+                &[key.as_str().into()],
+            )?
+            .map(|row| {
+                Ok((
+                    row.get::<String>(1)?.unwrap_or_default(),
+                    row.get::<String>(2)?,
+                ))
+            })
+            .collect::<Result<Vec<_>, pgrx::spi::Error>>()
+    })
+    .unwrap_or_else(|e| TenancyError::spi("finding a prepared transaction's reveals", e).report());
+    let who = crate::audit::writer::Who {
+        actor: None,
+        actor_verified: false,
+        session_role: r.session_role.get().unwrap_or_default(),
+        outer_role: r.outer_role.get().unwrap_or_default(),
+        occurred_at: r.at,
+    };
+    let events: Vec<_> = prepared
+        .into_iter()
+        .map(|(org, label)| crate::audit::writer::NewEvent {
+            org,
+            action: "REVEAL_END".into(),
+            table_name: label.clone(),
+            row_key: Some(format!("{}:{gid}", r.outcome.name())),
+            changed_columns: None,
+            payload: Some(serde_json::json!({
+                "label": label,
+                "transaction": format!("{} prepared", r.outcome.name()),
+                "gid": gid,
+            })),
+        })
+        .collect();
+    crate::audit::writer::append_events(&who, &events);
 }
 
 /// Whether `relation` exists in the worker's database (the extension installed, updated).

@@ -41,8 +41,46 @@ unsafe fn around_utility(pstmt: *mut pg_sys::PlannedStmt, next: impl FnOnce()) {
     let _storing = crate::phi::StoringCommand::enter(pstmt);
     let _owner_ddl = crate::owner_ddl::Guard::enter(pstmt);
     let _confined = crate::session_objects::ConfinedDdl::enter(pstmt);
+    let prepared = prepared_transaction((*pstmt).utilityStmt);
+    if let Some((pg_sys::TransactionStmtKind::TRANS_STMT_PREPARE, gid)) = &prepared {
+        crate::reveal_log::preparing(gid);
+    }
     next();
     crate::session_objects::after_utility(pstmt);
+    match prepared {
+        Some((pg_sys::TransactionStmtKind::TRANS_STMT_COMMIT_PREPARED, gid)) => {
+            crate::reveal_log::prepared_ended(&gid, true)
+        }
+        Some((pg_sys::TransactionStmtKind::TRANS_STMT_ROLLBACK_PREPARED, gid)) => {
+            crate::reveal_log::prepared_ended(&gid, false)
+        }
+        _ => {}
+    }
+}
+
+/// PREPARE TRANSACTION, COMMIT PREPARED or ROLLBACK PREPARED, with its GID.
+///
+/// SAFETY: `stmt` is a parse tree node (or NULL).
+unsafe fn prepared_transaction(
+    stmt: *mut pg_sys::Node,
+) -> Option<(pg_sys::TransactionStmtKind::Type, String)> {
+    use pg_sys::TransactionStmtKind::*;
+    if stmt.is_null() || (*stmt).type_ != pg_sys::NodeTag::T_TransactionStmt {
+        return None;
+    }
+    let t = stmt.cast::<pg_sys::TransactionStmt>();
+    let kind = (*t).kind;
+    if !matches!(
+        kind,
+        TRANS_STMT_PREPARE | TRANS_STMT_COMMIT_PREPARED | TRANS_STMT_ROLLBACK_PREPARED
+    ) || (*t).gid.is_null()
+    {
+        return None;
+    }
+    let gid = std::ffi::CStr::from_ptr((*t).gid)
+        .to_string_lossy()
+        .into_owned();
+    Some((kind, gid))
 }
 
 // The hook itself, in the two signatures: PostgreSQL 14 added `read_only_tree`. A chained hook

@@ -10,8 +10,10 @@ use std::sync::OnceLock;
 /// How a top-level transaction ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum End {
-    /// COMMIT or PREPARE TRANSACTION.
+    /// COMMIT.
     Commit,
+    /// PREPARE TRANSACTION.
+    Prepare,
     /// ROLLBACK or an error.
     Abort,
     /// A parallel worker's share of the transaction ended (commit or abort).
@@ -54,7 +56,8 @@ fn handlers() -> &'static [Handler] {
 unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: *mut c_void) {
     use pg_sys::XactEvent::*;
     let end = match event {
-        XACT_EVENT_COMMIT | XACT_EVENT_PREPARE => End::Commit,
+        XACT_EVENT_COMMIT => End::Commit,
+        XACT_EVENT_PREPARE => End::Prepare,
         XACT_EVENT_ABORT => End::Abort,
         XACT_EVENT_PARALLEL_COMMIT | XACT_EVENT_PARALLEL_ABORT => End::ParallelWorker,
         _ => return,

@@ -317,6 +317,54 @@ impl Cluster {
         );
     }
 
+    /// Kills the postmaster with SIGKILL (a crash: nothing is flushed, shared memory is
+    /// gone) and waits until its children have exited; [`Cluster::start_again`] then runs
+    /// crash recovery.
+    pub fn crash(&self) {
+        let pid = std::fs::read_to_string(self.dir.join("postmaster.pid")).unwrap();
+        let pid = pid.lines().next().unwrap().trim().to_string();
+        let children = std::process::Command::new("pgrep")
+            .args(["-P", &pid])
+            .output()
+            .unwrap();
+        let children: Vec<String> = String::from_utf8_lossy(&children.stdout)
+            .split_whitespace()
+            .map(str::to_string)
+            .collect();
+        assert!(!children.is_empty(), "the postmaster has children");
+        std::process::Command::new("kill")
+            .args(["-9", &pid])
+            .output()
+            .unwrap();
+        // The orphaned backends and the workers exit once they notice.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let alive = |p: &str| {
+            std::process::Command::new("kill")
+                .args(["-0", p])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        };
+        while children.iter().any(|p| alive(p)) || alive(&pid) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the old server's processes exit"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
+    /// Immediate shutdown (`pg_ctl stop -m immediate`): no checkpoint, crash recovery at the
+    /// next start.
+    pub fn stop_immediate(&self) {
+        check(
+            "pg_ctl stop -m immediate",
+            pg_ctl()
+                .args(["stop", "-w", "-t", "60", "-m", "immediate", "-D"])
+                .arg(&self.dir)
+                .output(),
+        );
+    }
+
     pub fn reload(&self) {
         self.connect("postgres", "postgres")
             .batch_execute("SELECT pg_reload_conf()")

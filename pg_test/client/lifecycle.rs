@@ -43,6 +43,8 @@ fn test_create_drop_recreate_and_settings() {
         [
             "app.current_org_id",
             "tenancy.audit_database",
+            "tenancy.audit_digest_file",
+            "tenancy.audit_digest_interval",
             "tenancy.new_table_action",
             "tenancy.restore_mode",
             "tenancy.tenant_id_format"

@@ -14,6 +14,7 @@ mod privileged;
 mod regress;
 mod report;
 mod restore;
+mod reveals;
 mod rls;
 mod sealing;
 mod sessions;

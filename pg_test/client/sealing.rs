@@ -133,40 +133,7 @@ fn test_events_committed_before_a_crash_are_sealed_after_it() {
     .unwrap();
     assert!(unsealed(&mut su, SHERWOOD) >= 500, "committed, not sealed");
     drop((su, blocker, app));
-    let pid = std::fs::read_to_string(c.dir.join("postmaster.pid")).unwrap();
-    let pid = pid.lines().next().unwrap().trim().to_string();
-    let children = std::process::Command::new("pgrep")
-        .args(["-P", &pid])
-        .output()
-        .unwrap();
-    let children: Vec<String> = String::from_utf8_lossy(&children.stdout)
-        .split_whitespace()
-        .map(str::to_string)
-        .collect();
-    assert!(!children.is_empty(), "the postmaster has children");
-    std::process::Command::new("kill")
-        .args(["-9", &pid])
-        .output()
-        .unwrap();
-    // The orphaned backends and the worker exit once they notice; then a start runs crash
-    // recovery.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let alive = children.iter().any(|p| {
-            std::process::Command::new("kill")
-                .args(["-0", p])
-                .output()
-                .is_ok_and(|o| o.status.success())
-        }) || std::process::Command::new("kill")
-            .args(["-0", &pid])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !alive {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the old server's processes exit");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    c.crash();
     c.start_again();
     let mut su = c.connect("postgres", "app");
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -442,4 +409,185 @@ fn test_the_reveal_worker_picks_up_a_key_rotation_on_reload() {
         "the worker sealed the REVEAL payload under the key activated by the reload"
     );
     assert_chain_ok(&mut su, SHERWOOD);
+}
+
+fn digest_of(su: &mut Client, org: &str) -> String {
+    su.query_one(
+        &format!("SELECT digest FROM tenancy.audit_digest() WHERE organization_id = '{org}'"),
+        &[],
+    )
+    .unwrap()
+    .get(0)
+}
+
+fn verify_against(su: &mut Client, org: &str, digest: &str) -> (bool, Option<String>) {
+    let r = su
+        .query_one(
+            "SELECT ok, problem FROM tenancy.audit_verify($1, $2)",
+            &[&org, &digest],
+        )
+        .unwrap();
+    (r.get(0), r.get(1))
+}
+
+/// II-7: a digest kept outside the database proves later trails extend it: deleting the
+/// newest events (blocks, heads and all) and rewriting the trail from an edit on with a
+/// consistent new chain both verify on their own, and both fail against the digest.
+#[test]
+fn test_digests_kept_outside_find_truncation_and_a_rewritten_consistent_chain() {
+    let c = reference_cluster();
+    let mut su = c.connect("postgres", "app");
+    let write = |su: &mut Client, what: &str| {
+        su.batch_execute(&format!(
+            "BEGIN; SELECT tenancy.set_org('{SHERWOOD}'); SELECT tenancy.log_action('{what}'); COMMIT; SELECT tenancy.audit_seal();"
+        ))
+        .unwrap();
+    };
+    write(&mut su, "digest.one");
+    let first = digest_of(&mut su, SHERWOOD);
+    assert!(first.starts_with("pg_tenancy-digest:1:"), "{first}");
+    assert_eq!(verify_against(&mut su, SHERWOOD, &first), (true, None));
+    write(&mut su, "digest.two");
+    let second = digest_of(&mut su, SHERWOOD);
+    assert_ne!(first, second);
+    assert_eq!(
+        verify_against(&mut su, SHERWOOD, &first),
+        (true, None),
+        "the trail extends the older digest"
+    );
+    // Malformed, or another tenant's: a clear error.
+    let e = crate::harness::db_error(su.query_one(
+        "SELECT * FROM tenancy.audit_verify($1, 'junk')",
+        &[&SHERWOOD],
+    ));
+    assert_eq!(e.code().code(), "22023");
+    let e = crate::harness::db_error(su.query_one(
+        "SELECT * FROM tenancy.audit_verify($1, $2)",
+        &[&CONWAY, &second],
+    ));
+    assert_eq!(e.code().code(), "22023");
+
+    // A superuser truncates: the newest block, its events and the head go.
+    su.batch_execute(&format!(
+        "ALTER EVENT TRIGGER tenancy_guard_ddl DISABLE;
+         ALTER TABLE tenancy.audit_events DISABLE TRIGGER audit_events_append_only;
+         ALTER TABLE tenancy.audit_seals DISABLE TRIGGER audit_seals_append_only;
+         DELETE FROM tenancy.audit_events WHERE organization_id = '{SHERWOOD}'
+            AND event_id = ANY ((SELECT event_ids FROM tenancy.audit_seals WHERE organization_id = '{SHERWOOD}' ORDER BY block_no DESC LIMIT 1)::bigint[]);
+         DELETE FROM tenancy.audit_seals WHERE organization_id = '{SHERWOOD}'
+            AND block_no = (SELECT max(block_no) FROM tenancy.audit_seals WHERE organization_id = '{SHERWOOD}');
+         UPDATE tenancy.audit_chain_heads h SET last_block = s.block_no, last_seq = s.first_seq + s.event_count - 1, last_hash = s.hash
+           FROM tenancy.audit_seals s WHERE h.organization_id = '{SHERWOOD}' AND s.organization_id = h.organization_id
+            AND s.block_no = (SELECT max(block_no) FROM tenancy.audit_seals WHERE organization_id = '{SHERWOOD}');"
+    ))
+    .unwrap();
+    assert_chain_ok(&mut su, SHERWOOD); // alone, the shorter trail verifies
+    let (ok, problem) = verify_against(&mut su, SHERWOOD, &second);
+    assert!(!ok);
+    assert!(
+        problem.as_deref().unwrap_or("").contains("truncated"),
+        "{problem:?}"
+    );
+
+    // A superuser deletes an older event and re-seals everything into a new, consistent chain.
+    write(&mut su, "digest.three");
+    let third = digest_of(&mut su, SHERWOOD);
+    su.batch_execute(&format!(
+        "DELETE FROM tenancy.audit_events WHERE organization_id = '{SHERWOOD}' AND action = 'digest.one';
+         DELETE FROM tenancy.audit_seals WHERE organization_id = '{SHERWOOD}';
+         DELETE FROM tenancy.audit_chain_heads WHERE organization_id = '{SHERWOOD}';
+         INSERT INTO tenancy.audit_pending (organization_id, event_ids, hashes, occurred_at)
+         SELECT organization_id, array_agg(event_id ORDER BY event_id), string_agg(hash, ''::bytea ORDER BY event_id), max(occurred_at)
+           FROM tenancy.audit_events WHERE organization_id = '{SHERWOOD}' AND seq IS NULL GROUP BY organization_id;
+         SELECT tenancy.audit_seal();"
+    ))
+    .unwrap();
+    let alone: (bool, Option<String>) = {
+        let r = su
+            .query_one(
+                &format!("SELECT ok, problem FROM tenancy.audit_verify('{SHERWOOD}')"),
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(
+        alone,
+        (true, None),
+        "the forged chain is consistent on its own"
+    );
+    let (ok, problem) = verify_against(&mut su, SHERWOOD, &third);
+    assert!(!ok, "the digest shows the rewrite");
+    let p = problem.unwrap_or_default();
+    assert!(p.contains("rewritten") || p.contains("truncated"), "{p}");
+}
+
+/// II-7: with `tenancy.audit_digest_file`, the sealer appends every tenant's digest line to a
+/// file outside the data directory once per interval; a line verifies as it is; a path inside
+/// the data directory is refused with a LOG line.
+#[test]
+fn test_the_sealer_appends_digests_to_a_file_outside_the_data_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    std::process::Command::new("chown")
+        .args(["postgres", dir.path().to_str().unwrap()])
+        .output()
+        .ok();
+    let file = dir.path().join("digests.log");
+    let c = reference_cluster();
+    let mut su = c.connect("postgres", "app");
+    for sql in [
+        format!(
+            "ALTER SYSTEM SET tenancy.audit_digest_file = '{}'",
+            file.display()
+        ),
+        "ALTER SYSTEM SET tenancy.audit_digest_interval = 1".into(),
+        "SELECT pg_reload_conf()".into(),
+    ] {
+        su.batch_execute(&sql).unwrap();
+    }
+    su.batch_execute(&format!(
+        "BEGIN; SELECT tenancy.set_org('{SHERWOOD}'); SELECT tenancy.log_action('digest.file'); COMMIT;"
+    ))
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let line = loop {
+        let text = std::fs::read_to_string(&file).unwrap_or_default();
+        if let Some(l) = text.lines().rev().find(|l| l.contains(SHERWOOD)) {
+            break l.to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no digest line written: {}",
+            c.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(
+        verify_against(&mut su, SHERWOOD, &line),
+        (true, None),
+        "{line}"
+    );
+    let status: Option<String> = su
+        .query_one("SELECT last_digest_at::text FROM tenancy.audit_status", &[])
+        .unwrap()
+        .get(0);
+    assert!(status.is_some(), "the status view shows the last digest");
+    for sql in [
+        format!(
+            "ALTER SYSTEM SET tenancy.audit_digest_file = '{}'",
+            c.dir.join("digests.log").display()
+        ),
+        "SELECT pg_reload_conf()".into(),
+    ] {
+        su.batch_execute(&sql).unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !c.log().contains("is inside the data directory") {
+        assert!(
+            Instant::now() < deadline,
+            "a digest file inside the data directory is refused"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(!c.dir.join("digests.log").exists());
 }

@@ -97,9 +97,9 @@ fn log_action(fcinfo: pg_sys::FunctionCallInfo) -> bool {
 }
 
 /// Verification's outcome: events checked, the first broken position and why, the unsealed tail.
-struct Verdict {
+pub(super) struct Verdict {
     events: i64,
-    broken: Option<(Option<i64>, String)>,
+    pub(super) broken: Option<(Option<i64>, String)>,
     unsealed: i64,
     oldest_unsealed: Option<pgrx::datum::TimestampWithTimeZone>,
 }
@@ -130,7 +130,15 @@ fn audit_verify(
         name!(oldest_unsealed, Option<pgrx::datum::TimestampWithTimeZone>),
     ),
 > {
-    // This function is SECURITY DEFINER: ask about the caller (the outer user), not the owner.
+    check_verify_allowed(org);
+    let v = Spi::connect(|client| verify(client, org))
+        .unwrap_or_else(|e| TenancyError::spi("reading the audit trail", e).report());
+    TableIterator::once(v.row())
+}
+
+/// Raises unless the caller may verify `org`'s trail: a superuser, or the tenant itself.
+pub(super) fn check_verify_allowed(org: &str) {
+    // The verifiers are SECURITY DEFINER: ask about the caller (the outer user), not the owner.
     // SAFETY: plain catalog lookup of a role id.
     let caller_is_superuser = unsafe { pg_sys::superuser_arg(pg_sys::GetOuterUserId()) };
     let allowed = caller_is_superuser || crate::context::current_org().as_deref() == Some(org);
@@ -140,23 +148,36 @@ fn audit_verify(
         }
         .report();
     }
-    let v = Spi::connect(|client| verify(client, org))
-        .unwrap_or_else(|e| TenancyError::spi("reading the audit trail", e).report());
-    let (at, problem) = match v.broken {
-        Some((at, p)) => (at, Some(p)),
-        None => (None, None),
-    };
-    TableIterator::once((
-        problem.is_none(),
-        v.events,
-        at,
-        problem,
-        v.unsealed,
-        v.oldest_unsealed,
-    ))
 }
 
-fn verify(client: &SpiClient<'_>, org: &str) -> SpiResult<Verdict> {
+impl Verdict {
+    /// The row `audit_verify` returns.
+    pub(super) fn row(
+        self,
+    ) -> (
+        bool,
+        i64,
+        Option<i64>,
+        Option<String>,
+        i64,
+        Option<pgrx::datum::TimestampWithTimeZone>,
+    ) {
+        let (at, problem) = match self.broken {
+            Some((at, p)) => (at, Some(p)),
+            None => (None, None),
+        };
+        (
+            problem.is_none(),
+            self.events,
+            at,
+            problem,
+            self.unsealed,
+            self.oldest_unsealed,
+        )
+    }
+}
+
+pub(super) fn verify(client: &SpiClient<'_>, org: &str) -> SpiResult<Verdict> {
     // In one statement (one snapshot): the sealed blocks as of now, the v2 events, and which
     // of them wait for the sealer. Blocks up to `last_block` never change but by a purge.
     let r = client
@@ -663,8 +684,9 @@ fn audit_rekey(org: Option<&str>, batch_size: default!(Option<i32>, 1000)) -> i6
 }
 
 /// One clinic's audit history between `from` and `to`, payloads decrypted, for a support
-/// role: EXECUTE is granted by the DBA (revoked from PUBLIC). Writes a `SUPPORT_READ` event
-/// into that clinic's own trail first, naming the role that read it.
+/// role: EXECUTE is granted by the DBA (revoked from PUBLIC). A `SUPPORT_READ` event naming
+/// the role that read it is in that clinic's own trail before anything is returned (written
+/// by the reveal worker, so it stays when the reading transaction rolls back).
 #[pg_extern(volatile, parallel_unsafe)]
 #[allow(clippy::type_complexity)] // a result row is a tuple of its columns
 fn audit_history(
@@ -683,14 +705,9 @@ fn audit_history(
         name!(changes, Option<pgrx::JsonB>),
     ),
 > {
-    write_event(
-        org,
-        "SUPPORT_READ",
-        None,
-        None,
-        None,
-        Some(&serde_json::json!({ "from": from.to_string(), "to": to.to_string() })),
-    );
+    // On record (durably, by the reveal worker) before anything is read, so a rolled-back
+    // reading transaction leaves its trace too.
+    crate::reveal_log::record_support_read(org, &format!("{from} .. {to}")).or_raise();
     let rows = Spi::connect(|client| -> SpiResult<Vec<_>> {
         let t = client.select(
             "SELECT seq, occurred_at, actor, action, table_name, changed_columns, payload, event_id

@@ -17,6 +17,8 @@
 
 pub(crate) mod admin;
 pub(crate) mod chain;
+pub(crate) mod digest;
+
 mod direct;
 mod event;
 mod legacy;

@@ -117,6 +117,8 @@ pub(crate) enum TenancyError {
     SessionSettingForOthers { setting: String },
     #[error("audit details nest more than 127 levels deep")]
     DetailsTooDeep,
+    #[error("malformed audit digest")]
+    BadDigest { reason: String },
     #[error("pg_tenancy: {what} failed")]
     Spi { what: &'static str, reason: String },
 }
@@ -158,6 +160,7 @@ impl TenancyError {
             Self::PhiBadLabel => ERRCODE_INVALID_PARAMETER_VALUE,
             Self::PhiWhileStoring => ERRCODE_FEATURE_NOT_SUPPORTED,
             Self::BadAction => ERRCODE_INVALID_PARAMETER_VALUE,
+            Self::BadDigest { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
             Self::ReservedAction { .. } => ERRCODE_RESERVED_NAME,
             Self::SessionObject { .. } => ERRCODE_FEATURE_NOT_SUPPORTED,
             Self::ForeignCodeInDdl { .. } | Self::RewriteInDdl => ERRCODE_INSUFFICIENT_PRIVILEGE,
@@ -186,6 +189,7 @@ impl TenancyError {
             }
             Self::PhiMalformed { reason } => Some((*reason).to_string()),
             Self::RevealNotAudited { reason } => Some(reason.clone()),
+            Self::BadDigest { reason } => Some(reason.clone()),
             Self::AuditTriggerMisdefined { reason } => Some((*reason).to_string()),
             Self::PhiInvalidText { reason } => Some((*reason).to_string()),
             Self::Spi { reason, .. } => Some(reason.clone()),
@@ -209,6 +213,9 @@ impl TenancyError {
             ),
             Self::OutsideTransaction => Some(
                 "Run BEGIN first: the tenant context lasts exactly one transaction.",
+            ),
+            Self::BadDigest { .. } => Some(
+                "Pass the digest column of a row tenancy.audit_digest() returned, unchanged.",
             ),
             Self::NullTenant | Self::EmptyTenant | Self::NoTenant => Some(
                 "Call tenancy.set_org('<tenant id>') at the start of the transaction.",

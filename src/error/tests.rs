@@ -54,6 +54,7 @@ fn test_only_identifier_fields_carry_input() {
             "ReservedAction",          // the application's action name
             "RevealNotAudited",        // a database name
             "UndefinedTable",          // relation name
+            "BadDigest",               // reason: made by digest.rs, never the digest's text
             "SessionSettingForOthers", // a setting's name
             "Spi",                     // SPI's own error about pg_tenancy's query
         ]
@@ -140,6 +141,7 @@ fn every_error_with(text: &str) -> Vec<TenancyError> {
         PhiInvalidText { reason: "r" },
         PhiInvalidJson,
         DetailsTooDeep,
+        BadDigest { reason: s() },
         SessionSettingForOthers { setting: s() },
         Spi {
             what: "w",
@@ -195,6 +197,7 @@ fn variant(e: &TenancyError) -> &'static str {
         PhiInvalidText { .. } => "PhiInvalidText",
         PhiInvalidJson => "PhiInvalidJson",
         DetailsTooDeep => "DetailsTooDeep",
+        BadDigest { .. } => "BadDigest",
         SessionSettingForOthers { .. } => "SessionSettingForOthers",
         Spi { .. } => "Spi",
     }
