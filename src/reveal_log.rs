@@ -391,7 +391,7 @@ pub(crate) fn prepared_ended(gid: &str, committed: bool) {
         if q.len >= QUEUE_LEN {
             q.refused += 1;
             drop(q);
-            pgrx::log!("pg_tenancy: the reveal queue is full; the end of prepared transaction {gid:?} is not on record (its reveals are, as prepared)");
+            pgrx::warning!("pg_tenancy: the reveal queue is full; the end of prepared transaction {gid:?} is not on record (its reveals are, as prepared)");
             return;
         }
         let id = q.next_id;

@@ -113,13 +113,13 @@ pub extern "C-unwind" fn pg_tenancy_sealer_main(_arg: pg_sys::Datum) {
     crate::reveal_log::set_sealer(0);
 }
 
-/// Appends every tenant's digest line to the digest file (a LOG line when it cannot).
+/// Appends every tenant's digest line to the digest file (a WARNING when it cannot).
 fn write_digests(path: &str) {
     let written = BackgroundWorker::transaction(|| crate::audit::digest::append_to_file(path));
     match written {
         // SAFETY: the clock.
         Ok(_) => crate::reveal_log::digest_written(unsafe { pg_sys::GetCurrentTimestamp() }),
-        Err(problem) => pgrx::log!("pg_tenancy: audit digests not written: {problem}"),
+        Err(problem) => pgrx::warning!("pg_tenancy: audit digests not written: {problem}"),
     }
 }
 
@@ -178,7 +178,7 @@ fn write_reveals() {
         if try_transaction(|| write_record(r)) {
             crate::reveal_log::mark_written(std::slice::from_ref(r));
         } else {
-            pgrx::log!(
+            pgrx::warning!(
                 "pg_tenancy: a reveal record could not be written and was set aside (tenant {:?}, label {:?}, session {}, record {})",
                 r.org.get().unwrap_or_default(),
                 r.label.get().unwrap_or_default(),
@@ -207,7 +207,7 @@ fn try_transaction(f: impl FnOnce()) -> bool {
         if let pg_sys::panic::CaughtError::PostgresError(report)
         | pg_sys::panic::CaughtError::ErrorReport(report) = &e
         {
-            pgrx::log!(
+            pgrx::warning!(
                 "pg_tenancy: writing reveal records failed: {}",
                 report.message()
             );

@@ -358,8 +358,11 @@ fn test_a_record_that_cannot_be_written_refuses_its_reveal_and_blocks_no_other()
         (r.get(0),)
     };
     assert!(refused >= 1, "counted in the status view");
-    assert!(c
-        .log()
-        .contains("a reveal record could not be written and was set aside"));
+    let log = c.log();
+    assert!(
+        log.contains("a reveal record could not be written and was set aside"),
+        "{}",
+        &log[log.len().saturating_sub(3000)..]
+    );
     assert!(!c.log().contains("value of"), "no plaintext in the log");
 }

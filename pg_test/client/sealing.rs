@@ -524,7 +524,7 @@ fn test_digests_kept_outside_find_truncation_and_a_rewritten_consistent_chain() 
 
 /// II-7: with `tenancy.audit_digest_file`, the sealer appends every tenant's digest line to a
 /// file outside the data directory once per interval; a line verifies as it is; a path inside
-/// the data directory is refused with a LOG line.
+/// the data directory is refused with a WARNING.
 #[test]
 fn test_the_sealer_appends_digests_to_a_file_outside_the_data_directory() {
     let dir = tempfile::tempdir().unwrap();
