@@ -539,10 +539,30 @@ fn record_here(
         q.len += 1;
         (id, q.worker_pid)
     };
-    // From here the record is this transaction's: its end settles or removes it.
-    PENDING.with(|p| p.borrow_mut().insert(format!("{org}\0{label}"), (id, 0)));
+    // Until it is written, the record is the waiting reveal's: a refusal, a cancel or a
+    // timeout while waiting (an ERROR unwinds through the guard) takes it out of the queue,
+    // and nothing of it stays in this transaction, so a retry (after a savepoint or an
+    // exception block) queues and waits again.
+    let waiting = Waiting(id);
     wake_pid(worker);
-    wait_until_written(id)
+    wait_until_written(id)?;
+    std::mem::forget(waiting);
+    // Written: from here the record is this transaction's; its end settles it.
+    PENDING.with(|p| p.borrow_mut().insert(format!("{org}\0{label}"), (id, 0)));
+    Ok(())
+}
+
+/// A queued record whose reveal is waiting for it; dropped unless the wait succeeded.
+struct Waiting(u64);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        let mut q = QUEUE.exclusive();
+        let len = q.len;
+        if let Some(at) = q.records[..len].iter().position(|r| r.id == self.0) {
+            remove(&mut q, at);
+        }
+    }
 }
 
 /// How long a reveal waits for its record at most.

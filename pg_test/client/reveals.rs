@@ -366,3 +366,55 @@ fn test_a_record_that_cannot_be_written_refuses_its_reveal_and_blocks_no_other()
     );
     assert!(!c.log().contains("value of"), "no plaintext in the log");
 }
+
+/// A reveal cancelled while it waits for its record (here: statement_timeout while a
+/// superuser's lock holds the worker up) leaves nothing behind in its transaction: retried
+/// after the savepoint, it queues and waits for a record of its own again.
+#[test]
+fn test_a_reveal_cancelled_while_waiting_is_recorded_again_when_retried() {
+    let c = cluster(&[]);
+    let mut su = c.connect("postgres", "app");
+    let mut app = c.connect("app", "app");
+    reveal(&mut app, "retry.warmup"); // the worker is up
+    let mut locker = c.connect("postgres", "app");
+    locker
+        .batch_execute("BEGIN; LOCK TABLE tenancy.audit_events IN SHARE MODE")
+        .unwrap();
+    app.batch_execute(&format!(
+        "BEGIN; SELECT tenancy.set_org('{ORG}'); SAVEPOINT a; SET LOCAL statement_timeout = '300ms'"
+    ))
+    .unwrap();
+    let err = db_error(app.query_one(
+        "SELECT tenancy.phi_reveal(tenancy.phi_encrypt('x', 'retry.label'), 'retry.label')",
+        &[],
+    ));
+    assert_eq!(
+        err.code().code(),
+        "57014",
+        "cancelled while waiting: {err:?}"
+    );
+    app.batch_execute("ROLLBACK TO SAVEPOINT a").unwrap();
+    locker.batch_execute("COMMIT").unwrap();
+    let v: String = app
+        .query_one(
+            "SELECT tenancy.phi_reveal(tenancy.phi_encrypt('y', 'retry.label'), 'retry.label')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(v, "y");
+    app.batch_execute("COMMIT").unwrap();
+    // The cancelled attempt's record may still have been written (the worker held it while
+    // it waited for the lock): at least the retry's own is there.
+    let n = wait_for(
+        &mut su,
+        "SELECT count(*) FROM tenancy.audit_events WHERE action = 'REVEAL' AND table_name = 'retry.label'",
+        2,
+    );
+    assert!(n >= 2, "the retried reveal has a record of its own: {n}");
+    // The session's third record (warm-up, cancelled attempt, retry) is the newest REVEAL.
+    assert_eq!(
+        payload(&mut su, "REVEAL", "retry.label")["request"]["record"],
+        3
+    );
+}
