@@ -43,6 +43,12 @@ thread_local! {
 
 static MIRROR: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
+/// The actor and whether a token proved it, for parallel workers (which get their leader's
+/// settings, not its memory): `1<actor>`, `0<actor>`, or empty. Hidden; written only by
+/// `set_org`, like the mirror.
+const ACTOR_GUC: &CStr = c"tenancy.context_actor";
+static ACTOR_MIRROR: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+
 /// Defines `app.current_org_id`; called from [`crate::gucs::init`].
 pub(crate) fn define_mirror_guc() {
     // SAFETY: the check hook is `#[pg_guard]`ed and has the signature Postgres expects.
@@ -55,6 +61,20 @@ pub(crate) fn define_mirror_guc() {
             GucContext::Userset,
             GucFlags::NO_RESET_ALL | GucFlags::DISALLOW_IN_FILE | GucFlags::NOT_WHILE_SEC_REST,
             Some(check_mirror),
+            None,
+            None,
+        );
+        GucRegistry::define_string_guc_with_hooks(
+            ACTOR_GUC,
+            c"The actor of the current transaction, for its parallel workers; read-only for SQL.",
+            c"Written by tenancy.set_org() only.",
+            &ACTOR_MIRROR,
+            GucContext::Userset,
+            GucFlags::NO_RESET_ALL
+                | GucFlags::DISALLOW_IN_FILE
+                | GucFlags::NOT_WHILE_SEC_REST
+                | GucFlags::NO_SHOW_ALL,
+            Some(check_actor_mirror),
             None,
             None,
         );
@@ -81,6 +101,20 @@ unsafe extern "C-unwind" fn check_mirror(
     pg_sys::GUC_check_errhint_string = pg_sys::pstrdup(
         c"Call tenancy.set_org('<tenant id>') inside the transaction instead of SET.".as_ptr(),
     );
+    false
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn check_actor_mirror(
+    newval: *mut *mut c_char,
+    extra: *mut *mut c_void,
+    source: pg_sys::GucSource::Type,
+) -> bool {
+    if check_mirror(newval, extra, source) {
+        return true;
+    }
+    pg_sys::GUC_check_errmsg_string =
+        pg_sys::pstrdup(c"tenancy.context_actor can only be set by tenancy.set_org()".as_ptr());
     false
 }
 
@@ -159,6 +193,13 @@ pub(crate) fn enter(org: Option<&str>, actor: Option<&str>, token: Option<&str>)
     }
     let signed = crate::token::check_for_set_org(token, &org, actor.as_deref())?;
     write_mirror(&org);
+    write_setting(
+        ACTOR_GUC,
+        &actor
+            .as_deref()
+            .map(|a| format!("{}{a}", if signed { 1 } else { 0 }))
+            .unwrap_or_default(),
+    );
     CONTEXT.with(|c| {
         *c.borrow_mut() = Some(Context {
             org: org.clone(),
@@ -172,6 +213,11 @@ pub(crate) fn enter(org: Option<&str>, actor: Option<&str>, token: Option<&str>)
 
 /// Writes the mirror setting with SET LOCAL semantics, through the check hook's one door.
 fn write_mirror(org: &str) {
+    write_setting(MIRROR_GUC, org);
+}
+
+/// Writes one of the two mirrors with SET LOCAL semantics, through the check hook's one door.
+fn write_setting(name: &CStr, org: &str) {
     struct Close;
     impl Drop for Close {
         fn drop(&mut self) {
@@ -179,14 +225,14 @@ fn write_mirror(org: &str) {
         }
     }
     // Validated ids never contain NUL.
-    let value = CString::new(org).expect("tenant ids are validated to printable ASCII");
+    let value = CString::new(org).expect("tenant and actor ids are validated (no NUL)");
     WRITING_MIRROR.with(|w| w.set(true));
     let _close = Close;
     // SAFETY: both strings are NUL-terminated and outlive the call; ERROR unwinds through
     // `_close`, which shuts the door again.
     unsafe {
         pg_sys::set_config_option(
-            MIRROR_GUC.as_ptr(),
+            name.as_ptr(),
             value.as_ptr(),
             pg_sys::GucContext::PGC_USERSET,
             pg_sys::GucSource::PGC_S_SESSION,
@@ -198,14 +244,26 @@ fn write_mirror(org: &str) {
     }
 }
 
-/// The actor of the current transaction and whether a signed token proved it.
+/// The actor of the current transaction and whether a signed token proved it (in a parallel
+/// worker: its leader's, from the hidden mirror).
 pub(crate) fn current_actor_and_verified() -> (Option<String>, bool) {
-    CONTEXT.with(|c| {
+    if let Some(found) = CONTEXT.with(|c| {
         c.borrow()
             .as_ref()
             .map(|ctx| (ctx.actor.clone(), ctx.signed))
-            .unwrap_or((None, false))
-    })
+    }) {
+        return found;
+    }
+    // SAFETY: a plain read of a process global.
+    if unsafe { pg_sys::ParallelWorkerNumber } >= 0 {
+        if let Some(v) = ACTOR_MIRROR.get() {
+            let v = v.to_string_lossy();
+            if let Some(actor) = v.get(1..).filter(|a| !a.is_empty()) {
+                return (Some(actor.to_string()), v.starts_with('1'));
+            }
+        }
+    }
+    (None, false)
 }
 
 /// Whether the current transaction has a tenant context (no allocation: for hooks that run

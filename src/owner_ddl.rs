@@ -138,6 +138,83 @@ pub(crate) unsafe fn refuse_session_setting_for_others(stmt: *mut pg_sys::Node) 
     }
 }
 
+/// Maintenance commands that lock pg_tenancy's own tables are a superuser's: a database owner
+/// may VACUUM, ANALYZE and REINDEX every table of its database, and `VACUUM FULL
+/// tenancy.audit_events` queued behind an open reader (or an `ANALYZE` held in an open
+/// transaction) stalled every audited write, the reveal worker and the sealer (found by an
+/// attacker pass). Refused for non-superusers: those naming a table of schema `tenancy`,
+/// database-wide `VACUUM FULL`, database-wide `ANALYZE` inside a transaction block, and
+/// `REINDEX DATABASE | SYSTEM | SCHEMA tenancy`. Plain database-wide VACUUM and ANALYZE
+/// (short locks, as autovacuum takes) stay allowed.
+///
+/// # Safety
+/// `stmt` is a parse tree node (or NULL).
+pub(crate) unsafe fn refuse_trail_maintenance(stmt: *mut pg_sys::Node) {
+    use pg_sys::NodeTag::*;
+    if stmt.is_null() || !(pgrx::is_a(stmt, T_VacuumStmt) || pgrx::is_a(stmt, T_ReindexStmt)) {
+        return;
+    }
+    if pg_sys::superuser() {
+        return;
+    }
+    let ns = pg_sys::get_namespace_oid(c"tenancy".as_ptr(), true);
+    if ns == pg_sys::InvalidOid {
+        return; // pg_tenancy is not installed in this database
+    }
+    let in_tenancy = |rv: *mut pg_sys::RangeVar| -> bool {
+        if rv.is_null() {
+            return false;
+        }
+        let rel = pg_sys::RangeVarGetRelidExtended(
+            rv,
+            pg_sys::NoLock as pg_sys::LOCKMODE,
+            pg_sys::RVROption::RVR_MISSING_OK,
+            None,
+            std::ptr::null_mut(),
+        );
+        rel != pg_sys::InvalidOid && pg_sys::get_rel_namespace(rel) == ns
+    };
+    let refuse = |command: &'static str| -> ! {
+        crate::error::TenancyError::TrailMaintenance { command }.report()
+    };
+    if pgrx::is_a(stmt, T_VacuumStmt) {
+        let v = stmt.cast::<pg_sys::VacuumStmt>();
+        let command = if (*v).is_vacuumcmd {
+            "VACUUM"
+        } else {
+            "ANALYZE"
+        };
+        let options = pgrx::PgList::<pg_sys::DefElem>::from_pg((*v).options);
+        let full = options.iter_ptr().any(|d| {
+            std::ffi::CStr::from_ptr((*d).defname).to_bytes() == b"full" && pg_sys::defGetBoolean(d)
+        });
+        let rels = pgrx::PgList::<pg_sys::VacuumRelation>::from_pg((*v).rels);
+        if rels.is_empty() {
+            if full {
+                refuse("VACUUM FULL");
+            }
+            if !(*v).is_vacuumcmd && pg_sys::IsTransactionBlock() {
+                refuse("ANALYZE in a transaction block");
+            }
+        } else if rels.iter_ptr().any(|r| in_tenancy((*r).relation)) {
+            refuse(command);
+        }
+        return;
+    }
+    let r = stmt.cast::<pg_sys::ReindexStmt>();
+    use pg_sys::ReindexObjectType::*;
+    let tenancy_schema =
+        !(*r).name.is_null() && std::ffi::CStr::from_ptr((*r).name).to_bytes() == b"tenancy";
+    match (*r).kind {
+        REINDEX_OBJECT_DATABASE | REINDEX_OBJECT_SYSTEM => refuse("REINDEX DATABASE"),
+        REINDEX_OBJECT_SCHEMA if tenancy_schema => refuse("REINDEX"),
+        REINDEX_OBJECT_TABLE | REINDEX_OBJECT_INDEX if in_tenancy((*r).relation) => {
+            refuse("REINDEX")
+        }
+        _ => {}
+    }
+}
+
 /// Marks a utility statement as guarded for its duration, when a role that is not a
 /// superuser runs it on a table with forced row level security.
 /// Holds whether the statement is guarded, and whether its error text is withheld (not for

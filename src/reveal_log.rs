@@ -471,7 +471,7 @@ fn record_here(
     in_audit_database()?;
     // SAFETY: a plain read of the recovery state.
     if unsafe { pg_sys::RecoveryInProgress() } {
-        return Err(TenancyError::RevealNotAudited {
+        return Err(TenancyError::RevealNotRecorded {
             reason: "this server is a standby: the audit trail cannot record reveals here".into(),
         });
     }
@@ -481,7 +481,7 @@ fn record_here(
         return Ok(()); // on record already: counted at the end
     }
     if PENDING.with(|p| p.borrow().len()) >= RECORDS_PER_XACT {
-        return Err(TenancyError::RevealNotAudited {
+        return Err(TenancyError::RevealNotRecorded {
             reason: format!(
                 "this transaction already revealed under {RECORDS_PER_XACT} distinct labels, the most one transaction may"
             ),
@@ -511,7 +511,7 @@ fn record_here(
     let (id, worker) = {
         let mut q = QUEUE.exclusive();
         if q.len >= QUEUE_LEN {
-            return Err(TenancyError::RevealNotAudited {
+            return Err(TenancyError::RevealNotRecorded {
                 reason: "the reveal queue is full".into(),
             });
         }
@@ -583,13 +583,13 @@ fn wait_until_written(id: u64) -> Result<(), TenancyError> {
         match stage {
             Some(Stage::Written) => return Ok(()),
             Some(Stage::Refused) | None => {
-                return Err(TenancyError::RevealNotAudited {
+                return Err(TenancyError::RevealNotRecorded {
                     reason: "its record could not be written to the audit trail (see the server log)"
                         .into(),
                 })
             }
             Some(_) if std::time::Instant::now() > deadline => {
-                return Err(TenancyError::RevealNotAudited {
+                return Err(TenancyError::RevealNotRecorded {
                     reason: format!(
                         "the reveal worker did not record it within {} s (is it running? see tenancy.audit_status)",
                         WAIT_LIMIT.as_secs()

@@ -34,6 +34,7 @@ pub(crate) fn init() {
 unsafe fn around_utility(pstmt: *mut pg_sys::PlannedStmt, next: impl FnOnce()) {
     crate::context::check_holdable_cursor(pstmt);
     crate::owner_ddl::refuse_session_setting_for_others((*pstmt).utilityStmt);
+    crate::owner_ddl::refuse_trail_maintenance((*pstmt).utilityStmt);
     if in_tenant_transaction() {
         crate::session_objects::check_utility(pstmt);
     }

@@ -591,3 +591,141 @@ fn test_the_sealer_appends_digests_to_a_file_outside_the_data_directory() {
     }
     assert!(!c.dir.join("digests.log").exists());
 }
+
+/// II-7's attacker pass, each variant refused or found: the schema owner (the database's
+/// owner) can no longer lock pg_tenancy's tables with maintenance commands (VACUUM FULL
+/// queued behind a reader stalled every audited write and both workers); a purged prefix
+/// without its AUDIT_PURGE event is reported; and the superuser edits that verified before
+/// (a column name holding U+001F, a block's newest_event_at, a link on a sealed event) or
+/// raised XX000 (NULL array elements) are found as edits.
+#[test]
+fn test_the_ii7_attacker_pass_variants_are_refused_or_found() {
+    let c = reference_cluster();
+    let mut owner = c.connect("owner", "app");
+    for sql in [
+        "VACUUM FULL tenancy.audit_events",
+        "VACUUM tenancy.audit_pending",
+        "ANALYZE tenancy.audit_seals",
+        "VACUUM FULL",
+        "REINDEX DATABASE app",
+        "REINDEX SCHEMA tenancy",
+    ] {
+        let e = crate::harness::db_error(owner.batch_execute(sql));
+        assert_eq!(e.code().code(), "42501", "{sql}: {e:?}");
+        assert!(
+            e.message().contains("pg_tenancy's own tables"),
+            "{sql}: {}",
+            e.message()
+        );
+    }
+    owner.batch_execute("BEGIN").unwrap();
+    let e = crate::harness::db_error(owner.batch_execute("ANALYZE"));
+    assert_eq!(e.code().code(), "42501", "{e:?}");
+    owner.batch_execute("ROLLBACK").unwrap();
+    // The owner's own maintenance, and database-wide short locks as autovacuum takes, stay.
+    owner.batch_execute("VACUUM clinic.reviews").unwrap();
+    owner.batch_execute("ANALYZE clinic.reviews").unwrap();
+    owner.batch_execute("VACUUM").unwrap();
+    owner.batch_execute("ANALYZE").unwrap();
+
+    let mut su = c.connect("postgres", "app");
+    for what in ["a", "b", "c"] {
+        su.batch_execute(&format!(
+            "BEGIN; SELECT tenancy.set_org('{SHERWOOD}'); SELECT tenancy.log_action('pass.{what}', '{{\"k\": 1}}'); COMMIT; SELECT tenancy.audit_seal();"
+        ))
+        .unwrap();
+    }
+    su.batch_execute(&format!(
+        "BEGIN; SELECT tenancy.set_org('{SHERWOOD}');
+         INSERT INTO clinic.reviews (rating, body) VALUES (3, 'two columns'); COMMIT;
+         SELECT tenancy.audit_seal();
+         ALTER EVENT TRIGGER tenancy_guard_ddl DISABLE;
+         ALTER TABLE tenancy.audit_events DISABLE TRIGGER audit_events_append_only;
+         ALTER TABLE tenancy.audit_seals DISABLE TRIGGER audit_seals_append_only;"
+    ))
+    .unwrap();
+    assert_chain_ok(&mut su, SHERWOOD);
+    let verdict = |su: &mut Client| -> (bool, String) {
+        let r = su
+            .query_one(
+                &format!(
+                    "SELECT ok, coalesce(problem, '') FROM tenancy.audit_verify('{SHERWOOD}')"
+                ),
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    let event: i64 = su
+        .query_one(
+            &format!("SELECT max(event_id) FROM tenancy.audit_events WHERE organization_id = '{SHERWOOD}' AND table_name = 'clinic.reviews'"),
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let original: Vec<String> = su
+        .query_one(
+            "SELECT changed_columns FROM tenancy.audit_events WHERE event_id = $1",
+            &[&event],
+        )
+        .unwrap()
+        .get(0);
+    assert!(original.len() >= 2, "{original:?}");
+    for (what, edit) in [
+        (
+            "two column names joined by U+001F",
+            format!("UPDATE tenancy.audit_events SET changed_columns = ARRAY[changed_columns[1] || chr(31) || changed_columns[2]] || changed_columns[3:] WHERE event_id = {event}"),
+        ),
+        (
+            "a NULL column name",
+            format!("UPDATE tenancy.audit_events SET changed_columns = changed_columns || ARRAY[NULL]::text[] WHERE event_id = {event}"),
+        ),
+        (
+            "a link on a sealed event",
+            format!("UPDATE tenancy.audit_events SET prev_hash = hash WHERE event_id = {event}"),
+        ),
+    ] {
+        su.batch_execute(&edit).unwrap();
+        let (ok, problem) = verdict(&mut su);
+        assert!(!ok, "{what} is found");
+        assert!(problem.contains(&format!("event {event}")), "{what}: {problem}");
+        su.execute(
+            "UPDATE tenancy.audit_events SET changed_columns = $2, prev_hash = NULL WHERE event_id = $1",
+            &[&event, &original],
+        )
+        .unwrap();
+        assert_eq!(verdict(&mut su), (true, String::new()), "restored after {what}");
+    }
+    for (what, edit, undo) in [
+        (
+            "a block's newest_event_at",
+            "UPDATE tenancy.audit_seals SET newest_event_at = newest_event_at - interval '10 years' WHERE organization_id = $1 AND block_no = 1",
+            "UPDATE tenancy.audit_seals SET newest_event_at = newest_event_at + interval '10 years' WHERE organization_id = $1 AND block_no = 1",
+        ),
+        (
+            "a NULL event id in a block",
+            "UPDATE tenancy.audit_seals SET event_ids = event_ids || NULL::bigint WHERE organization_id = $1 AND block_no = 1",
+            "UPDATE tenancy.audit_seals SET event_ids = event_ids[1:cardinality(event_ids) - 1] WHERE organization_id = $1 AND block_no = 1",
+        ),
+    ] {
+        su.execute(edit, &[&SHERWOOD]).unwrap();
+        let (ok, problem) = verdict(&mut su);
+        assert!(!ok, "{what} is found");
+        assert!(problem.contains("sealed block 1"), "{what}: {problem}");
+        su.execute(undo, &[&SHERWOOD]).unwrap();
+        assert_eq!(verdict(&mut su), (true, String::new()), "restored after {what}");
+    }
+    // A prefix deleted and the anchor moved by hand, without audit_purge: no AUDIT_PURGE
+    // names it.
+    su.batch_execute(&format!(
+        "DELETE FROM tenancy.audit_events WHERE organization_id = '{SHERWOOD}'
+            AND event_id = ANY ((SELECT event_ids FROM tenancy.audit_seals WHERE organization_id = '{SHERWOOD}' AND block_no = 1)::bigint[]);
+         UPDATE tenancy.audit_chain_heads h SET purged_through_seq = s.first_seq + s.event_count - 1, purged_anchor = s.hash
+           FROM tenancy.audit_seals s WHERE h.organization_id = '{SHERWOOD}' AND s.organization_id = h.organization_id AND s.block_no = 1;
+         DELETE FROM tenancy.audit_seals WHERE organization_id = '{SHERWOOD}' AND block_no = 1;"
+    ))
+    .unwrap();
+    let (ok, problem) = verdict(&mut su);
+    assert!(!ok, "a hand-made purge is found");
+    assert!(problem.contains("AUDIT_PURGE"), "{problem}");
+}

@@ -211,6 +211,7 @@ pub(super) fn verify(client: &SpiClient<'_>, org: &str) -> SpiResult<Verdict> {
         oldest_unsealed,
     };
     // After a purge the trail starts at the anchor: the hash of the last purged event or block.
+    let anchor_for_check = anchor.clone();
     let mut prev = anchor.unwrap_or_else(|| vec![0u8; 32]);
     let mut next_seq = purged_seq + 1;
     if let Some(b) = verify_v1(client, org, &mut prev, &mut next_seq, &mut v.events)? {
@@ -227,6 +228,12 @@ pub(super) fn verify(client: &SpiClient<'_>, org: &str) -> SpiResult<Verdict> {
     )? {
         v.broken = Some(b);
         return Ok(v);
+    }
+    if purged_seq > 0 {
+        if let Some(p) = purge_problem(client, org, purged_seq, anchor_for_check.as_deref())? {
+            v.broken = Some((Some(purged_seq), p));
+            return Ok(v);
+        }
     }
     if v2_total - unsealed != sealed_total {
         let stray = v2_total - unsealed - sealed_total;
@@ -273,7 +280,13 @@ impl Stored {
             action: r.get::<String>(at + 6)?.unwrap_or_default(),
             table_name: r.get::<String>(at + 7)?,
             row_key: r.get::<String>(at + 8)?,
-            changed_columns: r.get::<Vec<String>>(at + 9)?,
+            // A NULL element (never written by pg_tenancy) becomes a name no column can
+            // have, so the event's hash no longer matches.
+            changed_columns: r.get::<Vec<Option<String>>>(at + 9)?.map(|c| {
+                c.into_iter()
+                    .map(|n| n.unwrap_or_else(|| "\u{0}NULL".into()))
+                    .collect()
+            }),
         })
     }
 
@@ -365,7 +378,7 @@ fn verify_blocks(
     let mut after = 0i64;
     loop {
         let blocks = client.select(
-            "SELECT block_no, first_seq, event_ids, prev_hash, hash FROM tenancy.audit_seals
+            "SELECT block_no, first_seq, event_ids, prev_hash, hash, newest_event_at FROM tenancy.audit_seals
               WHERE organization_id = $1 AND block_no > $2 AND block_no <= $3
               ORDER BY block_no LIMIT $4",
             None,
@@ -384,13 +397,22 @@ fn verify_blocks(
             list.push((
                 b.get::<i64>(1)?.unwrap_or(0),
                 b.get::<i64>(2)?.unwrap_or(0),
-                b.get::<Vec<i64>>(3)?.unwrap_or_default(),
+                b.get::<Vec<Option<i64>>>(3)?.unwrap_or_default(),
                 b.get::<Vec<u8>>(4)?.unwrap_or_default(),
                 b.get::<Vec<u8>>(5)?.unwrap_or_default(),
+                b.get::<pgrx::datum::TimestampWithTimeZone>(6)?
+                    .map(|t| t.into_inner())
+                    .unwrap_or(i64::MIN),
             ));
         }
-        for (block_no, first_seq, ids, block_prev, block_hash) in list {
+        for (block_no, first_seq, ids, block_prev, block_hash, newest) in list {
             after = block_no;
+            let Some(ids) = ids.into_iter().collect::<Option<Vec<i64>>>() else {
+                return Ok(Some((
+                    Some(first_seq),
+                    format!("sealed block {block_no} lists a NULL event id (edited)"),
+                )));
+            };
             if first_seq != *next_seq {
                 return Ok(Some((
                     Some(*next_seq),
@@ -410,7 +432,7 @@ fn verify_blocks(
             {
                 return Ok(Some(b));
             }
-            if hasher.finish().as_slice() != block_hash.as_slice() {
+            if hasher.finish(newest).as_slice() != block_hash.as_slice() {
                 return Ok(Some((
                     Some(first_seq),
                     format!("sealed block {block_no} does not match its hash (edited, reordered or events removed)"),
@@ -435,7 +457,7 @@ fn verify_block_events(
     let rows = client.select(
         "SELECT b.n, b.id, e.event_id, e.occurred_at, e.txid, e.actor, e.actor_verified, e.session_role::text,
                 e.outer_role::text, e.action, e.table_name, e.row_key, e.changed_columns, e.payload,
-                e.payload_digest, e.hash
+                e.payload_digest, e.hash, e.prev_hash IS NOT NULL OR e.seq IS NOT NULL
            FROM unnest($2::bigint[]) WITH ORDINALITY AS b(id, n)
            LEFT JOIN tenancy.audit_events e ON e.organization_id = $1 AND e.event_id = b.id
           ORDER BY b.n",
@@ -456,6 +478,12 @@ fn verify_block_events(
         let payload = r.get::<Vec<u8>>(14)?;
         let digest = r.get::<Vec<u8>>(15)?;
         let stored = r.get::<Vec<u8>>(16)?.unwrap_or_default();
+        if r.get::<bool>(17)?.unwrap_or(false) {
+            return Ok(Some((
+                Some(seq),
+                format!("event {event_id}: a sealed event carries a v1 position or link (edited)"),
+            )));
+        }
         let content = EventV2 {
             org,
             event_id,
@@ -614,17 +642,80 @@ fn audit_purge(org: &str, before: pgrx::datum::TimestampWithTimeZone) -> i64 {
     if deleted == 0 {
         return 0;
     }
+    // The new anchor, named in clear in the purge's own event: audit_verify accepts a purged
+    // prefix only with the AUDIT_PURGE that made it.
+    let anchor = Spi::get_one_with_args::<Vec<u8>>(
+        "SELECT purged_anchor FROM tenancy.audit_chain_heads WHERE organization_id = $1",
+        &[org.into()],
+    )
+    .ok()
+    .flatten();
     write_event(
         org,
         "AUDIT_PURGE",
         None,
-        None,
+        Some(&purge_key(through, anchor.as_deref())),
         None,
         Some(
             &serde_json::json!({ "deleted": deleted, "through_seq": through, "before": before.to_string() }),
         ),
     );
     deleted
+}
+
+/// The `row_key` of an `AUDIT_PURGE` event: the position purged through and the new anchor.
+fn purge_key(through: i64, anchor: Option<&[u8]>) -> String {
+    let hex: String = anchor
+        .unwrap_or_default()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("purged through {through}, anchor {hex}")
+}
+
+/// Whether the trail's purged prefix (through `through`, anchored at `anchor`) was made by
+/// `audit_purge`: its AUDIT_PURGE event names both (0.2.0's named neither: its payload's
+/// `through_seq` must match). A superuser who deletes a prefix and moves the anchor by hand
+/// left no such event.
+fn purge_problem(
+    client: &SpiClient<'_>,
+    org: &str,
+    through: i64,
+    anchor: Option<&[u8]>,
+) -> SpiResult<Option<String>> {
+    let key = purge_key(through, anchor);
+    let rows = client.select(
+        "SELECT row_key = $2, payload, event_id FROM tenancy.audit_events
+          WHERE organization_id = $1 AND action = 'AUDIT_PURGE' AND (row_key = $2 OR row_key IS NULL)",
+        None,
+        &[org.into(), key.as_str().into()],
+    )?;
+    for r in rows {
+        if r.get::<bool>(1)?.unwrap_or(false) {
+            return Ok(None);
+        }
+        let (Some(payload), Some(id)) = (r.get::<Vec<u8>>(2)?, r.get::<i64>(3)?) else {
+            continue;
+        };
+        let Ok((_, plain)) = crypto::decrypt_for(
+            org,
+            &payload,
+            Some(Content::Jsonb),
+            Some(&payload_label(id)),
+        ) else {
+            continue;
+        };
+        if payload_json(&plain)
+            .ok()
+            .and_then(|v| v.get("through_seq").and_then(|t| t.as_i64()))
+            == Some(through)
+        {
+            return Ok(None);
+        }
+    }
+    Ok(Some(format!(
+        "the trail starts after position {through}, but no AUDIT_PURGE event records a purge through it (events deleted outside tenancy.audit_purge)"
+    )))
 }
 
 /// Re-encrypts up to `batch_size` v2 audit payloads (of `org`, or of every tenant when NULL)

@@ -54,7 +54,9 @@ fn field(h: &mut Sha256, v: Option<&[u8]>) {
     }
 }
 
-fn body(h: &mut Sha256, b: &Body<'_>) {
+/// `v2`: the changed columns as a counted list of fields (v1 joined them with U+001F, which a
+/// column name may hold: `{"a\u{1f}b"}` and `{a,b}` hashed alike).
+fn body(h: &mut Sha256, b: &Body<'_>, v2: bool) {
     let changed = b.changed_columns.map(|c| c.join("\u{1f}"));
     field(h, b.actor.map(str::as_bytes));
     field(h, Some(&[b.actor_verified as u8]));
@@ -63,7 +65,15 @@ fn body(h: &mut Sha256, b: &Body<'_>) {
     field(h, Some(b.action.as_bytes()));
     field(h, b.table_name.map(str::as_bytes));
     field(h, b.row_key.map(str::as_bytes));
-    field(h, changed.as_deref().map(str::as_bytes));
+    match (v2, b.changed_columns) {
+        (true, Some(columns)) => {
+            field(h, Some(&(columns.len() as u32).to_be_bytes()));
+            for c in columns {
+                field(h, Some(c.as_bytes()));
+            }
+        }
+        _ => field(h, changed.as_deref().map(str::as_bytes)),
+    }
 }
 
 /// SHA-256 over the length-prefixed fields (u32 big-endian length, or 0xFFFFFFFF for NULL).
@@ -74,7 +84,7 @@ pub(crate) fn event_hash(e: &EventContent<'_>) -> [u8; 32] {
     for n in [e.seq, e.event_id, e.occurred_at, e.txid] {
         field(&mut h, Some(&n.to_be_bytes()));
     }
-    body(&mut h, &e.body);
+    body(&mut h, &e.body, false);
     field(&mut h, e.payload);
     field(&mut h, Some(e.prev_hash));
     h.finalize().into()
@@ -99,7 +109,7 @@ pub(crate) fn event_hash_v2(e: &EventV2<'_>) -> [u8; 32] {
     for n in [e.event_id, e.occurred_at, e.txid] {
         field(&mut h, Some(&n.to_be_bytes()));
     }
-    body(&mut h, &e.body);
+    body(&mut h, &e.body, true);
     field(&mut h, e.payload_digest);
     h.finalize().into()
 }
@@ -130,7 +140,8 @@ pub(crate) fn split_payload(plain: &[u8]) -> Option<(&[u8], &[u8])> {
 
 /// One block's hash, built event by event: SHA-256 over the domain, the tenant, the block's
 /// number and first position, the previous block's hash, then each event's id and hash in
-/// chain order, then the number of events.
+/// chain order, then the number of events and the newest event's time (which decides when
+/// `audit_purge` may remove the block).
 pub(crate) struct BlockHasher {
     h: Sha256,
     n: i64,
@@ -157,8 +168,9 @@ impl BlockHasher {
         self.n
     }
 
-    pub(crate) fn finish(mut self) -> [u8; 32] {
+    pub(crate) fn finish(mut self, newest_event_at: i64) -> [u8; 32] {
         field(&mut self.h, Some(&self.n.to_be_bytes()));
+        field(&mut self.h, Some(&newest_event_at.to_be_bytes()));
         self.h.finalize().into()
     }
 }
@@ -259,7 +271,7 @@ mod tests {
             for id in ids {
                 b.add(*id, &[*id as u8; 32]);
             }
-            b.finish()
+            b.finish(5)
         };
         let b = block(&[1, 2, 3], &[0; 32], 1);
         assert_eq!(b, block(&[1, 2, 3], &[0; 32], 1));
@@ -267,6 +279,29 @@ mod tests {
         assert_ne!(b, block(&[1, 2], &[0; 32], 1), "a dropped event");
         assert_ne!(b, block(&[1, 2, 3], &[1; 32], 1), "link");
         assert_ne!(b, block(&[1, 2, 3], &[0; 32], 2), "position");
+        let mut later = BlockHasher::new("org", 1, 1, &[0; 32]);
+        for id in [1i64, 2, 3] {
+            later.add(id, &[id as u8; 32]);
+        }
+        assert_ne!(b, later.finish(6), "the newest event's time");
+        // v2: a column name holding U+001F is not two names.
+        let joined = ["a\u{1f}b".to_string()];
+        let split = ["a".to_string(), "b".to_string()];
+        let v2 = |c: &[String]| {
+            event_hash_v2(&EventV2 {
+                org: "org",
+                event_id: 1,
+                occurred_at: 1,
+                txid: 1,
+                body: sample_body(c),
+                payload_digest: None,
+            })
+        };
+        assert_ne!(
+            v2(&joined),
+            v2(&split),
+            "changed columns are a counted list"
+        );
         let mut plain = vec![PAYLOAD_V2_MARK];
         plain.extend_from_slice(&[9; PAYLOAD_SALT]);
         plain.extend_from_slice(b"{\"a\":1}");
@@ -277,7 +312,8 @@ mod tests {
         assert_eq!(split_payload(b"{\"a\":1}"), None, "v1: bare JSON");
     }
 
-    /// Known answers: the stored formats never change (v1 is what 0.1.0 and 0.2.0 wrote).
+    /// Known answers: the stored formats never change (v1 is what 0.1.0 and 0.2.0 wrote; v2
+    /// as of 0.2.1, with changed columns as a counted list).
     #[test]
     fn test_hash_formats_are_fixed() {
         let changed = vec!["rating".to_string()];
@@ -295,7 +331,14 @@ mod tests {
         };
         assert_eq!(
             hex::encode(event_hash_v2(&e)),
-            "39e5bb857cf3bad0746fc0736c9679f157fdd4e3ad1db0f05c2c190553f9315a"
+            "caf21238d5b46ff61af2a50bbec5f994b91086ee7a56cc2a168d1f6eff794f0c"
+        );
+        let mut b = BlockHasher::new("org", 2, 11, &[7; 32]);
+        b.add(10, &[1; 32]);
+        b.add(12, &[2; 32]);
+        assert_eq!(
+            hex::encode(b.finish(99)),
+            "37bc8171b067329e35a1a706be41f6494b1e27fd2f22fda8fdc2b20978b4ff77"
         );
     }
 }

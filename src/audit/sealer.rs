@@ -205,7 +205,7 @@ struct Sealed {
 /// Finishes a block: its hash, and the tenant's tip moved past it.
 fn finish(b: Block, tips: &mut BTreeMap<String, Tip>) -> Sealed {
     let n = b.hasher.count();
-    let hash = b.hasher.finish().to_vec();
+    let hash = b.hasher.finish(b.newest).to_vec();
     tips.insert(
         b.org.clone(),
         Tip {

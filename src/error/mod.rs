@@ -98,6 +98,8 @@ pub(crate) enum TenancyError {
     ReservedAction { action: String },
     #[error("PHI cannot be revealed here: reveals could not be audited")]
     RevealNotAudited { reason: String },
+    #[error("PHI cannot be revealed now: the reveal could not be recorded")]
+    RevealNotRecorded { reason: String },
     #[error("tenancy.audit_trigger() is attached the wrong way")]
     AuditTriggerMisdefined { reason: &'static str },
     #[error("only a superuser may call tenancy.{what}() for another tenant")]
@@ -119,6 +121,8 @@ pub(crate) enum TenancyError {
     DetailsTooDeep,
     #[error("malformed audit digest")]
     BadDigest { reason: String },
+    #[error("only a superuser may run {command} over pg_tenancy's own tables")]
+    TrailMaintenance { command: &'static str },
     #[error("pg_tenancy: {what} failed")]
     Spi { what: &'static str, reason: String },
 }
@@ -161,10 +165,12 @@ impl TenancyError {
             Self::PhiWhileStoring => ERRCODE_FEATURE_NOT_SUPPORTED,
             Self::BadAction => ERRCODE_INVALID_PARAMETER_VALUE,
             Self::BadDigest { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
+            Self::TrailMaintenance { .. } => ERRCODE_INSUFFICIENT_PRIVILEGE,
             Self::ReservedAction { .. } => ERRCODE_RESERVED_NAME,
             Self::SessionObject { .. } => ERRCODE_FEATURE_NOT_SUPPORTED,
             Self::ForeignCodeInDdl { .. } | Self::RewriteInDdl => ERRCODE_INSUFFICIENT_PRIVILEGE,
             Self::RevealNotAudited { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            Self::RevealNotRecorded { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             Self::AuditTriggerMisdefined { .. } => ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
             Self::OtherTenant { .. } => ERRCODE_INSUFFICIENT_PRIVILEGE,
             Self::NullArgument { .. } => ERRCODE_NULL_VALUE_NOT_ALLOWED,
@@ -188,7 +194,9 @@ impl TenancyError {
                 Some(format!("file \"{path}\": {reason}"))
             }
             Self::PhiMalformed { reason } => Some((*reason).to_string()),
-            Self::RevealNotAudited { reason } => Some(reason.clone()),
+            Self::RevealNotAudited { reason } | Self::RevealNotRecorded { reason } => {
+                Some(reason.clone())
+            }
             Self::BadDigest { reason } => Some(reason.clone()),
             Self::AuditTriggerMisdefined { reason } => Some((*reason).to_string()),
             Self::PhiInvalidText { reason } => Some((*reason).to_string()),
@@ -214,8 +222,14 @@ impl TenancyError {
             Self::OutsideTransaction => Some(
                 "Run BEGIN first: the tenant context lasts exactly one transaction.",
             ),
+            Self::RevealNotRecorded { .. } => Some(
+                "Nothing was revealed. Retry; if it keeps failing, see tenancy.audit_status and the server log.",
+            ),
             Self::BadDigest { .. } => Some(
                 "Pass the digest column of a row tenancy.audit_digest() returned, unchanged.",
+            ),
+            Self::TrailMaintenance { .. } => Some(
+                "Autovacuum maintains them; name your own tables, or ask a superuser (their locks hold up every audited write and the audit workers).",
             ),
             Self::NullTenant | Self::EmptyTenant | Self::NoTenant => Some(
                 "Call tenancy.set_org('<tenant id>') at the start of the transaction.",

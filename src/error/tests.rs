@@ -53,6 +53,7 @@ fn test_only_identifier_fields_carry_input() {
             "SessionObject",           // what kind of object
             "ReservedAction",          // the application's action name
             "RevealNotAudited",        // a database name
+            "RevealNotRecorded",       // pg_tenancy's own words
             "UndefinedTable",          // relation name
             "BadDigest",               // reason: made by digest.rs, never the digest's text
             "SessionSettingForOthers", // a setting's name
@@ -131,6 +132,7 @@ fn every_error_with(text: &str) -> Vec<TenancyError> {
         SessionObject { what: s() },
         ReservedAction { action: s() },
         RevealNotAudited { reason: s() },
+        RevealNotRecorded { reason: s() },
         AuditTriggerMisdefined { reason: "r" },
         OtherTenant { what: "w" },
         NullArgument {
@@ -142,6 +144,7 @@ fn every_error_with(text: &str) -> Vec<TenancyError> {
         PhiInvalidJson,
         DetailsTooDeep,
         BadDigest { reason: s() },
+        TrailMaintenance { command: "VACUUM" },
         SessionSettingForOthers { setting: s() },
         Spi {
             what: "w",
@@ -190,6 +193,7 @@ fn variant(e: &TenancyError) -> &'static str {
         SessionObject { .. } => "SessionObject",
         ReservedAction { .. } => "ReservedAction",
         RevealNotAudited { .. } => "RevealNotAudited",
+        RevealNotRecorded { .. } => "RevealNotRecorded",
         AuditTriggerMisdefined { .. } => "AuditTriggerMisdefined",
         OtherTenant { .. } => "OtherTenant",
         NullArgument { .. } => "NullArgument",
@@ -198,6 +202,7 @@ fn variant(e: &TenancyError) -> &'static str {
         PhiInvalidJson => "PhiInvalidJson",
         DetailsTooDeep => "DetailsTooDeep",
         BadDigest { .. } => "BadDigest",
+        TrailMaintenance { .. } => "TrailMaintenance",
         SessionSettingForOthers { .. } => "SessionSettingForOthers",
         Spi { .. } => "Spi",
     }
