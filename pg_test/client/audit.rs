@@ -688,19 +688,33 @@ fn test_retention_is_one_recorded_superuser_function_and_the_chain_still_verifie
 /// Seals what is pending and asserts that `org`'s whole audit trail verifies, showing the
 /// problem when it does not.
 pub fn assert_chain_ok(su: &mut Client, org: &str) {
-    su.batch_execute("SELECT tenancy.audit_seal()").unwrap();
-    let row = su
-        .query_one(
-            &format!("SELECT ok, problem, unsealed FROM tenancy.audit_verify('{org}')"),
-            &[],
-        )
-        .unwrap();
-    assert!(
-        row.get::<_, bool>(0),
-        "{org}: {:?}",
-        row.get::<_, Option<String>>(1)
-    );
-    assert_eq!(row.get::<_, i64>(2), 0, "{org}: everything sealed");
+    // Seal, then verify; the reveal worker may still be writing a REVEAL_END of a transaction
+    // that just ended (after the seal, before the verify): seal again until nothing is left
+    // (bounded), failing at once on a broken trail.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        su.batch_execute("SELECT tenancy.audit_seal()").unwrap();
+        let row = su
+            .query_one(
+                &format!("SELECT ok, problem, unsealed FROM tenancy.audit_verify('{org}')"),
+                &[],
+            )
+            .unwrap();
+        assert!(
+            row.get::<_, bool>(0),
+            "{org}: {:?}",
+            row.get::<_, Option<String>>(1)
+        );
+        let unsealed = row.get::<_, i64>(2);
+        if unsealed == 0 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{org}: everything sealed ({unsealed} left)"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }
 
 /// S3: an UPDATE is recorded whatever output settings the session uses: values are compared
