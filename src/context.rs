@@ -44,8 +44,9 @@ thread_local! {
 static MIRROR: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
 /// The actor and whether a token proved it, for parallel workers (which get their leader's
-/// settings, not its memory): `1<actor>`, `0<actor>`, or empty. Hidden; written only by
-/// `set_org`, like the mirror.
+/// settings, not its memory): `1<actor>`, `0<actor>`, or `-` (no actor); empty outside a
+/// tenant transaction. Hidden; written only by `set_org` (a RESET, which no check hook sees,
+/// empties it: a parallel worker then refuses to reveal, found by an attacker pass).
 const ACTOR_GUC: &CStr = c"tenancy.context_actor";
 static ACTOR_MIRROR: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
@@ -106,15 +107,25 @@ unsafe extern "C-unwind" fn check_mirror(
 
 #[pg_guard]
 unsafe extern "C-unwind" fn check_actor_mirror(
-    newval: *mut *mut c_char,
-    extra: *mut *mut c_void,
+    _newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
     source: pg_sys::GucSource::Type,
 ) -> bool {
-    if check_mirror(newval, extra, source) {
+    // As the mirror's: set_org's own write, a parallel worker copying its leader's settings,
+    // the boot value. (RESET and SET ... TO DEFAULT never reach a check hook: a reset actor
+    // is empty, and a parallel worker refuses to reveal without it.)
+    if source == pg_sys::GucSource::PGC_S_DEFAULT
+        || WRITING_MIRROR.with(Cell::get)
+        || pg_sys::InitializingParallelWorker
+    {
         return true;
     }
+    pg_sys::GUC_check_errcode(PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE as i32);
     pg_sys::GUC_check_errmsg_string =
         pg_sys::pstrdup(c"tenancy.context_actor can only be set by tenancy.set_org()".as_ptr());
+    pg_sys::GUC_check_errhint_string = pg_sys::pstrdup(
+        c"Call tenancy.set_org('<tenant id>', '<actor>') inside the transaction.".as_ptr(),
+    );
     false
 }
 
@@ -198,7 +209,7 @@ pub(crate) fn enter(org: Option<&str>, actor: Option<&str>, token: Option<&str>)
         &actor
             .as_deref()
             .map(|a| format!("{}{a}", if signed { 1 } else { 0 }))
-            .unwrap_or_default(),
+            .unwrap_or_else(|| "-".into()),
     );
     CONTEXT.with(|c| {
         *c.borrow_mut() = Some(Context {
@@ -264,6 +275,17 @@ pub(crate) fn current_actor_and_verified() -> (Option<String>, bool) {
         }
     }
     (None, false)
+}
+
+/// In a parallel worker: whether the leader's actor reached it (`tenancy.context_actor` was
+/// written by `set_org`, `-` when there is no actor); a reveal without it is refused.
+/// Always true elsewhere.
+pub(crate) fn parallel_actor_known() -> bool {
+    // SAFETY: a plain read of a process global.
+    if unsafe { pg_sys::ParallelWorkerNumber } < 0 {
+        return true;
+    }
+    ACTOR_MIRROR.get().is_some_and(|v| !v.as_bytes().is_empty())
 }
 
 /// Whether the current transaction has a tenant context (no allocation: for hooks that run

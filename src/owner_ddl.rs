@@ -81,8 +81,11 @@ unsafe extern "C-unwind" fn emit_log_hook(edata: *mut pg_sys::ErrorData) {
     // Any error can carry a row's value ("invalid input syntax for type integer: <value>",
     // "Key (col)=(<value>)", "unrecognized configuration parameter \"<value>\""); only the
     // refusals (42501 insufficient privilege, 0A000 not supported: pg_tenancy's own among
-    // them) keep their text.
-    let carries_values = |code: i32| code != sqlstate(b"42501") && code != sqlstate(b"0A000");
+    // them, 25001 not in a transaction block) keep their text.
+    // 25001 (cannot run inside a transaction block) names only the command.
+    let carries_values = |code: i32| {
+        code != sqlstate(b"42501") && code != sqlstate(b"0A000") && code != sqlstate(b"25001")
+    };
     if !edata.is_null()
         && (*edata).elevel >= pg_sys::PGERROR as i32
         && SCRUB_NEXT_ERROR.with(|s| s.replace(false))
@@ -143,13 +146,15 @@ pub(crate) unsafe fn refuse_session_setting_for_others(stmt: *mut pg_sys::Node) 
 /// tenancy.audit_events` queued behind an open reader (or an `ANALYZE` held in an open
 /// transaction) stalled every audited write, the reveal worker and the sealer (found by an
 /// attacker pass). Refused for non-superusers: those naming a table of schema `tenancy`,
-/// database-wide `VACUUM FULL`, database-wide `ANALYZE` inside a transaction block, and
-/// `REINDEX DATABASE | SYSTEM | SCHEMA tenancy`. Plain database-wide VACUUM and ANALYZE
-/// (short locks, as autovacuum takes) stay allowed.
+/// database-wide `VACUUM FULL`, database-wide `ANALYZE` inside a transaction block or not
+/// issued at top level (in a DO block or function its locks last until the caller's
+/// statement ends: found by a second pass), and `REINDEX DATABASE | SYSTEM | SCHEMA
+/// tenancy`. Plain database-wide VACUUM and ANALYZE at top level (short locks, as autovacuum
+/// takes) stay allowed.
 ///
 /// # Safety
 /// `stmt` is a parse tree node (or NULL).
-pub(crate) unsafe fn refuse_trail_maintenance(stmt: *mut pg_sys::Node) {
+pub(crate) unsafe fn refuse_trail_maintenance(stmt: *mut pg_sys::Node, top_level: bool) {
     use pg_sys::NodeTag::*;
     if stmt.is_null() || !(pgrx::is_a(stmt, T_VacuumStmt) || pgrx::is_a(stmt, T_ReindexStmt)) {
         return;
@@ -193,8 +198,8 @@ pub(crate) unsafe fn refuse_trail_maintenance(stmt: *mut pg_sys::Node) {
             if full {
                 refuse("VACUUM FULL");
             }
-            if !(*v).is_vacuumcmd && pg_sys::IsTransactionBlock() {
-                refuse("ANALYZE in a transaction block");
+            if !(*v).is_vacuumcmd && (pg_sys::IsTransactionBlock() || !top_level) {
+                refuse("ANALYZE in a transaction block or a function");
             }
         } else if rels.iter_ptr().any(|r| in_tenancy((*r).relation)) {
             refuse(command);

@@ -469,6 +469,13 @@ fn record_here(
     detail: Option<&str>,
 ) -> Result<(), TenancyError> {
     in_audit_database()?;
+    if !crate::context::parallel_actor_known() {
+        return Err(TenancyError::RevealNotRecorded {
+            reason:
+                "in a parallel worker without its leader's actor (tenancy.context_actor was reset)"
+                    .into(),
+        });
+    }
     // SAFETY: a plain read of the recovery state.
     if unsafe { pg_sys::RecoveryInProgress() } {
         return Err(TenancyError::RevealNotRecorded {

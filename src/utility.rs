@@ -31,10 +31,17 @@ pub(crate) fn init() {
 
 /// Every utility statement: the checks and statement-long guards around `next` (the hook
 /// installed before ours, or PostgreSQL's own).
-unsafe fn around_utility(pstmt: *mut pg_sys::PlannedStmt, next: impl FnOnce()) {
+unsafe fn around_utility(
+    pstmt: *mut pg_sys::PlannedStmt,
+    context: pg_sys::ProcessUtilityContext::Type,
+    next: impl FnOnce(),
+) {
     crate::context::check_holdable_cursor(pstmt);
     crate::owner_ddl::refuse_session_setting_for_others((*pstmt).utilityStmt);
-    crate::owner_ddl::refuse_trail_maintenance((*pstmt).utilityStmt);
+    crate::owner_ddl::refuse_trail_maintenance(
+        (*pstmt).utilityStmt,
+        context == pg_sys::ProcessUtilityContext::PROCESS_UTILITY_TOPLEVEL,
+    );
     if in_tenant_transaction() {
         crate::session_objects::check_utility(pstmt);
     }
@@ -100,7 +107,7 @@ unsafe extern "C-unwind" fn process_utility(
     dest: *mut pg_sys::DestReceiver,
     qc: *mut pg_sys::QueryCompletion,
 ) {
-    around_utility(pstmt, || match PREV_PROCESS_UTILITY {
+    around_utility(pstmt, context, || match PREV_PROCESS_UTILITY {
         Some(prev) => pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| {
             prev(pstmt, query_string, context, params, query_env, dest, qc)
         }),
@@ -130,7 +137,7 @@ unsafe extern "C-unwind" fn process_utility(
     qc: *mut pg_sys::QueryCompletion,
 ) {
     let ro = read_only_tree;
-    around_utility(pstmt, || match PREV_PROCESS_UTILITY {
+    around_utility(pstmt, context, || match PREV_PROCESS_UTILITY {
         Some(prev) => pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| {
             prev(
                 pstmt,

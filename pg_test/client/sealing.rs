@@ -622,6 +622,20 @@ fn test_the_ii7_attacker_pass_variants_are_refused_or_found() {
     let e = crate::harness::db_error(owner.batch_execute("ANALYZE"));
     assert_eq!(e.code().code(), "42501", "{e:?}");
     owner.batch_execute("ROLLBACK").unwrap();
+    // In a DO block its locks would last until the block ends (a second pass found it).
+    let e = crate::harness::db_error(
+        owner.batch_execute("DO $$ BEGIN ANALYZE; PERFORM pg_sleep(0.1); END $$"),
+    );
+    assert_eq!(e.code().code(), "42501", "{e:?}");
+    // PostgreSQL's own refusal of a VACUUM in a transaction block names no value: not withheld.
+    let e = crate::harness::db_error(owner.batch_execute("VACUUM; SELECT 1"));
+    assert_eq!(e.code().code(), "25001", "{e:?}");
+    assert!(
+        e.message()
+            .contains("cannot run inside a transaction block"),
+        "{}",
+        e.message()
+    );
     // The owner's own maintenance, and database-wide short locks as autovacuum takes, stay.
     owner.batch_execute("VACUUM clinic.reviews").unwrap();
     owner.batch_execute("ANALYZE clinic.reviews").unwrap();
@@ -703,6 +717,11 @@ fn test_the_ii7_attacker_pass_variants_are_refused_or_found() {
             "UPDATE tenancy.audit_seals SET newest_event_at = newest_event_at + interval '10 years' WHERE organization_id = $1 AND block_no = 1",
         ),
         (
+            "a block's event list re-indexed",
+            "UPDATE tenancy.audit_seals SET event_ids = ('[0:' || (cardinality(event_ids) - 1) || ']=' || event_ids::text)::bigint[] WHERE organization_id = $1 AND block_no = 1",
+            "UPDATE tenancy.audit_seals SET event_ids = ('{' || array_to_string(event_ids, ',') || '}')::bigint[] WHERE organization_id = $1 AND block_no = 1",
+        ),
+        (
             "a NULL event id in a block",
             "UPDATE tenancy.audit_seals SET event_ids = event_ids || NULL::bigint WHERE organization_id = $1 AND block_no = 1",
             "UPDATE tenancy.audit_seals SET event_ids = event_ids[1:cardinality(event_ids) - 1] WHERE organization_id = $1 AND block_no = 1",
@@ -715,6 +734,20 @@ fn test_the_ii7_attacker_pass_variants_are_refused_or_found() {
         su.execute(undo, &[&SHERWOOD]).unwrap();
         assert_eq!(verdict(&mut su), (true, String::new()), "restored after {what}");
     }
+    // A purge position out of range is an edit, not an overflow.
+    su.execute(
+        "UPDATE tenancy.audit_chain_heads SET purged_through_seq = 9223372036854775807 WHERE organization_id = $1",
+        &[&SHERWOOD],
+    )
+    .unwrap();
+    let (ok, problem) = verdict(&mut su);
+    assert!(!ok && problem.contains("out of range"), "{problem}");
+    su.execute(
+        "UPDATE tenancy.audit_chain_heads SET purged_through_seq = 0 WHERE organization_id = $1",
+        &[&SHERWOOD],
+    )
+    .unwrap();
+    assert_eq!(verdict(&mut su), (true, String::new()));
     // A prefix deleted and the anchor moved by hand, without audit_purge: no AUDIT_PURGE
     // names it.
     su.batch_execute(&format!(

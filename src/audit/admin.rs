@@ -213,7 +213,14 @@ pub(super) fn verify(client: &SpiClient<'_>, org: &str) -> SpiResult<Verdict> {
     // After a purge the trail starts at the anchor: the hash of the last purged event or block.
     let anchor_for_check = anchor.clone();
     let mut prev = anchor.unwrap_or_else(|| vec![0u8; 32]);
-    let mut next_seq = purged_seq + 1;
+    // Positions come from the tables: a superuser's edit must be reported, not overflow.
+    let Some(mut next_seq) = purged_seq.checked_add(1).filter(|_| purged_seq >= 0) else {
+        v.broken = Some((
+            None,
+            format!("the purge position {purged_seq} is out of range (edited)"),
+        ));
+        return Ok(v);
+    };
     if let Some(b) = verify_v1(client, org, &mut prev, &mut next_seq, &mut v.events)? {
         v.broken = Some(b);
         return Ok(v);
@@ -361,7 +368,7 @@ fn verify_v1(
                 )));
             }
             *prev = stored;
-            *next_seq += 1;
+            *next_seq = next_seq.saturating_add(1);
         }
     }
 }
@@ -378,7 +385,9 @@ fn verify_blocks(
     let mut after = 0i64;
     loop {
         let blocks = client.select(
-            "SELECT block_no, first_seq, event_ids, prev_hash, hash, newest_event_at FROM tenancy.audit_seals
+            "SELECT block_no, first_seq, event_ids, prev_hash, hash, newest_event_at,
+                    pg_catalog.array_lower(event_ids, 1) IS DISTINCT FROM 1 OR pg_catalog.array_ndims(event_ids) IS DISTINCT FROM 1
+               FROM tenancy.audit_seals
               WHERE organization_id = $1 AND block_no > $2 AND block_no <= $3
               ORDER BY block_no LIMIT $4",
             None,
@@ -403,10 +412,19 @@ fn verify_blocks(
                 b.get::<pgrx::datum::TimestampWithTimeZone>(6)?
                     .map(|t| t.into_inner())
                     .unwrap_or(i64::MIN),
+                b.get::<bool>(7)?.unwrap_or(true),
             ));
         }
-        for (block_no, first_seq, ids, block_prev, block_hash, newest) in list {
+        for (block_no, first_seq, ids, block_prev, block_hash, newest, reshaped) in list {
             after = block_no;
+            if reshaped {
+                return Ok(Some((
+                    Some(first_seq),
+                    format!(
+                        "sealed block {block_no}'s event list was re-indexed or reshaped (edited)"
+                    ),
+                )));
+            }
             let Some(ids) = ids.into_iter().collect::<Option<Vec<i64>>>() else {
                 return Ok(Some((
                     Some(first_seq),
@@ -439,7 +457,7 @@ fn verify_blocks(
                 )));
             }
             *prev = block_hash;
-            *next_seq += ids.len() as i64;
+            *next_seq = next_seq.saturating_add(ids.len() as i64);
         }
     }
 }
@@ -466,7 +484,7 @@ fn verify_block_events(
     )?;
     for r in rows {
         *checked += 1;
-        let seq = first_seq + r.get::<i64>(1)?.unwrap_or(1) - 1;
+        let seq = first_seq.saturating_add(r.get::<i64>(1)?.unwrap_or(1) - 1);
         let id = r.get::<i64>(2)?.unwrap_or(0);
         let Some(event_id) = r.get::<i64>(3)? else {
             return Ok(Some((

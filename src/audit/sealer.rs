@@ -114,15 +114,15 @@ pub(crate) fn seal_round() -> Round {
             round.events += events.len() as i64;
             for chunk in events.chunks(BLOCK_EVENTS) {
                 let tip = tips.get(&org).cloned().expect("every tip was read");
-                let mut hasher = BlockHasher::new(&org, tip.block + 1, tip.seq + 1, &tip.hash);
+                let mut hasher = BlockHasher::new(&org, tip.block.saturating_add(1), tip.seq.saturating_add(1), &tip.hash);
                 for e in chunk {
                     hasher.add(e.id, &e.hash);
                 }
                 done.push(finish(
                     Block {
                         org: org.clone(),
-                        block_no: tip.block + 1,
-                        first_seq: tip.seq + 1,
+                        block_no: tip.block.saturating_add(1),
+                        first_seq: tip.seq.saturating_add(1),
                         prev: tip.hash,
                         hasher,
                         ids: chunk.iter().map(|e| e.id).collect(),
@@ -210,7 +210,7 @@ fn finish(b: Block, tips: &mut BTreeMap<String, Tip>) -> Sealed {
         b.org.clone(),
         Tip {
             block: b.block_no,
-            seq: b.first_seq + n - 1,
+            seq: b.first_seq.saturating_add(n - 1),
             hash: hash.clone(),
         },
     );
