@@ -82,27 +82,35 @@ pub(crate) fn define_mirror_guc() {
     }
 }
 
+/// Whether a write of a mirror setting is allowed: the boot value at definition, our own
+/// write, and a parallel worker copying its leader's settings. (RESET and SET ... TO DEFAULT
+/// never reach a check hook: a reset actor mirror is empty, and a parallel worker refuses to
+/// reveal without it.)
+unsafe fn mirror_write_allowed(source: pg_sys::GucSource::Type) -> bool {
+    source == pg_sys::GucSource::PGC_S_DEFAULT
+        || WRITING_MIRROR.with(Cell::get)
+        || pg_sys::InitializingParallelWorker
+}
+
+/// Fails a check hook with 42501 and `message` / `hint`.
+unsafe fn refuse_mirror_write(message: &CStr, hint: &CStr) -> bool {
+    pg_sys::GUC_check_errcode(PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE as i32);
+    pg_sys::GUC_check_errmsg_string = pg_sys::pstrdup(message.as_ptr());
+    pg_sys::GUC_check_errhint_string = pg_sys::pstrdup(hint.as_ptr());
+    false
+}
+
 #[pg_guard]
 unsafe extern "C-unwind" fn check_mirror(
     _newval: *mut *mut c_char,
     _extra: *mut *mut c_void,
     source: pg_sys::GucSource::Type,
 ) -> bool {
-    // The boot value at definition, our own write, and a parallel worker copying its
-    // leader's settings are the only writes allowed.
-    if source == pg_sys::GucSource::PGC_S_DEFAULT
-        || WRITING_MIRROR.with(Cell::get)
-        || pg_sys::InitializingParallelWorker
-    {
-        return true;
-    }
-    pg_sys::GUC_check_errcode(PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE as i32);
-    pg_sys::GUC_check_errmsg_string =
-        pg_sys::pstrdup(c"app.current_org_id can only be set by tenancy.set_org()".as_ptr());
-    pg_sys::GUC_check_errhint_string = pg_sys::pstrdup(
-        c"Call tenancy.set_org('<tenant id>') inside the transaction instead of SET.".as_ptr(),
-    );
-    false
+    mirror_write_allowed(source)
+        || refuse_mirror_write(
+            c"app.current_org_id can only be set by tenancy.set_org()",
+            c"Call tenancy.set_org('<tenant id>') inside the transaction instead of SET.",
+        )
 }
 
 #[pg_guard]
@@ -111,22 +119,11 @@ unsafe extern "C-unwind" fn check_actor_mirror(
     _extra: *mut *mut c_void,
     source: pg_sys::GucSource::Type,
 ) -> bool {
-    // As the mirror's: set_org's own write, a parallel worker copying its leader's settings,
-    // the boot value. (RESET and SET ... TO DEFAULT never reach a check hook: a reset actor
-    // is empty, and a parallel worker refuses to reveal without it.)
-    if source == pg_sys::GucSource::PGC_S_DEFAULT
-        || WRITING_MIRROR.with(Cell::get)
-        || pg_sys::InitializingParallelWorker
-    {
-        return true;
-    }
-    pg_sys::GUC_check_errcode(PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE as i32);
-    pg_sys::GUC_check_errmsg_string =
-        pg_sys::pstrdup(c"tenancy.context_actor can only be set by tenancy.set_org()".as_ptr());
-    pg_sys::GUC_check_errhint_string = pg_sys::pstrdup(
-        c"Call tenancy.set_org('<tenant id>', '<actor>') inside the transaction.".as_ptr(),
-    );
-    false
+    mirror_write_allowed(source)
+        || refuse_mirror_write(
+            c"tenancy.context_actor can only be set by tenancy.set_org()",
+            c"Call tenancy.set_org('<tenant id>', '<actor>') inside the transaction.",
+        )
 }
 
 /// End of the transaction: the context, the mirror's door and the cursor note go.

@@ -683,12 +683,10 @@ fn audit_purge(org: &str, before: pgrx::datum::TimestampWithTimeZone) -> i64 {
 
 /// The `row_key` of an `AUDIT_PURGE` event: the position purged through and the new anchor.
 fn purge_key(through: i64, anchor: Option<&[u8]>) -> String {
-    let hex: String = anchor
-        .unwrap_or_default()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    format!("purged through {through}, anchor {hex}")
+    format!(
+        "purged through {through}, anchor {}",
+        hex::encode(anchor.unwrap_or_default())
+    )
 }
 
 /// Whether the trail's purged prefix (through `through`, anchored at `anchor`) was made by

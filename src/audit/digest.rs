@@ -29,7 +29,7 @@ impl Point {
             self.org,
             self.block,
             self.seq,
-            hex(&self.hash)
+            hex::encode(&self.hash)
         )
     }
 
@@ -64,17 +64,8 @@ impl Point {
     }
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() != 64 || !s.bytes().all(|c| c.is_ascii_hexdigit()) {
-        return None;
-    }
-    (0..32)
-        .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok())
-        .collect()
+    (s.len() == 64).then(|| hex::decode(s).ok()).flatten()
 }
 
 /// Every tenant's newest sealed point (its last block, or the end of its v1 chain).
@@ -175,7 +166,7 @@ fn audit_digest() -> TableIterator<
             .into_iter()
             .map(|p| {
                 let line = p.line();
-                (p.org, p.block, p.seq, hex(&p.hash), line)
+                (p.org, p.block, p.seq, hex::encode(&p.hash), line)
             })
             .collect::<Vec<_>>(),
     )
