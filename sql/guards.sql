@@ -38,7 +38,10 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
            -- (the same on PostgreSQL 13 to 18).
            format('(%I = ( SELECT %s AS %s))', p.tenant_column,
                   CASE p.tenant_type WHEN 'uuid' THEN 'tenancy.current_org_id()' ELSE 'tenancy.current_org_id_text()' END,
-                  CASE p.tenant_type WHEN 'uuid' THEN 'current_org_id' ELSE 'current_org_id_text' END) AS pred
+                  CASE p.tenant_type WHEN 'uuid' THEN 'current_org_id' ELSE 'current_org_id_text' END) AS pred,
+           -- and its form in a database with Citus (no subquery: Citus refuses them).
+           format('(%I = %s)', p.tenant_column,
+                  CASE p.tenant_type WHEN 'uuid' THEN 'tenancy.current_org_id()' ELSE 'tenancy.current_org_id_text()' END) AS pred_citus
       FROM pg_class c
       LEFT JOIN tenancy.protected_tables p ON p.rel = c.oid
      WHERE c.oid = $1
@@ -54,15 +57,15 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
       THEN 'the tenant floor policy is missing'
     WHEN NOT EXISTS (SELECT 1 FROM pg_policy WHERE polrelid = t.oid AND polname = 'tenancy_tenant_floor'
                        AND NOT polpermissive AND polcmd = '*' AND polroles = '{0}'
-                       AND (t.pred IS NULL OR (tenancy.expression_text(polqual, polrelid) = t.pred
-                                               AND tenancy.expression_text(polwithcheck, polrelid) = t.pred)))
+                       AND (t.pred IS NULL OR (tenancy.expression_text(polqual, polrelid) IN (t.pred, t.pred_citus)
+                                               AND tenancy.expression_text(polwithcheck, polrelid) IN (t.pred, t.pred_citus))))
       THEN 'the tenant floor policy is not as pg_tenancy defines it'
     WHEN NOT EXISTS (SELECT 1 FROM pg_policy WHERE polrelid = t.oid AND polname = 'tenancy_tenant_rows')
       THEN 'the tenant policy is missing'
     WHEN NOT EXISTS (SELECT 1 FROM pg_policy WHERE polrelid = t.oid AND polname = 'tenancy_tenant_rows'
                        AND polpermissive AND polcmd = '*' AND polroles = '{0}'
-                       AND (t.pred IS NULL OR (tenancy.expression_text(polqual, polrelid) = t.pred
-                                               AND tenancy.expression_text(polwithcheck, polrelid) = t.pred)))
+                       AND (t.pred IS NULL OR (tenancy.expression_text(polqual, polrelid) IN (t.pred, t.pred_citus)
+                                               AND tenancy.expression_text(polwithcheck, polrelid) IN (t.pred, t.pred_citus))))
       THEN 'the tenant policy is not as pg_tenancy defines it'
     WHEN (SELECT count(*) FROM pg_trigger WHERE tgrelid = t.oid AND tgenabled = 'A'
             AND tgname IN ('tenancy_tenant_immutable', 'tenancy_no_truncate')) < 2

@@ -172,7 +172,10 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
            -- (the same on PostgreSQL 13 to 18).
            format('(%I = ( SELECT %s AS %s))', p.tenant_column,
                   CASE p.tenant_type WHEN 'uuid' THEN 'tenancy.current_org_id()' ELSE 'tenancy.current_org_id_text()' END,
-                  CASE p.tenant_type WHEN 'uuid' THEN 'current_org_id' ELSE 'current_org_id_text' END) AS pred
+                  CASE p.tenant_type WHEN 'uuid' THEN 'current_org_id' ELSE 'current_org_id_text' END) AS pred,
+           -- and its form in a database with Citus (no subquery: Citus refuses them).
+           format('(%I = %s)', p.tenant_column,
+                  CASE p.tenant_type WHEN 'uuid' THEN 'tenancy.current_org_id()' ELSE 'tenancy.current_org_id_text()' END) AS pred_citus
       FROM pg_class c
       LEFT JOIN tenancy.protected_tables p ON p.rel = c.oid
      WHERE c.oid = $1
@@ -188,15 +191,15 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
       THEN 'the tenant floor policy is missing'
     WHEN NOT EXISTS (SELECT 1 FROM pg_policy WHERE polrelid = t.oid AND polname = 'tenancy_tenant_floor'
                        AND NOT polpermissive AND polcmd = '*' AND polroles = '{0}'
-                       AND (t.pred IS NULL OR (tenancy.expression_text(polqual, polrelid) = t.pred
-                                               AND tenancy.expression_text(polwithcheck, polrelid) = t.pred)))
+                       AND (t.pred IS NULL OR (tenancy.expression_text(polqual, polrelid) IN (t.pred, t.pred_citus)
+                                               AND tenancy.expression_text(polwithcheck, polrelid) IN (t.pred, t.pred_citus))))
       THEN 'the tenant floor policy is not as pg_tenancy defines it'
     WHEN NOT EXISTS (SELECT 1 FROM pg_policy WHERE polrelid = t.oid AND polname = 'tenancy_tenant_rows')
       THEN 'the tenant policy is missing'
     WHEN NOT EXISTS (SELECT 1 FROM pg_policy WHERE polrelid = t.oid AND polname = 'tenancy_tenant_rows'
                        AND polpermissive AND polcmd = '*' AND polroles = '{0}'
-                       AND (t.pred IS NULL OR (tenancy.expression_text(polqual, polrelid) = t.pred
-                                               AND tenancy.expression_text(polwithcheck, polrelid) = t.pred)))
+                       AND (t.pred IS NULL OR (tenancy.expression_text(polqual, polrelid) IN (t.pred, t.pred_citus)
+                                               AND tenancy.expression_text(polwithcheck, polrelid) IN (t.pred, t.pred_citus))))
       THEN 'the tenant policy is not as pg_tenancy defines it'
     WHEN (SELECT count(*) FROM pg_trigger WHERE tgrelid = t.oid AND tgenabled = 'A'
             AND tgname IN ('tenancy_tenant_immutable', 'tenancy_no_truncate')) < 2
@@ -563,6 +566,106 @@ BEGIN
     END IF;
   END LOOP;
 END $$;
+-- Citus: every shard placement of every protected Citus table, checked on the node that holds
+-- it against its table on this node (the coordinator). Citus re-creates policies on shards
+-- from its own deparser, which drops AS RESTRICTIVE (Citus 14.0.1), and a node's own DDL
+-- reaches its shards without passing the coordinator's guards. Nothing without Citus.
+-- The shard names travel as one quoted array literal; the command is catalog-only and
+-- schema-qualified, whatever the node's search_path.
+CREATE OR REPLACE FUNCTION tenancy.shard_findings()
+RETURNS TABLE (severity text, object text, finding text, fix text)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  expected jsonb;
+  cmd text;
+  node record;
+  sh jsonb;
+  want jsonb;
+  seen text[] := '{}';
+  obj text;
+  pol record;
+  trg text;
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus') THEN
+    RETURN;
+  END IF;
+  -- shard name -> its table, the table's policies (name -> permissive) and the triggers
+  -- pg_tenancy put on it.
+  EXECUTE $q$
+    SELECT jsonb_object_agg(shard_name(sh.logicalrelid, sh.shardid), jsonb_build_object(
+             'table', p.rel::text, 'shardid', sh.shardid,
+             'policies', (SELECT coalesce(jsonb_object_agg(y.polname, y.polpermissive), '{}') FROM pg_policy y WHERE y.polrelid = p.rel),
+             'triggers', (SELECT coalesce(jsonb_agg(g.tgname ORDER BY g.tgname), '[]') FROM pg_trigger g
+                           WHERE g.tgrelid = p.rel AND NOT g.tgisinternal AND g.tgname LIKE 'tenancy\_%'
+                             -- Citus runs TRUNCATE's triggers on the distributed table only.
+                             AND g.tgname <> 'tenancy_no_truncate')))
+      FROM pg_dist_shard sh JOIN tenancy.protected_tables p ON p.rel = sh.logicalrelid$q$
+    INTO expected;
+  IF expected IS NULL THEN
+    RETURN;
+  END IF;
+  cmd := format($c$SELECT pg_catalog.json_agg(pg_catalog.json_build_object('shard', s.name, 'rls', c.relrowsecurity, 'force', c.relforcerowsecurity,
+      'policies', (SELECT pg_catalog.json_object_agg(y.polname, y.polpermissive) FROM pg_catalog.pg_policy y WHERE y.polrelid OPERATOR(pg_catalog.=) c.oid),
+      'triggers', (SELECT pg_catalog.json_object_agg(g.tgname, g.tgenabled) FROM pg_catalog.pg_trigger g WHERE g.tgrelid OPERATOR(pg_catalog.=) c.oid AND NOT g.tgisinternal)))
+    FROM pg_catalog.unnest(%L::pg_catalog.text[]) s(name)
+    JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) pg_catalog.to_regclass(s.name)$c$,
+    ARRAY(SELECT jsonb_object_keys(expected)));
+  FOR node IN EXECUTE $q$
+      SELECT r.success, r.result, coalesce(n.nodename || ':' || n.nodeport, 'node ' || r.nodeid) AS name
+        FROM run_command_on_all_nodes($1) r LEFT JOIN pg_dist_node n ON n.nodeid = r.nodeid$q$ USING cmd LOOP
+    IF NOT node.success THEN
+      RETURN QUERY SELECT 'high', node.name, 'shards on this node could not be checked: ' || left(node.result, 200),
+                          'Bring the node back and run the report again.';
+      CONTINUE;
+    END IF;
+    CONTINUE WHEN coalesce(node.result, '') = '';
+    FOR sh IN SELECT * FROM jsonb_array_elements(node.result::jsonb) LOOP
+      want := expected -> (sh ->> 'shard');
+      CONTINUE WHEN want IS NULL;
+      seen := seen || (sh ->> 'shard');
+      obj := format('shard %s of %s on %s', sh ->> 'shard', want ->> 'table', node.name);
+      IF NOT (sh ->> 'rls')::boolean THEN
+        RETURN QUERY SELECT 'critical', obj, 'row level security is disabled on the shard', format('SELECT tenancy.protect(%L);', want ->> 'table');
+      ELSIF NOT (sh ->> 'force')::boolean THEN
+        RETURN QUERY SELECT 'critical', obj, 'row level security is not forced on the shard', format('SELECT tenancy.protect(%L);', want ->> 'table');
+      END IF;
+      FOR pol IN SELECT e.key, e.value::boolean AS permissive, (sh -> 'policies' ->> e.key)::boolean AS on_shard
+                   FROM jsonb_each_text(want -> 'policies') e LOOP
+        IF pol.on_shard IS NULL THEN
+          RETURN QUERY SELECT CASE WHEN pol.permissive THEN 'warning' ELSE 'critical' END, obj,
+                              format('policy %I of the table is missing on the shard', pol.key),
+                              format('SELECT tenancy.protect(%L);', want ->> 'table');
+        ELSIF pol.on_shard AND NOT pol.permissive THEN
+          RETURN QUERY SELECT 'critical', obj,
+                              format('policy %I is PERMISSIVE on the shard but RESTRICTIVE on the table: any permissive policy widens access there', pol.key),
+                              CASE WHEN pol.key = 'tenancy_tenant_floor' THEN format('SELECT tenancy.protect(%L);', want ->> 'table')
+                                   ELSE format('On the node: DROP POLICY %I ON %s and CREATE it again AS RESTRICTIVE (Citus drops AS RESTRICTIVE when it copies policies).', pol.key, sh ->> 'shard') END;
+        ELSIF NOT pol.on_shard AND pol.permissive THEN
+          RETURN QUERY SELECT 'warning', obj, format('policy %I is RESTRICTIVE on the shard but PERMISSIVE on the table', pol.key),
+                              format('SELECT tenancy.protect(%L);', want ->> 'table');
+        END IF;
+      END LOOP;
+      FOR pol IN SELECT e.key, e.value::boolean AS permissive FROM jsonb_each_text(coalesce(sh -> 'policies', '{}')) e
+                  WHERE NOT (want -> 'policies') ? e.key LOOP
+        RETURN QUERY SELECT CASE WHEN pol.permissive THEN 'critical' ELSE 'warning' END, obj,
+                            format('policy %I exists on the shard only', pol.key),
+                            format('On the node: DROP POLICY %I ON %s;', pol.key, sh ->> 'shard');
+      END LOOP;
+      FOR trg IN SELECT jsonb_array_elements_text(want -> 'triggers') LOOP
+        -- Citus names a shard's copy of a trigger <name>_<shard id>.
+        IF coalesce(sh -> 'triggers' ->> (trg || '_' || (want ->> 'shardid')), '') <> 'A' THEN
+          RETURN QUERY SELECT 'high', obj, format('trigger %I is missing or not enabled ALWAYS on the shard', trg),
+                              format('SELECT tenancy.protect(%L);', want ->> 'table');
+        END IF;
+      END LOOP;
+    END LOOP;
+  END LOOP;
+  RETURN QUERY SELECT 'high', format('shard %s of %s', k.key, k.value ->> 'table'), 'the shard was found on no node',
+                      'Check pg_dist_placement and the nodes (citus_check_cluster_node_health()).'
+    FROM jsonb_each(expected) k WHERE NOT k.key = ANY (seen);
+END $$;
+REVOKE EXECUTE ON FUNCTION tenancy.shard_findings() FROM PUBLIC;
+
 CREATE OR REPLACE FUNCTION tenancy.isolation_report()
 RETURNS TABLE (severity text, object text, finding text, fix text)
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -828,6 +931,8 @@ findings AS (
     CROSS JOIN LATERAL (SELECT tenancy.protection_problem(p.rel)) pp(problem)
    WHERE EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = p.rel)
      AND pp.problem IS NOT NULL
+  UNION ALL
+  SELECT * FROM tenancy.shard_findings()
 )
 SELECT severity, object, finding, fix FROM findings
 ORDER BY CASE severity WHEN 'critical' THEN 0 WHEN 'high' THEN 1 ELSE 2 END, object, finding

@@ -16,6 +16,7 @@
 use pgrx::prelude::*;
 
 pub(crate) mod audit;
+pub(crate) mod citus;
 pub(crate) mod context;
 pub(crate) mod crypto;
 pub(crate) mod error;

@@ -40,6 +40,11 @@ struct Target {
     /// pg_tenancy's policies and triggers already on the table (re-created by protect).
     existing: Vec<String>,
     children: Vec<pg_sys::Oid>,
+    /// The database has Citus: policies without subqueries (Citus refuses them on
+    /// distributed tables).
+    citus: bool,
+    /// A Citus table: its distribution column's default cannot change.
+    distributed: bool,
 }
 
 fn require_superuser(what: &'static str) {
@@ -120,7 +125,10 @@ fn load_target(rel: pg_sys::Oid, column: &str) -> Target {
         }
         .report();
     }
+    let citus = crate::citus::installed();
     Target {
+        distributed: citus && crate::citus::is_citus_table(rel),
+        citus,
         schema,
         name,
         tenant_type,
@@ -170,7 +178,13 @@ fn protect_statements(t: &Target, column: &str, set_default: bool, audit: bool) 
     // An InitPlan: the tenant is read once per execution of the query, never per row (a
     // sequential scan called the bare function for every row: 17x the floor on a report).
     // sql/guards.sql (protection_problem) expects exactly this form.
-    let pred = format!("{col} = (SELECT {current})");
+    // Citus refuses subqueries in the policies of distributed tables: there the bare call
+    // (STABLE, evaluated per row in a sequential scan; an index key in an index scan).
+    let pred = if t.citus {
+        format!("{col} = {current}")
+    } else {
+        format!("{col} = (SELECT {current})")
+    };
     let mut s = vec![
         format!("ALTER TABLE {table} ENABLE ROW LEVEL SECURITY"),
         format!("ALTER TABLE {table} FORCE ROW LEVEL SECURITY"),
@@ -198,7 +212,9 @@ fn protect_statements(t: &Target, column: &str, set_default: bool, audit: bool) 
             "CREATE POLICY tenancy_tenant_rows ON {table} AS PERMISSIVE FOR ALL TO PUBLIC USING ({pred}) WITH CHECK ({pred})"
         ),
     );
-    if set_default {
+    // Citus refuses ALTER TABLE on a distribution column (a table protected before
+    // create_distributed_table keeps the default it got then).
+    if set_default && !t.distributed {
         s.push(format!(
             "ALTER TABLE {table} ALTER COLUMN {col} SET DEFAULT {require}"
         ));
@@ -335,6 +351,23 @@ fn with_pinned_search_path<R>(f: impl FnOnce() -> R) -> R {
             pgrx::PgLogLevel::ERROR as i32,
             false,
         );
+    }
+    // Citus creates a distributed table's triggers on its shards only with this setting
+    // (pg_tenancy's triggers touch nothing but their own row or statement).
+    if crate::citus::installed() {
+        // SAFETY: as above; the setting exists while Citus is loaded (it is preloaded).
+        unsafe {
+            pg_sys::set_config_option(
+                c"citus.enable_unsafe_triggers".as_ptr(),
+                c"on".as_ptr(),
+                pg_sys::GucContext::PGC_USERSET,
+                pg_sys::GucSource::PGC_S_SESSION,
+                pg_sys::GucAction::GUC_ACTION_SAVE,
+                true,
+                pgrx::PgLogLevel::ERROR as i32,
+                false,
+            );
+        }
     }
     let r = f();
     drop(restore);

@@ -3,6 +3,7 @@
 //! rule about the statement, in a fixed order, then hands it on to the hook installed before
 //! ours (pg_stat_statements, ...) or to PostgreSQL.
 //!
+//! * [`crate::citus`]: the tenant floor is RESTRICTIVE wherever it is created (shards too).
 //! * [`crate::context`]: no WITH HOLD cursor in a tenant transaction.
 //! * [`crate::session_objects`]: nothing session-lived made or written in a tenant transaction.
 //! * [`crate::phi`]: no reveal while statistics or index entries are computed.
@@ -36,6 +37,7 @@ unsafe fn around_utility(
     context: pg_sys::ProcessUtilityContext::Type,
     next: impl FnOnce(),
 ) {
+    crate::citus::force_floor_restrictive((*pstmt).utilityStmt);
     crate::context::check_holdable_cursor(pstmt);
     crate::owner_ddl::refuse_session_setting_for_others((*pstmt).utilityStmt);
     crate::owner_ddl::refuse_trail_maintenance(

@@ -2,6 +2,8 @@
 //! `app`, the attacks of ATTACKS.md played from outside the backend.
 
 mod audit;
+#[cfg(any(feature = "pg16", feature = "pg17", feature = "pg18"))]
+mod citus;
 mod context;
 mod errors;
 mod harness;
