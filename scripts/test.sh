@@ -52,9 +52,44 @@ for v in "${VERSIONS[@]}"; do
   total_pass=$((total_pass + pass)) total_fail=$((total_fail + fail))
 done
 
+# The scale-out tests (pg_test/client/citus.rs: a coordinator and two workers) on PostgreSQL
+# 18 when Citus is installed there; otherwise a line saying they were skipped and why. A skip
+# adds no pass; Citus asked for (PG_TENANCY_CITUS_SOURCE) but missing is a failure.
+CITUS_LINE=""
+if [[ " ${VERSIONS[*]} " == *" 18 "* ]]; then
+  pg18=$(sed -nE 's/^pg18 = "(.*)"/\1/p' "${PGRX_HOME:-$HOME/.pgrx}/config.toml" 2>/dev/null)
+  if [ -n "$pg18" ] && [ -f "$("$pg18" --pkglibdir)/citus.so" ]; then
+    printf '\n==> [test] PostgreSQL 18 with Citus (coordinator and two workers)\n'
+    log=$(mktemp)
+    start=$(date +%s)
+    PGRX_FEATURES="pg18 pg_test" \
+      cargo test --test client --no-default-features --features "pg18 pg_test" -- --ignored citus:: 2>&1 | tee "$log"
+    rc=${PIPESTATUS[0]}
+    secs=$(( $(date +%s) - start ))
+    pass=$(grep -E '^test result:' "$log" | sed -E 's/.* ([0-9]+) passed.*/\1/' | awk '{s+=$1} END {print s+0}')
+    fail=$(grep -E '^test result:' "$log" | sed -E 's/.* ([0-9]+) failed.*/\1/' | awk '{s+=$1} END {print s+0}')
+    rm -f "$log"
+    if [ "$rc" -ne 0 ] || [ "$pass" -eq 0 ]; then
+      [ "$fail" -gt 0 ] || fail=1
+      failed_versions+=("18+citus")
+      CITUS_LINE="FAILED  $pass passed, $fail failed (${secs}s, exit $rc)"
+    else
+      CITUS_LINE="ok      $pass passed, $fail failed (${secs}s)"
+    fi
+    total_pass=$((total_pass + pass)) total_fail=$((total_fail + fail))
+  elif [ -n "${PG_TENANCY_CITUS_SOURCE:-}" ]; then
+    failed_versions+=("18+citus")
+    total_fail=$((total_fail + 1))
+    CITUS_LINE="FAILED  PG_TENANCY_CITUS_SOURCE is set but PostgreSQL 18 has no citus.so"
+  else
+    CITUS_LINE="skipped (not counted): Citus is not installed in PostgreSQL 18; set PG_TENANCY_CITUS_SOURCE to a Citus source tarball (scripts/provision.sh builds it)"
+  fi
+fi
+
 printf '\n==> [test] summary\n'
 for v in "${VERSIONS[@]}"; do
   printf 'PostgreSQL %-3s %s\n' "$v" "${RESULT[$v]}"
 done
+[ -z "$CITUS_LINE" ] || printf 'Citus (PG 18)  %s\n' "$CITUS_LINE"
 echo "total: $total_pass passed, $total_fail failed"
 [ ${#failed_versions[@]} -eq 0 ]

@@ -56,3 +56,461 @@ pub(crate) fn is_citus_table(rel: pg_sys::Oid) -> bool {
     .flatten()
     .unwrap_or(false)
 }
+
+// ---- The tenant context on every node of a distributed transaction ----------------------
+//
+// The coordinator's `set_org` hands its workers the context as a token in the setting
+// `tenancy.cluster_context`, through Citus's own propagation of `SET LOCAL` (each worker
+// connection of the distributed transaction receives it when it joins, and those already in
+// it at once). The token is minted only by `set_org` and accepted by a node only when:
+// its HMAC-SHA256 under the cluster key (`tenancy.cluster_key_file`, the same file on every
+// node) is right; it has not expired; the receiving backend works for the same coordinator
+// backend (Citus's global pid) inside a distributed transaction; and the transaction holds
+// no other context (another token, or `set_org` of another tenant). Any other write is
+// refused: plain `SET`, a forged or altered token, one of another coordinator backend.
+
+use crate::error::{Result, TenancyError};
+use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
+use std::cell::{Cell, RefCell};
+use std::ffi::{c_char, c_void, CString};
+use zeroize::Zeroizing;
+
+type HmacSha256 = hmac::Hmac<sha2::Sha256>;
+
+/// How long a minted token is accepted (a worker joining a long transaction late needs it).
+const TOKEN_LIFETIME_SECS: u64 = 3600;
+const TOKEN_VERSION: &str = "c1";
+const MIN_KEY_BYTES: usize = 32;
+
+static CLUSTER_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static CLUSTER_CONTEXT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+
+/// The context a token installed in this transaction (as the assign hook saw it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct ClusterContext {
+    pub org: String,
+    pub actor: Option<String>,
+    pub signed: bool,
+    nonce: String,
+    /// The backend was seen inside a distributed transaction.
+    confirmed: bool,
+}
+
+thread_local! {
+    static INSTALLED: RefCell<Option<ClusterContext>> = const { RefCell::new(None) };
+    /// Open only while `set_org` writes the setting on the coordinator.
+    static WRITING: Cell<bool> = const { Cell::new(false) };
+    static KEY: RefCell<Option<(String, Zeroizing<Vec<u8>>)>> = const { RefCell::new(None) };
+}
+
+/// Defines `tenancy.cluster_key_file` and `tenancy.cluster_context`; from `_PG_init`.
+pub(crate) fn define_gucs() {
+    // SAFETY: the hooks are `#[pg_guard]`ed and have the signatures Postgres expects.
+    unsafe {
+        GucRegistry::define_string_guc(
+            c"tenancy.cluster_key_file",
+            c"Path of the HMAC-SHA256 key that signs tenant contexts handed to Citus workers; the same file on every node.",
+            c"A path, never key bytes. The file must belong to the server's OS user and not be readable by group or others. Read on first use in each backend.",
+            &CLUSTER_KEY_FILE,
+            GucContext::Sighup,
+            GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL,
+        );
+        GucRegistry::define_string_guc_with_hooks(
+            c"tenancy.cluster_context",
+            c"The tenant context a Citus coordinator hands to its workers; written by tenancy.set_org() only.",
+            c"A signed token bound to the coordinator backend and its distributed transaction.",
+            &CLUSTER_CONTEXT,
+            GucContext::Userset,
+            GucFlags::NO_RESET_ALL
+                | GucFlags::DISALLOW_IN_FILE
+                | GucFlags::NOT_WHILE_SEC_REST
+                | GucFlags::NO_SHOW_ALL
+                | GucFlags::SUPERUSER_ONLY,
+            Some(check_cluster_context),
+            Some(assign_cluster_context),
+            None,
+        );
+    }
+}
+
+/// The context a token installed in this transaction, once the backend was seen inside a
+/// distributed transaction (before that, none: fail closed).
+pub(crate) fn installed_context() -> Option<ClusterContext> {
+    INSTALLED.with(|c| c.borrow().clone().filter(|ctx| ctx.confirmed))
+}
+
+/// `f` over the installed tenant id's bytes (no copy), `None` without a confirmed one.
+pub(crate) fn with_installed_org<R>(f: impl FnOnce(Option<&[u8]>) -> R) -> R {
+    INSTALLED.with(|c| {
+        f(c.borrow()
+            .as_ref()
+            .filter(|ctx| ctx.confirmed)
+            .map(|ctx| ctx.org.as_bytes()))
+    })
+}
+
+/// Before the first plan that reads a table under a handed-over context: the backend must
+/// be inside a distributed transaction (Citus assigned it one), or the context is refused
+/// (42501). Plans without a table (Citus's own `assign_distributed_transaction_id`, which
+/// comes after the SET LOCALs) wait; until then the context reads as unset.
+///
+/// SAFETY: `query_desc` is the executor's, about to start.
+pub(crate) unsafe fn confirm_distributed(query_desc: *mut pg_sys::QueryDesc) {
+    if INSTALLED.with(|c| c.borrow().as_ref().is_none_or(|ctx| ctx.confirmed)) {
+        return;
+    }
+    let stmt = (*query_desc).plannedstmt;
+    if stmt.is_null() {
+        return;
+    }
+    let rtable = pgrx::PgList::<pg_sys::RangeTblEntry>::from_pg((*stmt).rtable);
+    if !rtable
+        .iter_ptr()
+        .any(|rte| (*rte).rtekind == pg_sys::RTEKind::RTE_RELATION)
+    {
+        return;
+    }
+    let pending = INSTALLED.with(|c| {
+        let mut slot = c.borrow_mut();
+        match slot.as_mut() {
+            Some(ctx) if !ctx.confirmed => {
+                // Set first: the query below runs through this hook again.
+                ctx.confirmed = true;
+                true
+            }
+            _ => false,
+        }
+    });
+    if !pending {
+        return;
+    }
+    let number = Spi::get_one::<i64>(
+        "SELECT transaction_number FROM pg_catalog.get_current_transaction_id()",
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(0);
+    if number == 0 {
+        INSTALLED.with(|c| c.borrow_mut().take());
+        TenancyError::ClusterContextRefused {
+            reason: "this backend is not inside a distributed transaction",
+        }
+        .report();
+    }
+}
+
+/// End of the transaction: the installed context goes (the setting is reverted too).
+pub(crate) fn at_xact_end() {
+    INSTALLED.with(|c| c.borrow_mut().take());
+    WRITING.with(|w| w.set(false));
+}
+
+/// The fields of a token, before its MAC is checked.
+struct Token<'a> {
+    gpid: u64,
+    expiry: u64,
+    nonce: &'a str,
+    signed: bool,
+    org: String,
+    actor: Option<String>,
+    signed_part: &'a str,
+    mac: &'a str,
+}
+
+fn parse(token: &str) -> std::result::Result<Token<'_>, &'static str> {
+    let (signed_part, mac) = token
+        .rsplit_once(':')
+        .ok_or("not a cluster context token")?;
+    let f: Vec<&str> = signed_part.split(':').collect();
+    if f.len() != 7 || f[0] != TOKEN_VERSION {
+        return Err("not a cluster context token");
+    }
+    let text = |h: &str| -> std::result::Result<String, &'static str> {
+        String::from_utf8(hex::decode(h).map_err(|_| "malformed token")?)
+            .map_err(|_| "malformed token")
+    };
+    Ok(Token {
+        gpid: f[1].parse().map_err(|_| "malformed token")?,
+        expiry: f[2].parse().map_err(|_| "malformed token")?,
+        nonce: f[3],
+        signed: match f[4] {
+            "1" => true,
+            "0" => false,
+            _ => return Err("malformed token"),
+        },
+        org: text(f[5])?,
+        actor: if f[6] == "-" { None } else { Some(text(f[6])?) },
+        signed_part,
+        mac,
+    })
+}
+
+fn mac_of(key: &[u8], signed_part: &str) -> HmacSha256 {
+    use hmac::Mac;
+    let mut mac = HmacSha256::new_from_slice(key).expect("HMAC accepts keys of any length");
+    mac.update(b"pg_tenancy-cluster-context\0");
+    mac.update(signed_part.as_bytes());
+    mac
+}
+
+/// A token for `org` and `actor`, bound to coordinator backend `gpid`.
+fn mint(
+    key: &[u8],
+    gpid: u64,
+    expiry: u64,
+    org: &str,
+    actor: Option<&str>,
+    signed: bool,
+) -> String {
+    use hmac::Mac;
+    let mut nonce = [0u8; 16];
+    getrandom::getrandom(&mut nonce).expect("the OS has randomness");
+    let signed_part = format!(
+        "{TOKEN_VERSION}:{gpid}:{expiry}:{}:{}:{}:{}",
+        hex::encode(nonce),
+        if signed { 1 } else { 0 },
+        hex::encode(org),
+        actor.map(hex::encode).unwrap_or_else(|| "-".into()),
+    );
+    let tag = mac_of(key, &signed_part).finalize().into_bytes();
+    format!("{signed_part}:{}", hex::encode(tag))
+}
+
+/// Checks a token's MAC and lifetime.
+fn verify<'a>(
+    key: &[u8],
+    token: &'a str,
+    now: u64,
+) -> std::result::Result<Token<'a>, &'static str> {
+    use hmac::Mac;
+    let t = parse(token)?;
+    let tag = hex::decode(t.mac).map_err(|_| "malformed token")?;
+    mac_of(key, t.signed_part)
+        .verify_slice(&tag)
+        .map_err(|_| "the token's signature does not match (another cluster key, or altered)")?;
+    if t.expiry <= now {
+        return Err("the token has expired");
+    }
+    Ok(t)
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The cluster key, read once per backend (again when the setting names another file).
+fn with_key<T>(f: impl FnOnce(&[u8]) -> T) -> std::result::Result<T, TenancyError> {
+    let path = CLUSTER_KEY_FILE
+        .get()
+        .map(|s| s.to_string_lossy().into_owned())
+        .filter(|s| !s.trim().is_empty())
+        .ok_or(TenancyError::ClusterKeyMissing)?;
+    KEY.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.as_ref().is_none_or(|(p, _)| *p != path) {
+            let problem = |p: crate::keyfile::KeyFileProblem| TenancyError::KeyFile {
+                path: path.clone(),
+                reason: p.0,
+            };
+            let raw = crate::keyfile::read_secret_file(&path).map_err(problem)?;
+            let key = crate::keyfile::decode_hex_key(&raw, MIN_KEY_BYTES).map_err(problem)?;
+            *slot = Some((path.clone(), key));
+        }
+        Ok(f(&slot.as_ref().expect("loaded just above").1))
+    })
+}
+
+/// Whether Citus is loaded into this backend (its settings exist): no catalog access.
+fn citus_loaded() -> bool {
+    // SAFETY: a lookup by NUL-terminated name; missing_ok returns NULL for an unknown one.
+    unsafe {
+        !pg_sys::GetConfigOption(c"citus.propagate_set_commands".as_ptr(), true, false).is_null()
+    }
+}
+
+/// On a Citus coordinator with workers: hands the context just entered to every worker
+/// connection of this distributed transaction. Nothing elsewhere (no catalog access where
+/// Citus is not loaded).
+pub(crate) fn hand_to_workers(org: &str, actor: Option<&str>, signed: bool) -> Result<()> {
+    if !citus_loaded() || !installed() {
+        return Ok(());
+    }
+    let has_workers = Spi::get_one::<bool>(
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_node n
+                         WHERE n.isactive AND n.groupid OPERATOR(pg_catalog.<>) (SELECT groupid FROM pg_catalog.pg_dist_local_group))",
+    )
+    .map_err(|e| TenancyError::spi("reading Citus's nodes", e))?
+    .unwrap_or(false);
+    if !has_workers {
+        return Ok(());
+    }
+    let gpid = Spi::get_one::<i64>("SELECT pg_catalog.citus_backend_gpid()")
+        .map_err(|e| TenancyError::spi("reading Citus's global pid", e))?
+        .unwrap_or(0);
+    let token = with_key(|key| {
+        mint(
+            key,
+            gpid as u64,
+            now_secs() + TOKEN_LIFETIME_SECS,
+            org,
+            actor,
+            signed,
+        )
+    })?;
+    struct Close;
+    impl Drop for Close {
+        fn drop(&mut self) {
+            WRITING.with(|w| w.set(false));
+        }
+    }
+    // Through SQL, so that Citus's utility hook sees the SET LOCAL and propagates it (the
+    // token is hex, digits, colons and "c1": nothing to quote).
+    Spi::run("SET LOCAL citus.propagate_set_commands = 'local'")
+        .map_err(|e| TenancyError::spi("turning on Citus's SET LOCAL propagation", e))?;
+    WRITING.with(|w| w.set(true));
+    let _close = Close;
+    Spi::run(&format!("SET LOCAL tenancy.cluster_context = '{token}'"))
+        .map_err(|e| TenancyError::spi("handing the tenant context to Citus's workers", e))?;
+    Ok(())
+}
+
+/// Refuses a write of `tenancy.cluster_context` from a check hook, with 42501.
+unsafe fn refuse(reason: &str) -> bool {
+    pg_sys::GUC_check_errcode(PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE as i32);
+    let msg = CString::new(format!("tenancy.cluster_context refused: {reason}"))
+        .unwrap_or_else(|_| c"tenancy.cluster_context refused".into());
+    pg_sys::GUC_check_errmsg_string = pg_sys::pstrdup(msg.as_ptr());
+    pg_sys::GUC_check_errhint_string = pg_sys::pstrdup(
+        c"Only tenancy.set_org() on the Citus coordinator writes this setting.".as_ptr(),
+    );
+    false
+}
+
+/// Whether this backend may take `value` as its handed-over context: the checks of the
+/// module comment, with the reason for a refusal.
+///
+/// SAFETY: called inside a transaction's statement (check hook or utility hook).
+unsafe fn accept(value: &str) -> std::result::Result<(), &'static str> {
+    if !pg_sys::IsTransactionState() || !citus_loaded() {
+        return Err("not inside a Citus transaction");
+    }
+    let token = match with_key(|key| {
+        verify(key, value, now_secs()).map(|t| (t.gpid, t.nonce.to_string(), t.org))
+    }) {
+        Err(_) => {
+            return Err(
+                "the cluster key file (tenancy.cluster_key_file) is not usable on this node",
+            )
+        }
+        Ok(Err(reason)) => return Err(reason),
+        Ok(Ok(t)) => t,
+    };
+    let (gpid, nonce, org) = token;
+    // The receiving backend must work for the coordinator backend the token was minted for
+    // (Citus sends the SET LOCALs before it assigns the distributed transaction id: that
+    // one is confirmed before the first query, by `confirm_distributed`).
+    match Spi::get_one::<i64>("SELECT pg_catalog.citus_backend_gpid()") {
+        Ok(Some(g)) if g as u64 == gpid => {}
+        Ok(_) => return Err("the token belongs to another coordinator backend"),
+        Err(_) => return Err("Citus's backend identity cannot be read here"),
+    }
+    if let Some(current) = INSTALLED.with(|c| c.borrow().clone()) {
+        if current.nonce != nonce {
+            return Err("another tenant context is already installed in this transaction");
+        }
+    }
+    // A tenant entered here by set_org must be the token's.
+    let local = pg_sys::GetConfigOption(c"app.current_org_id".as_ptr(), true, false);
+    if !local.is_null() {
+        let local = CStr::from_ptr(local).to_bytes();
+        if !local.is_empty() && local != org.as_bytes() {
+            return Err("another tenant context is already set in this transaction");
+        }
+    }
+    Ok(())
+}
+
+/// A `SET` of `tenancy.cluster_context` is refused before any other hook sees it (Citus's
+/// would send a forged value on to the workers first, and fail with its own XX000), unless
+/// it is set_org's own or a token this backend accepts (Citus's, on a worker).
+///
+/// SAFETY: `stmt` is a parse tree node (or NULL).
+pub(crate) unsafe fn check_set_statement(stmt: *mut pg_sys::Node) {
+    if stmt.is_null()
+        || (*stmt).type_ != pg_sys::NodeTag::T_VariableSetStmt
+        || WRITING.with(Cell::get)
+    {
+        return;
+    }
+    let set = stmt.cast::<pg_sys::VariableSetStmt>();
+    if (*set).name.is_null() || CStr::from_ptr((*set).name) != c"tenancy.cluster_context" {
+        return;
+    }
+    if (*set).kind != pg_sys::VariableSetKind::VAR_SET_VALUE {
+        return;
+    }
+    // PostgreSQL's own flattening of the SET's arguments (the string as the check hook gets it).
+    let flat = pg_sys::ExtractSetVariableArgs(set);
+    let value = (!flat.is_null()).then(|| CStr::from_ptr(flat).to_string_lossy().into_owned());
+    let reason = match value.as_deref() {
+        Some("") => return,
+        Some(v) => match accept(v) {
+            Ok(()) => return,
+            Err(reason) => reason,
+        },
+        None => "not a cluster context token",
+    };
+    TenancyError::ClusterContextRefused { reason }.report();
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn check_cluster_context(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    source: pg_sys::GucSource::Type,
+) -> bool {
+    let value = if newval.is_null() || (*newval).is_null() {
+        ""
+    } else {
+        CStr::from_ptr(*newval).to_str().unwrap_or("\u{0}")
+    };
+    if value.is_empty()
+        || source == pg_sys::GucSource::PGC_S_DEFAULT
+        || WRITING.with(Cell::get)
+        || pg_sys::InitializingParallelWorker
+    {
+        return true;
+    }
+    match accept(value) {
+        Ok(()) => true,
+        Err(reason) => refuse(reason),
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn assign_cluster_context(newval: *const c_char, _extra: *mut c_void) {
+    // Values reaching here passed the check hook (or are reverts to ones that did).
+    let parsed = (!newval.is_null())
+        .then(|| CStr::from_ptr(newval).to_str().ok())
+        .flatten()
+        .filter(|v| !v.is_empty())
+        .and_then(|v| parse(v).ok())
+        .map(|t| ClusterContext {
+            org: t.org,
+            actor: t.actor,
+            signed: t.signed,
+            nonce: t.nonce.to_string(),
+            // The coordinator's own write: its transaction is the distributed one.
+            confirmed: WRITING.with(Cell::get),
+        });
+    INSTALLED.with(|c| {
+        let mut slot = c.borrow_mut();
+        // The same token again (a savepoint's revert) keeps its confirmation.
+        if slot.as_ref().map(|s| &s.nonce) != parsed.as_ref().map(|p| &p.nonce) {
+            *slot = parsed;
+        }
+    });
+}

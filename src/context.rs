@@ -129,6 +129,7 @@ unsafe extern "C-unwind" fn check_actor_mirror(
 /// End of the transaction: the context, the mirror's door and the cursor note go.
 pub(crate) fn at_xact_end(_end: crate::xact::End) {
     CONTEXT.with(|c| c.borrow_mut().take());
+    crate::citus::at_xact_end();
     HOLDABLE_CURSOR.with(|h| h.set(false));
     WRITING_MIRROR.with(|w| w.set(false));
 }
@@ -185,6 +186,15 @@ pub(crate) fn enter(org: Option<&str>, actor: Option<&str>, token: Option<&str>)
     }
     let org = crate::ids::parse_org(org, gucs::tenant_id_format())?;
     let actor = crate::ids::parse_actor(actor)?;
+    // On a Citus worker: the coordinator's context, handed over with this transaction.
+    if let Some(handed) = crate::citus::installed_context() {
+        if handed.org != org {
+            return Err(TenancyError::TenantAlreadySet);
+        }
+        if actor.is_some() && handed.actor != actor {
+            return Err(TenancyError::ActorAlreadySet);
+        }
+    }
     if let Some(current) = CONTEXT.with(|c| c.borrow().clone()) {
         if current.org != org {
             return Err(TenancyError::TenantAlreadySet);
@@ -211,11 +221,13 @@ pub(crate) fn enter(org: Option<&str>, actor: Option<&str>, token: Option<&str>)
     CONTEXT.with(|c| {
         *c.borrow_mut() = Some(Context {
             org: org.clone(),
-            actor,
+            actor: actor.clone(),
             signed,
             level,
         })
     });
+    // On a Citus coordinator: every worker of this distributed transaction gets it too.
+    crate::citus::hand_to_workers(&org, actor.as_deref(), signed)?;
     Ok(org)
 }
 
@@ -262,6 +274,9 @@ pub(crate) fn current_actor_and_verified() -> (Option<String>, bool) {
     }) {
         return found;
     }
+    if let Some(handed) = crate::citus::installed_context() {
+        return (handed.actor, handed.signed);
+    }
     // SAFETY: a plain read of a process global.
     if unsafe { pg_sys::ParallelWorkerNumber } >= 0 {
         if let Some(v) = ACTOR_MIRROR.get() {
@@ -283,6 +298,7 @@ pub(crate) fn parallel_actor_known() -> bool {
         return true;
     }
     ACTOR_MIRROR.get().is_some_and(|v| !v.as_bytes().is_empty())
+        || crate::citus::installed_context().is_some()
 }
 
 /// Whether the current transaction has a tenant context (no allocation: for hooks that run
@@ -339,7 +355,11 @@ fn with_mirror<R>(f: impl FnOnce(Option<&[u8]>) -> R) -> R {
         let p = *MIRROR.as_ptr();
         (!p.is_null()).then(|| CStr::from_ptr(p).to_bytes())
     };
-    f(bytes.filter(|b| !b.is_empty()))
+    match bytes.filter(|b| !b.is_empty()) {
+        Some(b) => f(Some(b)),
+        // On a Citus worker, the context the coordinator handed over.
+        None => crate::citus::with_installed_org(f),
+    }
 }
 
 /// The tenant of the current transaction as UUID bytes, parsed once per value of the mirror:
@@ -397,13 +417,17 @@ fn require_org_text() -> String {
 /// The application actor given to `set_org` in this transaction, or NULL.
 #[pg_extern(stable, parallel_restricted)]
 fn current_actor() -> Option<String> {
-    CONTEXT.with(|c| c.borrow().as_ref().and_then(|ctx| ctx.actor.clone()))
+    CONTEXT
+        .with(|c| c.borrow().as_ref().map(|ctx| ctx.actor.clone()))
+        .unwrap_or_else(|| crate::citus::installed_context().and_then(|h| h.actor))
 }
 
 /// Whether this transaction's context was proven by a signed token (signed mode).
 #[pg_extern(stable, parallel_restricted)]
 fn context_is_signed() -> bool {
-    CONTEXT.with(|c| c.borrow().as_ref().is_some_and(|ctx| ctx.signed))
+    CONTEXT
+        .with(|c| c.borrow().as_ref().map(|ctx| ctx.signed))
+        .unwrap_or_else(|| crate::citus::installed_context().is_some_and(|h| h.signed))
 }
 
 #[cfg(any(test, feature = "pg_test"))]

@@ -97,6 +97,7 @@ pub extern "C-unwind" fn _PG_init() {
         },
     );
     context::define_mirror_guc();
+    citus::define_gucs();
     utility::init();
     reveal_log::init();
     reveal_worker::init();

@@ -38,6 +38,7 @@ unsafe fn around_utility(
     next: impl FnOnce(),
 ) {
     crate::citus::force_floor_restrictive((*pstmt).utilityStmt);
+    crate::citus::check_set_statement((*pstmt).utilityStmt);
     crate::context::check_holdable_cursor(pstmt);
     crate::owner_ddl::refuse_session_setting_for_others((*pstmt).utilityStmt);
     crate::owner_ddl::refuse_trail_maintenance(
@@ -165,9 +166,11 @@ unsafe extern "C-unwind" fn process_utility(
     });
 }
 
-/// Plans of a tenant transaction: no writes into session-lived temporary tables.
+/// Plans of a tenant transaction: no writes into session-lived temporary tables; on a Citus
+/// worker, a handed-over context only inside a distributed transaction.
 #[pg_guard]
 unsafe extern "C-unwind" fn executor_start(query_desc: *mut pg_sys::QueryDesc, eflags: i32) {
+    crate::citus::confirm_distributed(query_desc);
     if in_tenant_transaction() {
         crate::session_objects::check_plan(query_desc, eflags);
     }

@@ -7,7 +7,9 @@
 //! the ordinary run and scripts/test.sh runs them (`-- --ignored citus::`) when it finds
 //! Citus, or prints that they were skipped and why (a skip is never counted as a pass).
 
-use crate::harness::{count, keyring_tool, server_private_dir, strings, Cluster};
+use crate::harness::{
+    count, keyring_tool, server_private_dir, set_server_file_mode, sqlstate, strings, Cluster,
+};
 use postgres::Client;
 
 const A: &str = "aaaaaaaa-0000-4000-8000-000000000001";
@@ -25,7 +27,15 @@ impl Citus {
         let secrets = server_private_dir();
         let keyring = secrets.path().join("phi.keyring");
         keyring_tool(&["new", keyring.to_str().unwrap()]);
+        // The cluster key: 32 random bytes as hex, the server's, mode 0600, on every node.
+        let cluster_key = secrets.path().join("cluster.key");
+        let mut raw = [0u8; 32];
+        getrandom::getrandom(&mut raw).unwrap();
+        std::fs::write(&cluster_key, hex::encode(raw) + "\n").unwrap();
+        set_server_file_mode(&cluster_key, 0o600);
+        let key_line = format!("tenancy.cluster_key_file = '{}'", cluster_key.display());
         let conf = [
+            key_line.as_str(),
             "shared_preload_libraries = 'citus,pg_tenancy'",
             "max_prepared_transactions = 20",
             "citus.local_hostname = '127.0.0.1'",
@@ -320,5 +330,142 @@ fn citus_shard_move_keeps_protection() {
             "SELECT count(*) FROM clinic.patients"
         ),
         0
+    );
+}
+
+/// The tenant context reaches every node of a distributed transaction: router and
+/// multi-shard queries, INSERT ... SELECT and PHI reveals pushed to the workers see exactly
+/// the tenant set on the coordinator; a second tenant, a forged token and a real token
+/// replayed outside its distributed transaction are refused.
+#[test]
+#[ignore = "needs Citus: scripts/test.sh runs it when Citus is installed"]
+fn citus_context_reaches_every_node() {
+    let c = Citus::start();
+    c.clinic();
+    let mut su = c.su();
+    su.batch_execute(
+        "CREATE TABLE clinic.notes (organization_id uuid NOT NULL, id bigint NOT NULL, body bytea,
+             PRIMARY KEY (organization_id, id));
+         GRANT SELECT, INSERT ON clinic.notes TO app;
+         SELECT create_distributed_table('clinic.notes', 'organization_id', colocate_with => 'clinic.bookings');
+         SELECT tenancy.protect('clinic.notes');",
+    )
+    .unwrap();
+    let mut app = c.connect("app");
+    let mut tx = app.transaction().unwrap();
+    tx.execute("SELECT tenancy.set_org($1::text, 'dr-who')", &[&A])
+        .unwrap();
+    let n = |tx: &mut postgres::Transaction, sql: &str| -> i64 {
+        tx.query_one(sql, &[]).unwrap().get(0)
+    };
+    // Router (one shard), multi-shard, a join of colocated tables.
+    assert_eq!(
+        n(
+            &mut tx,
+            &format!("SELECT count(*) FROM clinic.patients WHERE organization_id = '{A}'")
+        ),
+        5
+    );
+    assert_eq!(
+        n(
+            &mut tx,
+            &format!("SELECT count(*) FROM clinic.patients WHERE organization_id = '{B}'")
+        ),
+        0
+    );
+    assert_eq!(n(&mut tx, "SELECT count(*) FROM clinic.patients"), 5);
+    assert_eq!(
+        n(&mut tx, "SELECT count(*) FROM clinic.patients p JOIN clinic.bookings b USING (organization_id) WHERE b.patient_id = p.id"),
+        5
+    );
+    // Writes (Citus needs the distribution column in an INSERT: a column default does not
+    // route it, tenancy.require_org() does); another tenant's row is refused by RLS.
+    tx.execute(
+        "INSERT INTO clinic.patients (organization_id, id, name) VALUES (tenancy.require_org(), 50, 'new')",
+        &[],
+    )
+    .unwrap();
+    tx.execute(
+        "INSERT INTO clinic.bookings (organization_id, id, patient_id, note)
+         SELECT organization_id, id + 1000, id, 'copied' FROM clinic.patients",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(n(&mut tx, "SELECT count(*) FROM clinic.bookings"), 11);
+    tx.execute(
+        "INSERT INTO clinic.notes (organization_id, id, body) VALUES (tenancy.require_org(), 1, tenancy.phi_encrypt('sensitive', 'notes.body'))",
+        &[],
+    )
+    .unwrap();
+    let revealed: Vec<String> = tx
+        .query(
+            "SELECT tenancy.phi_reveal(body, 'notes.body') FROM clinic.notes",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(revealed, ["sensitive"]);
+    let mut sp = tx.savepoint("other").unwrap();
+    assert_eq!(
+        sqlstate(sp.execute(
+            &format!(
+                "INSERT INTO clinic.patients (organization_id, id, name) VALUES ('{B}', 51, 'x')"
+            ),
+            &[]
+        )),
+        "42501"
+    );
+    drop(sp);
+    let mut sp = tx.savepoint("second").unwrap();
+    assert_eq!(
+        sqlstate(sp.execute("SELECT tenancy.set_org($1::text)", &[&B])),
+        "42501"
+    );
+    drop(sp);
+    let mut sp = tx.savepoint("forged").unwrap();
+    assert_eq!(
+        sqlstate(
+            sp.batch_execute("SET LOCAL tenancy.cluster_context = 'c1:1:9999999999:00:0:00:-:00'")
+        ),
+        "42501"
+    );
+    drop(sp);
+    tx.commit().unwrap();
+    assert_eq!(
+        count(&mut c.su(), "SELECT count(*) FROM clinic.patients"),
+        11
+    );
+
+    // A real token (read here as superuser) is refused on a worker outside its distributed
+    // transaction, as is a forged one; the application on the worker sees nothing.
+    let mut su_tx = su.transaction().unwrap();
+    su_tx
+        .execute("SELECT tenancy.set_org($1::text)", &[&A])
+        .unwrap();
+    let token: String = su_tx
+        .query_one("SELECT current_setting('tenancy.cluster_context')", &[])
+        .unwrap()
+        .get(0);
+    assert!(token.starts_with("c1:"), "{token}");
+    let mut w = c.workers[0].connect("app", "app");
+    for value in [token.as_str(), "c1:1:9999999999:00:0:00:-:00", "anything"] {
+        let mut wtx = w.transaction().unwrap();
+        assert_eq!(
+            sqlstate(wtx.batch_execute(&format!("SET LOCAL tenancy.cluster_context = '{value}'"))),
+            "42501",
+            "{value}"
+        );
+    }
+    su_tx.rollback().unwrap();
+    // Nothing of the token in the coordinator's view for the application.
+    let mut app = c.connect("app");
+    let mut tx = app.transaction().unwrap();
+    tx.execute("SELECT tenancy.set_org($1::text)", &[&A])
+        .unwrap();
+    assert_eq!(
+        sqlstate(tx.query_one("SELECT current_setting('tenancy.cluster_context')", &[])),
+        "42501"
     );
 }

@@ -123,6 +123,10 @@ pub(crate) enum TenancyError {
     BadDigest { reason: String },
     #[error("only a superuser may run {command} over pg_tenancy's own tables")]
     TrailMaintenance { command: &'static str },
+    #[error("tenancy.cluster_key_file is not set: this Citus coordinator cannot hand the tenant context to its workers")]
+    ClusterKeyMissing,
+    #[error("tenancy.cluster_context refused: {reason}")]
+    ClusterContextRefused { reason: &'static str },
     #[error("pg_tenancy: {what} failed")]
     Spi { what: &'static str, reason: String },
 }
@@ -166,6 +170,8 @@ impl TenancyError {
             Self::BadAction => ERRCODE_INVALID_PARAMETER_VALUE,
             Self::BadDigest { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
             Self::TrailMaintenance { .. } => ERRCODE_INSUFFICIENT_PRIVILEGE,
+            Self::ClusterKeyMissing => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            Self::ClusterContextRefused { .. } => ERRCODE_INSUFFICIENT_PRIVILEGE,
             Self::ReservedAction { .. } => ERRCODE_RESERVED_NAME,
             Self::SessionObject { .. } => ERRCODE_FEATURE_NOT_SUPPORTED,
             Self::ForeignCodeInDdl { .. } | Self::RewriteInDdl => ERRCODE_INSUFFICIENT_PRIVILEGE,
@@ -227,6 +233,12 @@ impl TenancyError {
             ),
             Self::BadDigest { .. } => Some(
                 "Pass the digest column of a row tenancy.audit_digest() returned, unchanged.",
+            ),
+            Self::ClusterContextRefused { .. } => Some(
+                "Only tenancy.set_org() on the Citus coordinator hands a tenant context to a worker.",
+            ),
+            Self::ClusterKeyMissing => Some(
+                "Set tenancy.cluster_key_file to the same key file on every node of the cluster (see docs/scale-out.md) and reload.",
             ),
             Self::TrailMaintenance { .. } => Some(
                 "Autovacuum maintains them; name your own tables, or ask a superuser (their locks hold up every audited write and the audit workers).",

@@ -145,6 +145,8 @@ fn every_error_with(text: &str) -> Vec<TenancyError> {
         DetailsTooDeep,
         BadDigest { reason: s() },
         TrailMaintenance { command: "VACUUM" },
+        ClusterKeyMissing,
+        ClusterContextRefused { reason: "r" },
         SessionSettingForOthers { setting: s() },
         Spi {
             what: "w",
@@ -202,6 +204,8 @@ fn variant(e: &TenancyError) -> &'static str {
         PhiInvalidJson => "PhiInvalidJson",
         DetailsTooDeep => "DetailsTooDeep",
         BadDigest { .. } => "BadDigest",
+        ClusterKeyMissing => "ClusterKeyMissing",
+        ClusterContextRefused { .. } => "ClusterContextRefused",
         TrailMaintenance { .. } => "TrailMaintenance",
         SessionSettingForOthers { .. } => "SessionSettingForOthers",
         Spi { .. } => "Spi",
