@@ -468,4 +468,20 @@ fn citus_context_reaches_every_node() {
         sqlstate(tx.query_one("SELECT current_setting('tenancy.cluster_context')", &[])),
         "42501"
     );
+    drop(tx);
+    // A coordinator with workers and no cluster key refuses to enter a tenant (its workers
+    // could not be given the context), with its own SQLSTATE.
+    let mut su = c.su();
+    su.batch_execute("ALTER SYSTEM SET tenancy.cluster_key_file = ''")
+        .unwrap();
+    su.batch_execute("SELECT pg_reload_conf()").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let mut app = c.connect("app");
+    let mut tx = app.transaction().unwrap();
+    let e = crate::harness::db_error(tx.execute("SELECT tenancy.set_org($1::text)", &[&A]));
+    assert_eq!(e.code().code(), "55000", "{e:?}");
+    assert!(
+        e.message().contains("tenancy.cluster_key_file is not set"),
+        "{e:?}"
+    );
 }
