@@ -514,3 +514,97 @@ unsafe extern "C-unwind" fn assign_cluster_context(newval: *const c_char, _extra
         }
     });
 }
+
+// ---- Guards on the nodes that hold shards ------------------------------------------------
+//
+// The drift guards (sql/guards.sql) know the tables in this node's registry; a worker's shards
+// of a protected table are not in it, and DDL run on a worker reaches them without passing the
+// coordinator. Where Citus is loaded, a role that is not a superuser may not weaken any table
+// carrying pg_tenancy's floor policy: disable or un-force row level security, disable or
+// re-enable (ALWAYS -> ORIGIN) a trigger, add, alter or drop a policy. Everything the
+// coordinator lets such a role do to a distributed table reaches the shards as other
+// statements, so nothing legitimate is refused; a superuser (Citus's own maintenance among
+// them) is trusted.
+
+/// Refuses a statement that weakens a protected shard (see above), with 42501.
+///
+/// SAFETY: `stmt` is a parse tree node (or NULL) about to be executed.
+pub(crate) unsafe fn refuse_shard_weakening(stmt: *mut pg_sys::Node) {
+    if stmt.is_null() || !citus_loaded() || pg_sys::superuser() {
+        return;
+    }
+    use pg_sys::AlterTableType as At;
+    let (relation, command): (*mut pg_sys::RangeVar, &'static str) = match (*stmt).type_ {
+        pg_sys::NodeTag::T_AlterTableStmt => {
+            let alter = stmt.cast::<pg_sys::AlterTableStmt>();
+            let cmds = pgrx::PgList::<pg_sys::AlterTableCmd>::from_pg((*alter).cmds);
+            let weakening = cmds.iter_ptr().find_map(|cmd| match (*cmd).subtype {
+                At::AT_DisableRowSecurity => Some("DISABLE ROW LEVEL SECURITY"),
+                At::AT_NoForceRowSecurity => Some("NO FORCE ROW LEVEL SECURITY"),
+                At::AT_DisableTrig | At::AT_DisableTrigAll | At::AT_DisableTrigUser => {
+                    Some("DISABLE TRIGGER")
+                }
+                At::AT_EnableTrig | At::AT_EnableReplicaTrig => Some("ENABLE [REPLICA] TRIGGER"),
+                _ => None,
+            });
+            match weakening {
+                Some(c) => ((*alter).relation, c),
+                None => return,
+            }
+        }
+        pg_sys::NodeTag::T_CreatePolicyStmt => (
+            (*stmt.cast::<pg_sys::CreatePolicyStmt>()).table,
+            "CREATE POLICY",
+        ),
+        pg_sys::NodeTag::T_AlterPolicyStmt => (
+            (*stmt.cast::<pg_sys::AlterPolicyStmt>()).table,
+            "ALTER POLICY",
+        ),
+        pg_sys::NodeTag::T_DropStmt => {
+            let drop = stmt.cast::<pg_sys::DropStmt>();
+            if (*drop).removeType != pg_sys::ObjectType::OBJECT_POLICY {
+                return;
+            }
+            // Each object is (qualified relation name ..., policy name).
+            let objects = pgrx::PgList::<pg_sys::List>::from_pg((*drop).objects);
+            for names in objects.iter_ptr() {
+                let n = pg_sys::list_length(names);
+                if n >= 2 {
+                    let rel = pg_sys::list_truncate(pg_sys::list_copy(names), n - 1);
+                    refuse_if_protected(pg_sys::makeRangeVarFromNameList(rel), "DROP POLICY");
+                }
+            }
+            return;
+        }
+        _ => return,
+    };
+    refuse_if_protected(relation, command);
+}
+
+/// Refuses `command` when `relation` carries pg_tenancy's floor policy.
+unsafe fn refuse_if_protected(relation: *mut pg_sys::RangeVar, command: &'static str) {
+    if relation.is_null() {
+        return;
+    }
+    let oid = pg_sys::RangeVarGetRelidExtended(
+        relation,
+        pg_sys::NoLock as pg_sys::LOCKMODE,
+        pg_sys::RVROption::RVR_MISSING_OK,
+        None,
+        std::ptr::null_mut(),
+    );
+    if oid == pg_sys::InvalidOid {
+        return;
+    }
+    let protected = Spi::get_one_with_args::<bool>(
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_policy WHERE polrelid OPERATOR(pg_catalog.=) $1
+                          AND polname OPERATOR(pg_catalog.=) 'tenancy_tenant_floor')",
+        &[oid.into()],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(false);
+    if protected {
+        TenancyError::ShardWeakening { command }.report();
+    }
+}

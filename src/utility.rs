@@ -39,6 +39,7 @@ unsafe fn around_utility(
 ) {
     crate::citus::force_floor_restrictive((*pstmt).utilityStmt);
     crate::citus::check_set_statement((*pstmt).utilityStmt);
+    crate::citus::refuse_shard_weakening((*pstmt).utilityStmt);
     crate::context::check_holdable_cursor(pstmt);
     crate::owner_ddl::refuse_session_setting_for_others((*pstmt).utilityStmt);
     crate::owner_ddl::refuse_trail_maintenance(

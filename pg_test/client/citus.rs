@@ -485,3 +485,53 @@ fn citus_context_reaches_every_node() {
         "{e:?}"
     );
 }
+
+/// On a worker, the schema owner cannot weaken a shard of a protected table (the worker's
+/// registry does not know it, and DDL run there bypasses the coordinator's guards); schema
+/// changes through the coordinator still reach the shards.
+#[test]
+#[ignore = "needs Citus: scripts/test.sh runs it when Citus is installed"]
+fn citus_worker_guards_refuse_the_owner() {
+    let c = Citus::start();
+    c.clinic();
+    let (port, shard, _) = c.shard_floors("clinic.patients")[0];
+    let worker = c
+        .workers
+        .iter()
+        .find(|w| w.port as i32 == port)
+        .expect("the shard's worker");
+    let shard_table = format!("clinic.patients_{shard}");
+    let mut owner = worker.connect("owner", "app");
+    for stmt in [
+        format!("ALTER TABLE {shard_table} NO FORCE ROW LEVEL SECURITY"),
+        format!("ALTER TABLE {shard_table} DISABLE ROW LEVEL SECURITY"),
+        format!("ALTER TABLE {shard_table} DISABLE TRIGGER ALL"),
+        format!("ALTER TABLE {shard_table} ENABLE TRIGGER tenancy_tenant_immutable_{shard}"),
+        format!("DROP POLICY tenancy_tenant_floor ON {shard_table}"),
+        format!("DROP POLICY IF EXISTS tenancy_tenant_rows ON {shard_table}"),
+        format!("CREATE POLICY everything ON {shard_table} FOR SELECT USING (true)"),
+        format!("ALTER POLICY tenancy_tenant_rows ON {shard_table} USING (true)"),
+        // The worker's shell table of the distributed table, too.
+        "ALTER TABLE clinic.patients NO FORCE ROW LEVEL SECURITY".to_string(),
+        "CREATE POLICY everything ON clinic.patients FOR SELECT USING (true)".to_string(),
+    ] {
+        let e = crate::harness::db_error(owner.batch_execute(&stmt));
+        assert_eq!(e.code().code(), "42501", "{stmt}: {e:?}");
+    }
+    assert!(
+        !c.findings().iter().any(|f| f.starts_with("critical")),
+        "{:#?}",
+        c.findings()
+    );
+    // An ordinary migration through the coordinator reaches every shard.
+    c.connect("owner")
+        .batch_execute("ALTER TABLE clinic.patients ADD COLUMN phone text")
+        .unwrap();
+    let with_phone = count(
+        &mut c.su(),
+        "SELECT count(*) FROM run_command_on_placements('clinic.patients',
+           $$SELECT count(*) FROM pg_attribute WHERE attrelid = '%s'::regclass AND attname = 'phone'$$)
+         WHERE result = '1'",
+    );
+    assert_eq!(with_phone, 32);
+}

@@ -125,6 +125,10 @@ pub(crate) enum TenancyError {
     TrailMaintenance { command: &'static str },
     #[error("tenancy.cluster_key_file is not set: this Citus coordinator cannot hand the tenant context to its workers")]
     ClusterKeyMissing,
+    #[error(
+        "only a superuser may run {command} on a table protected by pg_tenancy on a Citus node"
+    )]
+    ShardWeakening { command: &'static str },
     #[error("tenancy.cluster_context refused: {reason}")]
     ClusterContextRefused { reason: &'static str },
     #[error("pg_tenancy: {what} failed")]
@@ -172,6 +176,7 @@ impl TenancyError {
             Self::TrailMaintenance { .. } => ERRCODE_INSUFFICIENT_PRIVILEGE,
             Self::ClusterKeyMissing => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             Self::ClusterContextRefused { .. } => ERRCODE_INSUFFICIENT_PRIVILEGE,
+            Self::ShardWeakening { .. } => ERRCODE_INSUFFICIENT_PRIVILEGE,
             Self::ReservedAction { .. } => ERRCODE_RESERVED_NAME,
             Self::SessionObject { .. } => ERRCODE_FEATURE_NOT_SUPPORTED,
             Self::ForeignCodeInDdl { .. } | Self::RewriteInDdl => ERRCODE_INSUFFICIENT_PRIVILEGE,
@@ -233,6 +238,9 @@ impl TenancyError {
             ),
             Self::BadDigest { .. } => Some(
                 "Pass the digest column of a row tenancy.audit_digest() returned, unchanged.",
+            ),
+            Self::ShardWeakening { .. } => Some(
+                "Change the distributed table on the coordinator, where pg_tenancy's guards check the change; shards follow it.",
             ),
             Self::ClusterContextRefused { .. } => Some(
                 "Only tenancy.set_org() on the Citus coordinator hands a tenant context to a worker.",

@@ -147,6 +147,9 @@ fn every_error_with(text: &str) -> Vec<TenancyError> {
         TrailMaintenance { command: "VACUUM" },
         ClusterKeyMissing,
         ClusterContextRefused { reason: "r" },
+        ShardWeakening {
+            command: "CREATE POLICY",
+        },
         SessionSettingForOthers { setting: s() },
         Spi {
             what: "w",
@@ -206,6 +209,7 @@ fn variant(e: &TenancyError) -> &'static str {
         BadDigest { .. } => "BadDigest",
         ClusterKeyMissing => "ClusterKeyMissing",
         ClusterContextRefused { .. } => "ClusterContextRefused",
+        ShardWeakening { .. } => "ShardWeakening",
         TrailMaintenance { .. } => "TrailMaintenance",
         SessionSettingForOthers { .. } => "SessionSettingForOthers",
         Spi { .. } => "Spi",
