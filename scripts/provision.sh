@@ -61,8 +61,9 @@ step "$CURRENT_STEP"
 PKGS=(sudo libclang-dev clang bison flex pkg-config make gcc ca-certificates curl python3 pgbouncer)
 wants 15 && PKGS+=(postgresql-15 postgresql-contrib postgresql-server-dev-15)
 wants 13 && PKGS+=(zlib1g-dev libreadline-dev bzip2)
-# Citus's build (below) links lz4 and zstd.
-[ -n "${PG_TENANCY_CITUS_SOURCE:-}" ] && wants 18 && PKGS+=(liblz4-dev libzstd-dev)
+# Citus's build (below) links lz4, zstd and OpenSSL, and includes libpq's GSSAPI headers
+# (PostgreSQL 18 is built --with-gssapi).
+[ -n "${PG_TENANCY_CITUS_SOURCE:-}" ] && wants 18 && PKGS+=(liblz4-dev libzstd-dev libkrb5-dev libssl-dev)
 # Shared libraries the relocatable builds link against (they are not statically linked).
 for m in 14 16 17 18; do
   if wants "$m"; then
