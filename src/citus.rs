@@ -583,8 +583,59 @@ pub(crate) unsafe fn refuse_shard_weakening(stmt: *mut pg_sys::Node) {
 
 /// Refuses `command` when `relation` carries pg_tenancy's floor policy.
 unsafe fn refuse_if_protected(relation: *mut pg_sys::RangeVar, command: &'static str) {
-    if relation.is_null() {
+    if floor_table(relation).is_some() {
+        TenancyError::ShardWeakening { command }.report();
+    }
+}
+
+/// After DDL by a role that is not a superuser on a Citus node: a table carrying pg_tenancy's
+/// floor must not be left with that role's code over its rows (a trigger, rule, index
+/// expression, constraint, default or statistics expression of a function it owns would see
+/// every tenant's rows on a shard). The same test as the guards' on the coordinator
+/// (`tenancy.foreign_code_problem`); the statement is refused (and undone) with 42501.
+///
+/// SAFETY: `stmt` is the parse tree node that just ran (or NULL).
+pub(crate) unsafe fn refuse_foreign_code_on_shard(stmt: *mut pg_sys::Node) {
+    if stmt.is_null() || !citus_loaded() || pg_sys::superuser() {
         return;
+    }
+    let relation = match (*stmt).type_ {
+        pg_sys::NodeTag::T_AlterTableStmt => (*stmt.cast::<pg_sys::AlterTableStmt>()).relation,
+        pg_sys::NodeTag::T_IndexStmt => (*stmt.cast::<pg_sys::IndexStmt>()).relation,
+        pg_sys::NodeTag::T_CreateTrigStmt => (*stmt.cast::<pg_sys::CreateTrigStmt>()).relation,
+        pg_sys::NodeTag::T_RuleStmt => (*stmt.cast::<pg_sys::RuleStmt>()).relation,
+        pg_sys::NodeTag::T_CreateStatsStmt => {
+            let rels = pgrx::PgList::<pg_sys::Node>::from_pg(
+                (*stmt.cast::<pg_sys::CreateStatsStmt>()).relations,
+            );
+            match rels.head() {
+                Some(n) if (*n).type_ == pg_sys::NodeTag::T_RangeVar => n.cast(),
+                _ => return,
+            }
+        }
+        _ => return,
+    };
+    let Some(oid) = floor_table(relation) else {
+        return;
+    };
+    let problem = Spi::get_one_with_args::<String>(
+        "SELECT tenancy.foreign_code_problem($1::pg_catalog.oid::pg_catalog.regclass)",
+        &[oid.into()],
+    )
+    .ok()
+    .flatten();
+    if problem.is_some() {
+        TenancyError::ShardWeakening {
+            command: "DDL that leaves its own code over the rows",
+        }
+        .report();
+    }
+}
+
+/// The table `relation` names, when it carries pg_tenancy's floor policy.
+unsafe fn floor_table(relation: *mut pg_sys::RangeVar) -> Option<pg_sys::Oid> {
+    if relation.is_null() {
+        return None;
     }
     let oid = pg_sys::RangeVarGetRelidExtended(
         relation,
@@ -594,17 +645,15 @@ unsafe fn refuse_if_protected(relation: *mut pg_sys::RangeVar, command: &'static
         std::ptr::null_mut(),
     );
     if oid == pg_sys::InvalidOid {
-        return;
+        return None;
     }
-    let protected = Spi::get_one_with_args::<bool>(
+    Spi::get_one_with_args::<bool>(
         "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_policy WHERE polrelid OPERATOR(pg_catalog.=) $1
                           AND polname OPERATOR(pg_catalog.=) 'tenancy_tenant_floor')",
         &[oid.into()],
     )
     .ok()
     .flatten()
-    .unwrap_or(false);
-    if protected {
-        TenancyError::ShardWeakening { command }.report();
-    }
+    .filter(|f| *f)
+    .map(|_| oid)
 }

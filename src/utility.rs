@@ -58,6 +58,7 @@ unsafe fn around_utility(
         crate::reveal_log::preparing(gid);
     }
     next();
+    crate::citus::refuse_foreign_code_on_shard((*pstmt).utilityStmt);
     crate::session_objects::after_utility(pstmt);
     match prepared {
         Some((pg_sys::TransactionStmtKind::TRANS_STMT_COMMIT_PREPARED, gid)) => {

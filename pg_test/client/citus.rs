@@ -518,6 +518,18 @@ fn citus_worker_guards_refuse_the_owner() {
         let e = crate::harness::db_error(owner.batch_execute(&stmt));
         assert_eq!(e.code().code(), "42501", "{stmt}: {e:?}");
     }
+    // Code of the owner's over the shard's rows (it would see every tenant's new rows).
+    owner
+        .batch_execute(
+            "SET citus.enable_ddl_propagation = off;
+             CREATE FUNCTION clinic.spy() RETURNS trigger LANGUAGE plpgsql AS
+               $$BEGIN PERFORM pg_notify('loot', NEW.name); RETURN NEW; END$$;",
+        )
+        .unwrap();
+    let e = crate::harness::db_error(owner.batch_execute(&format!(
+        "CREATE TRIGGER spy AFTER INSERT ON {shard_table} FOR EACH ROW EXECUTE FUNCTION clinic.spy()"
+    )));
+    assert_eq!(e.code().code(), "42501", "CREATE TRIGGER: {e:?}");
     assert!(
         !c.findings().iter().any(|f| f.starts_with("critical")),
         "{:#?}",
