@@ -331,6 +331,29 @@ fn citus_loaded() -> bool {
     }
 }
 
+/// `set_org` on a node where Citus runs a distributed transaction that another node started
+/// (a delegated function, a command sent by the coordinator) is refused: the tenant of a
+/// distributed transaction is entered once, on its coordinator, and handed to every node;
+/// two nodes entering two tenants would let one transaction read both.
+pub(crate) fn refuse_entry_in_remote_transaction() -> Result<()> {
+    if !citus_loaded() || !installed() {
+        return Ok(());
+    }
+    let remote = Spi::get_one::<bool>(
+        "SELECT t.transaction_number OPERATOR(pg_catalog.<>) 0
+            AND t.initiator_node_identifier OPERATOR(pg_catalog.<>) (SELECT groupid FROM pg_catalog.pg_dist_local_group)
+           FROM pg_catalog.get_current_transaction_id() t",
+    )
+    .map_err(|e| TenancyError::spi("reading Citus's transaction", e))?
+    .unwrap_or(false);
+    if remote {
+        return Err(TenancyError::ClusterContextRefused {
+            reason: "a node inside another node's distributed transaction takes its tenant from that transaction's coordinator: call tenancy.set_org() there",
+        });
+    }
+    Ok(())
+}
+
 /// On a Citus coordinator with workers: hands the context just entered to every worker
 /// connection of this distributed transaction. Nothing elsewhere (no catalog access where
 /// Citus is not loaded).

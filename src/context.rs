@@ -209,6 +209,7 @@ pub(crate) fn enter(org: Option<&str>, actor: Option<&str>, token: Option<&str>)
     if HOLDABLE_CURSOR.with(Cell::get) {
         return Err(TenancyError::HoldableCursor);
     }
+    crate::citus::refuse_entry_in_remote_transaction()?;
     let signed = crate::token::check_for_set_org(token, &org, actor.as_deref())?;
     write_mirror(&org);
     write_setting(

@@ -547,3 +547,54 @@ fn citus_worker_guards_refuse_the_owner() {
     );
     assert_eq!(with_phone, 32);
 }
+
+/// One tenant per distributed transaction, also with functions Citus runs on a worker: a
+/// delegated function that enters a tenant on the worker is refused there (the tenant is
+/// entered on the coordinator and handed over), and one entered on the coordinator reaches a
+/// delegated function, which cannot switch to another tenant.
+#[test]
+#[ignore = "needs Citus: scripts/test.sh runs it when Citus is installed"]
+fn citus_delegated_functions_keep_one_tenant() {
+    let c = Citus::start();
+    c.clinic();
+    let mut su = c.su();
+    su.batch_execute(
+        "CREATE FUNCTION clinic.peek(org uuid) RETURNS bigint LANGUAGE plpgsql AS $$
+         BEGIN
+           PERFORM tenancy.set_org(org::text);
+           RETURN (SELECT count(*) FROM clinic.patients WHERE organization_id = org);
+         END $$;
+         CREATE FUNCTION clinic.mine(org uuid) RETURNS bigint LANGUAGE sql AS
+           $$SELECT count(*) FROM clinic.patients WHERE organization_id = org$$;
+         GRANT EXECUTE ON FUNCTION clinic.peek(uuid), clinic.mine(uuid) TO app;
+         SELECT create_distributed_function('clinic.peek(uuid)', '$1', colocate_with := 'clinic.patients', force_delegation := true);
+         SELECT create_distributed_function('clinic.mine(uuid)', '$1', colocate_with := 'clinic.patients', force_delegation := true);",
+    )
+    .unwrap();
+    let mut app = c.connect("app");
+    // No tenant on the coordinator: the worker refuses to enter one for the transaction.
+    let mut tx = app.transaction().unwrap();
+    let e = crate::harness::db_error(tx.query_one("SELECT clinic.peek($1::text::uuid)", &[&B]));
+    assert_eq!(e.code().code(), "42501", "{e:?}");
+    assert!(e.message().contains("takes its tenant from"), "{e:?}");
+    drop(tx);
+    // Entered on the coordinator: the delegated function sees that tenant and no other.
+    let mut tx = app.transaction().unwrap();
+    tx.execute("SELECT tenancy.set_org($1::text)", &[&A])
+        .unwrap();
+    let mine: i64 = tx
+        .query_one("SELECT clinic.mine($1::text::uuid)", &[&A])
+        .unwrap()
+        .get(0);
+    assert_eq!(mine, 5);
+    let theirs: i64 = tx
+        .query_one("SELECT clinic.mine($1::text::uuid)", &[&B])
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        theirs, 0,
+        "B's rows through a delegated function in A's transaction"
+    );
+    let e = crate::harness::db_error(tx.query_one("SELECT clinic.peek($1::text::uuid)", &[&B]));
+    assert_eq!(e.code().code(), "42501", "{e:?}");
+}
