@@ -567,11 +567,23 @@ fn test_the_sealer_appends_digests_to_a_file_outside_the_data_directory() {
         (true, None),
         "{line}"
     );
-    let status: Option<String> = su
-        .query_one("SELECT last_digest_at::text FROM tenancy.audit_status", &[])
-        .unwrap()
-        .get(0);
-    assert!(status.is_some(), "the status view shows the last digest");
+    // The worker records the time after it has written the line: wait for it (CI saw the
+    // status read in between on a loaded machine).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status: Option<String> = su
+            .query_one("SELECT last_digest_at::text FROM tenancy.audit_status", &[])
+            .unwrap()
+            .get(0);
+        if status.is_some() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the status view shows the last digest"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     for sql in [
         format!(
             "ALTER SYSTEM SET tenancy.audit_digest_file = '{}'",
