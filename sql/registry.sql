@@ -39,6 +39,21 @@ CREATE TABLE tenancy.protection_log (
 COMMENT ON TABLE tenancy.protection_log IS
   'Every protect, protect_all, unprotect and automatic protection of a new table: who, when, what.';
 
+-- Findings of tenancy.isolation_report() a superuser recorded as intended (a global user
+-- table, sign-in tables): shown in tenancy.acknowledged_findings instead of the report.
+CREATE TABLE tenancy.acknowledgements (
+  object          text NOT NULL,
+  finding         text NOT NULL,
+  reason          text NOT NULL CHECK (pg_catalog.length(pg_catalog.btrim(reason)) OPERATOR(pg_catalog.>) 0),
+  acknowledged_by name NOT NULL DEFAULT session_user,
+  acknowledged_at timestamptz NOT NULL DEFAULT now(),
+  PRIMARY KEY (object, finding)
+);
+COMMENT ON TABLE tenancy.acknowledgements IS
+  'Report findings a superuser recorded as intended, with the reason, who and when (tenancy.acknowledge).';
+SELECT pg_catalog.pg_extension_config_dump('tenancy.acknowledgements', '');
+REVOKE ALL ON tenancy.acknowledgements FROM PUBLIC;
+
 -- Registry rows are configuration: pg_dump dumps them with the extension.
 SELECT pg_catalog.pg_extension_config_dump('tenancy.protected_tables', '');
 SELECT pg_catalog.pg_extension_config_dump('tenancy.protected_schemas', '');

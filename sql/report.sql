@@ -103,7 +103,7 @@ BEGIN
 END $$;
 REVOKE EXECUTE ON FUNCTION tenancy.shard_findings() FROM PUBLIC;
 
-CREATE FUNCTION tenancy.isolation_report()
+CREATE FUNCTION tenancy.isolation_findings()
 RETURNS TABLE (severity text, object text, finding text, fix text)
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 WITH registered AS (
@@ -369,11 +369,88 @@ findings AS (
    WHERE EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = p.rel)
      AND pp.problem IS NOT NULL
   UNION ALL
+  -- A column named like a tenant id under another name (Better Auth's organizationId, org_id,
+  -- tenant_id, ...) in a table that is neither protected nor named by a protected schema.
+  SELECT 'high', c.oid::regclass::text,
+         format('column %I looks like a tenant id, but the table is not protected: its rows are every tenant''s', a.attname),
+         format('SELECT tenancy.protect(%L, %L);  -- or, if intended: SELECT tenancy.acknowledge(%L, <this finding>, <reason>);',
+                c.oid::regclass::text, a.attname, c.oid::regclass::text)
+    FROM pg_class c
+    JOIN pg_namespace n ON n.oid = c.relnamespace
+    JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+   WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
+     AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'tenancy') AND n.nspname NOT LIKE 'pg_toast%'
+     AND lower(replace(a.attname, '_', '')) IN ('orgid', 'organizationid', 'organisationid', 'tenantid', 'tenant', 'accountid', 'workspaceid', 'teamid', 'clinicid', 'practiceid')
+     AND a.attname NOT IN (SELECT col FROM tenant_cols)
+     AND c.oid NOT IN (SELECT oid FROM registered)
+  UNION ALL
   SELECT * FROM tenancy.shard_findings()
 )
 SELECT severity, object, finding, fix FROM findings
 ORDER BY CASE severity WHEN 'critical' THEN 0 WHEN 'high' THEN 1 ELSE 2 END, object, finding
 $$;
+REVOKE EXECUTE ON FUNCTION tenancy.isolation_findings() FROM PUBLIC;
+COMMENT ON FUNCTION tenancy.isolation_findings() IS
+  'Every finding of the report, acknowledged or not. Superuser by default.';
+
+CREATE FUNCTION tenancy.isolation_report()
+RETURNS TABLE (severity text, object text, finding text, fix text)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+  SELECT f.severity, f.object, f.finding, f.fix
+    FROM tenancy.isolation_findings() f
+   WHERE NOT EXISTS (SELECT 1 FROM tenancy.acknowledgements a WHERE a.object = f.object AND a.finding = f.finding)
+   ORDER BY CASE f.severity WHEN 'critical' THEN 0 WHEN 'high' THEN 1 ELSE 2 END, f.object, f.finding
+$$;
 REVOKE EXECUTE ON FUNCTION tenancy.isolation_report() FROM PUBLIC;
 COMMENT ON FUNCTION tenancy.isolation_report() IS
-  'Every isolation hole found in this database: one row per finding with severity, object, finding and fix. Superuser by default.';
+  'Every isolation hole found in this database that no superuser acknowledged as intended: one row per finding with severity, object, finding and fix. Superuser by default.';
+
+-- Records a finding as intended. Superuser; the finding must be one the report shows now
+-- (object and finding as it prints them); the reason is kept with who and when.
+CREATE FUNCTION tenancy.acknowledge(object text, finding text, reason text)
+RETURNS void LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_variable
+BEGIN
+  IF NOT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
+    RAISE EXCEPTION 'only a superuser may call tenancy.acknowledge()' USING ERRCODE = '42501';
+  END IF;
+  IF object IS NULL OR finding IS NULL OR coalesce(btrim(reason), '') = '' THEN
+    RAISE EXCEPTION 'tenancy.acknowledge() needs an object, a finding and a reason' USING ERRCODE = '22023',
+      HINT = 'Copy object and finding from tenancy.isolation_report(); say why it is intended.';
+  END IF;
+  IF NOT EXISTS (SELECT 1 FROM tenancy.isolation_findings() f WHERE f.object = acknowledge.object AND f.finding = acknowledge.finding) THEN
+    RAISE EXCEPTION 'the report has no finding % on %', finding, object USING ERRCODE = '22023',
+      HINT = 'Copy object and finding exactly as tenancy.isolation_report() prints them.';
+  END IF;
+  INSERT INTO tenancy.acknowledgements (object, finding, reason) VALUES (object, finding, reason)
+    ON CONFLICT ON CONSTRAINT acknowledgements_pkey DO UPDATE
+      SET reason = EXCLUDED.reason, acknowledged_by = session_user, acknowledged_at = now();
+  INSERT INTO tenancy.protection_log (action, object, detail) VALUES ('acknowledged', object, finding || ': ' || reason);
+END $$;
+REVOKE EXECUTE ON FUNCTION tenancy.acknowledge(text, text, text) FROM PUBLIC;
+COMMENT ON FUNCTION tenancy.acknowledge(text, text, text) IS
+  'Records a report finding as intended, with its reason (superuser; recorded in tenancy.protection_log). It then shows in tenancy.acknowledged_findings, not in the report.';
+
+CREATE FUNCTION tenancy.unacknowledge(object text, finding text)
+RETURNS boolean LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_variable
+BEGIN
+  IF NOT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
+    RAISE EXCEPTION 'only a superuser may call tenancy.unacknowledge()' USING ERRCODE = '42501';
+  END IF;
+  DELETE FROM tenancy.acknowledgements a WHERE a.object = unacknowledge.object AND a.finding = unacknowledge.finding;
+  IF NOT FOUND THEN
+    RETURN false;
+  END IF;
+  INSERT INTO tenancy.protection_log (action, object, detail) VALUES ('unacknowledged', object, finding);
+  RETURN true;
+END $$;
+REVOKE EXECUTE ON FUNCTION tenancy.unacknowledge(text, text) FROM PUBLIC;
+
+-- Acknowledged findings that the report still finds (an acknowledgement whose finding went
+-- away stays in tenancy.acknowledgements, shown here no more).
+CREATE VIEW tenancy.acknowledged_findings AS
+  SELECT f.severity, f.object, f.finding, a.reason, a.acknowledged_by, a.acknowledged_at
+    FROM tenancy.isolation_findings() f
+    JOIN tenancy.acknowledgements a ON a.object = f.object AND a.finding = f.finding;
+REVOKE ALL ON tenancy.acknowledged_findings FROM PUBLIC;

@@ -397,3 +397,122 @@ fn test_isolation_report_survives_concurrent_ddl() {
         "clean once the churn is gone"
     );
 }
+
+/// Better Auth's tables: a tenant id under another name (`organizationId`) in an unprotected
+/// table is a finding; a superuser can acknowledge an intended one (a reason is required, the
+/// finding must exist, it is recorded), after which it shows in
+/// `tenancy.acknowledged_findings` instead of the report, until unacknowledged.
+#[test]
+fn test_tenant_looking_columns_and_acknowledgements() {
+    let cluster: Cluster = reference_cluster();
+    let mut su = cluster.connect("postgres", "app");
+    su.batch_execute(
+        r#"CREATE SCHEMA auth;
+           CREATE TABLE auth."user" (id text PRIMARY KEY, email text);
+           CREATE TABLE auth.member (id text PRIMARY KEY, "organizationId" text NOT NULL, "userId" text REFERENCES auth."user");
+           CREATE TABLE auth.invitation (id text PRIMARY KEY, org_id text NOT NULL, email text);"#,
+    )
+    .unwrap();
+    let got = findings(&mut su);
+    let member = got
+        .iter()
+        .find(|(s, o, f)| {
+            s == "high"
+                && o == "auth.member"
+                && f.contains("\"organizationId\" looks like a tenant id")
+        })
+        .unwrap_or_else(|| panic!("{got:#?}"))
+        .clone();
+    assert!(
+        got.iter().any(|(s, o, f)| s == "high"
+            && o == "auth.invitation"
+            && f.contains("org_id looks like a tenant id")),
+        "{got:#?}"
+    );
+    assert!(
+        !got.iter().any(|(_, o, _)| o == "auth.\"user\""),
+        "{got:#?}"
+    );
+
+    // Only a superuser, only with a reason, only a finding the report has.
+    let mut owner = cluster.connect("owner", "app");
+    assert_eq!(
+        sqlstate(owner.execute(
+            "SELECT tenancy.acknowledge($1, $2, 'mine')",
+            &[&member.1, &member.2]
+        )),
+        "42501"
+    );
+    assert_eq!(
+        sqlstate(su.execute(
+            "SELECT tenancy.acknowledge($1, $2, '  ')",
+            &[&member.1, &member.2]
+        )),
+        "22023"
+    );
+    assert_eq!(
+        sqlstate(su.execute(
+            "SELECT tenancy.acknowledge($1, 'no such finding', 'why')",
+            &[&member.1]
+        )),
+        "22023"
+    );
+    su.execute(
+        "SELECT tenancy.acknowledge($1, $2, 'sign-in runs without a tenant: Better Auth reads member rows of every organization')",
+        &[&member.1, &member.2],
+    )
+    .unwrap();
+    let after = findings(&mut su);
+    assert!(!after.contains(&member), "{after:#?}");
+    assert!(
+        after.iter().any(|(_, o, _)| o == "auth.invitation"),
+        "still found: {after:#?}"
+    );
+    let row = su
+        .query_one(
+            "SELECT severity, reason, acknowledged_by::text FROM tenancy.acknowledged_findings WHERE object = $1",
+            &[&member.1],
+        )
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "high");
+    assert!(row
+        .get::<_, String>(1)
+        .starts_with("sign-in runs without a tenant"));
+    assert_eq!(row.get::<_, String>(2), "postgres");
+    assert_eq!(
+        crate::harness::count(
+            &mut su,
+            "SELECT count(*) FROM tenancy.protection_log WHERE action = 'acknowledged' AND object = 'auth.member'"
+        ),
+        1
+    );
+    // The application role reads neither the acknowledgements nor the view.
+    let mut app = cluster.connect("app", "app");
+    assert_eq!(
+        sqlstate(app.query("SELECT * FROM tenancy.acknowledged_findings", &[])),
+        "42501"
+    );
+    assert_eq!(
+        sqlstate(app.query("SELECT * FROM tenancy.acknowledgements", &[])),
+        "42501"
+    );
+    // Protecting the table makes the finding go; unacknowledging brings an open one back.
+    let back: bool = su
+        .query_one(
+            "SELECT tenancy.unacknowledge($1, $2)",
+            &[&member.1, &member.2],
+        )
+        .unwrap()
+        .get(0);
+    assert!(back);
+    assert!(findings(&mut su).contains(&member));
+    su.batch_execute(r#"SELECT tenancy.protect('auth.member', 'organizationId')"#)
+        .unwrap();
+    let protected = findings(&mut su);
+    assert!(
+        !protected
+            .iter()
+            .any(|(_, o, f)| o == "auth.member" && f.contains("looks like a tenant id")),
+        "{protected:#?}"
+    );
+}
