@@ -32,6 +32,11 @@ BEGIN
     SELECT jsonb_object_agg(shard_name(sh.logicalrelid, sh.shardid), jsonb_build_object(
              'table', p.rel::text, 'shardid', sh.shardid,
              'policies', (SELECT coalesce(jsonb_object_agg(y.polname, y.polpermissive), '{}') FROM pg_policy y WHERE y.polrelid = p.rel),
+             -- command, roles, USING and WITH CHECK as text, to compare with the shard's
+             'definitions', (SELECT coalesce(jsonb_object_agg(y.polname, jsonb_build_array(y.polcmd,
+                               (SELECT coalesce(jsonb_agg(x.n ORDER BY x.n), '[]') FROM (SELECT CASE r WHEN 0 THEN 'public' ELSE r::regrole::text END AS n FROM unnest(y.polroles) r) x),
+                               pg_get_expr(y.polqual, y.polrelid), pg_get_expr(y.polwithcheck, y.polrelid))), '{}')
+                             FROM pg_policy y WHERE y.polrelid = p.rel),
              'triggers', (SELECT coalesce(jsonb_agg(g.tgname ORDER BY g.tgname), '[]') FROM pg_trigger g
                            WHERE g.tgrelid = p.rel AND NOT g.tgisinternal AND g.tgname LIKE 'tenancy\_%'
                              -- Citus runs TRUNCATE's triggers on the distributed table only.
@@ -43,6 +48,10 @@ BEGIN
   END IF;
   cmd := format($c$SELECT pg_catalog.json_agg(pg_catalog.json_build_object('shard', s.name, 'rls', c.relrowsecurity, 'force', c.relforcerowsecurity,
       'policies', (SELECT pg_catalog.json_object_agg(y.polname, y.polpermissive) FROM pg_catalog.pg_policy y WHERE y.polrelid OPERATOR(pg_catalog.=) c.oid),
+      'definitions', (SELECT pg_catalog.json_object_agg(y.polname, pg_catalog.json_build_array(y.polcmd,
+          (SELECT pg_catalog.json_agg(x.n ORDER BY x.n) FROM (SELECT CASE r WHEN 0 THEN 'public' ELSE r::pg_catalog.regrole::pg_catalog.text END AS n FROM pg_catalog.unnest(y.polroles) r) x),
+          pg_catalog.pg_get_expr(y.polqual, y.polrelid), pg_catalog.pg_get_expr(y.polwithcheck, y.polrelid)))
+        FROM pg_catalog.pg_policy y WHERE y.polrelid OPERATOR(pg_catalog.=) c.oid),
       'triggers', (SELECT pg_catalog.json_object_agg(g.tgname, g.tgenabled) FROM pg_catalog.pg_trigger g WHERE g.tgrelid OPERATOR(pg_catalog.=) c.oid AND NOT g.tgisinternal)))
     FROM pg_catalog.unnest(%L::pg_catalog.text[]) s(name)
     JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) pg_catalog.to_regclass(s.name)$c$,
@@ -80,6 +89,13 @@ BEGIN
         ELSIF NOT pol.on_shard AND pol.permissive THEN
           RETURN QUERY SELECT 'warning', obj, format('policy %I is RESTRICTIVE on the shard but PERMISSIVE on the table', pol.key),
                               format('SELECT tenancy.protect(%L);', want ->> 'table');
+        END IF;
+        IF pol.on_shard IS NOT NULL
+           AND (sh -> 'definitions' -> pol.key) IS DISTINCT FROM (want -> 'definitions' -> pol.key) THEN
+          RETURN QUERY SELECT 'critical', obj,
+                              format('policy %I on the shard differs from the table''s (command, roles, USING or WITH CHECK)', pol.key),
+                              CASE WHEN pol.key LIKE 'tenancy\_%' THEN format('SELECT tenancy.protect(%L);', want ->> 'table')
+                                   ELSE format('On the node: DROP POLICY %I ON %s and create it again as on the table.', pol.key, sh ->> 'shard') END;
         END IF;
       END LOOP;
       FOR pol IN SELECT e.key, e.value::boolean AS permissive FROM jsonb_each_text(coalesce(sh -> 'policies', '{}')) e

@@ -543,8 +543,8 @@ unsafe extern "C-unwind" fn assign_cluster_context(newval: *const c_char, _extra
 // The drift guards (sql/guards.sql) know the tables in this node's registry; a worker's shards
 // of a protected table are not in it, and DDL run on a worker reaches them without passing the
 // coordinator. Where Citus is loaded, a role that is not a superuser may not weaken any table
-// carrying pg_tenancy's floor policy: disable or un-force row level security, disable or
-// re-enable (ALWAYS -> ORIGIN) a trigger, add, alter or drop a policy. Everything the
+// carrying pg_tenancy's floor policy: disable or un-force row level security, disable,
+// re-enable (ALWAYS -> ORIGIN) or drop a trigger, add, alter or drop a policy, TRUNCATE. Everything the
 // coordinator lets such a role do to a distributed table reaches the shards as other
 // statements, so nothing legitimate is refused; a superuser (Citus's own maintenance among
 // them) is trusted.
@@ -585,17 +585,31 @@ pub(crate) unsafe fn refuse_shard_weakening(stmt: *mut pg_sys::Node) {
         ),
         pg_sys::NodeTag::T_DropStmt => {
             let drop = stmt.cast::<pg_sys::DropStmt>();
-            if (*drop).removeType != pg_sys::ObjectType::OBJECT_POLICY {
-                return;
-            }
-            // Each object is (qualified relation name ..., policy name).
+            let command = match (*drop).removeType {
+                pg_sys::ObjectType::OBJECT_POLICY => "DROP POLICY",
+                pg_sys::ObjectType::OBJECT_TRIGGER => "DROP TRIGGER",
+                _ => return,
+            };
+            // Each object is (qualified relation name ..., policy or trigger name).
             let objects = pgrx::PgList::<pg_sys::List>::from_pg((*drop).objects);
             for names in objects.iter_ptr() {
                 let n = pg_sys::list_length(names);
                 if n >= 2 {
                     let rel = pg_sys::list_truncate(pg_sys::list_copy(names), n - 1);
-                    refuse_if_protected(pg_sys::makeRangeVarFromNameList(rel), "DROP POLICY");
+                    refuse_if_protected(pg_sys::makeRangeVarFromNameList(rel), command);
                 }
+            }
+            return;
+        }
+        // pg_tenancy refuses TRUNCATE of a protected table on the coordinator, so none
+        // reaches a shard legitimately (Citus's citus.enable_manual_changes_to_shards, which
+        // any role may set, would otherwise let the owner empty every tenant's shard).
+        pg_sys::NodeTag::T_TruncateStmt => {
+            let rels = pgrx::PgList::<pg_sys::RangeVar>::from_pg(
+                (*stmt.cast::<pg_sys::TruncateStmt>()).relations,
+            );
+            for rv in rels.iter_ptr() {
+                refuse_if_protected(rv, "TRUNCATE");
             }
             return;
         }

@@ -236,6 +236,11 @@ fn citus_report_checks_every_shard() {
             "CREATE POLICY no_drafts ON clinic.bookings AS RESTRICTIVE FOR SELECT USING (note IS DISTINCT FROM 'draft')",
         )
         .unwrap();
+    // A superuser's change of a policy's expression on one shard (trusted, and shown).
+    wsu.batch_execute(&format!(
+        "ALTER POLICY tenancy_tenant_rows ON {shard_table} USING (organization_id = tenancy.current_org_id() OR true)"
+    ))
+    .unwrap();
     let findings = c.findings();
     let on_shard = |what: &str| {
         findings.iter().any(|f| {
@@ -246,6 +251,10 @@ fn citus_report_checks_every_shard() {
     };
     assert!(
         on_shard("row level security is not forced on the shard"),
+        "{findings:#?}"
+    );
+    assert!(
+        on_shard("policy tenancy_tenant_rows on the shard differs from the table's"),
         "{findings:#?}"
     );
     assert!(
@@ -511,6 +520,8 @@ fn citus_worker_guards_refuse_the_owner() {
         format!("DROP POLICY IF EXISTS tenancy_tenant_rows ON {shard_table}"),
         format!("CREATE POLICY everything ON {shard_table} FOR SELECT USING (true)"),
         format!("ALTER POLICY tenancy_tenant_rows ON {shard_table} USING (true)"),
+        format!("DROP TRIGGER tenancy_tenant_immutable_{shard} ON {shard_table}"),
+        format!("SET citus.enable_manual_changes_to_shards = on; TRUNCATE {shard_table}"),
         // The worker's shell table of the distributed table, too.
         "ALTER TABLE clinic.patients NO FORCE ROW LEVEL SECURITY".to_string(),
         "CREATE POLICY everything ON clinic.patients FOR SELECT USING (true)".to_string(),
