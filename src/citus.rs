@@ -331,73 +331,82 @@ fn citus_loaded() -> bool {
     }
 }
 
-/// `set_org` on a node where Citus runs a distributed transaction that another node started
-/// (a delegated function, a command sent by the coordinator) is refused: the tenant of a
-/// distributed transaction is entered once, on its coordinator, and handed to every node;
-/// two nodes entering two tenants would let one transaction read both.
-pub(crate) fn refuse_entry_in_remote_transaction() -> Result<()> {
+/// What `set_org` does for Citus on this node, read once before it enters the tenant: `None`
+/// where Citus is not in play (no catalog access where Citus is not loaded) or the node has no
+/// workers to hand the context to.
+pub(crate) struct Handover {
+    /// Citus's global id of this (coordinator) backend, which the token is bound to.
+    gpid: u64,
+}
+
+/// Before `set_org` enters a tenant (and before a signed token is spent): refuses it on a node
+/// where Citus runs a distributed transaction that another node started (a delegated
+/// function, a command sent by the coordinator), since the tenant of a distributed
+/// transaction is entered once, on its coordinator, and handed to every node (two nodes
+/// entering two tenants would let one transaction read both); on a coordinator with workers,
+/// returns what [`Handover::hand_over`] needs.
+pub(crate) fn before_entry() -> Result<Option<Handover>> {
     if !citus_loaded() || !installed() {
-        return Ok(());
+        return Ok(None);
     }
-    let remote = Spi::get_one::<bool>(
-        "SELECT t.transaction_number OPERATOR(pg_catalog.<>) 0
-            AND t.initiator_node_identifier OPERATOR(pg_catalog.<>) (SELECT groupid FROM pg_catalog.pg_dist_local_group)
-           FROM pg_catalog.get_current_transaction_id() t",
-    )
-    .map_err(|e| TenancyError::spi("reading Citus's transaction", e))?
-    .unwrap_or(false);
+    let (remote, has_workers, gpid) = Spi::connect(|client| {
+        let rows = client.select(
+            "SELECT t.transaction_number OPERATOR(pg_catalog.<>) 0
+                      AND t.initiator_node_identifier OPERATOR(pg_catalog.<>) g.groupid,
+                    EXISTS (SELECT 1 FROM pg_catalog.pg_dist_node n
+                             WHERE n.isactive AND n.groupid OPERATOR(pg_catalog.<>) g.groupid),
+                    pg_catalog.citus_backend_gpid()
+               FROM pg_catalog.get_current_transaction_id() t, pg_catalog.pg_dist_local_group g",
+            None,
+            &[],
+        )?;
+        let r = rows.first();
+        Ok::<_, pgrx::spi::SpiError>((
+            r.get::<bool>(1)?.unwrap_or(false),
+            r.get::<bool>(2)?.unwrap_or(false),
+            r.get::<i64>(3)?.unwrap_or(0),
+        ))
+    })
+    .map_err(|e| TenancyError::spi("reading Citus's transaction and nodes", e))?;
     if remote {
         return Err(TenancyError::ClusterContextRefused {
             reason: "a node inside another node's distributed transaction takes its tenant from that transaction's coordinator: call tenancy.set_org() there",
         });
     }
-    Ok(())
+    Ok(has_workers.then_some(Handover { gpid: gpid as u64 }))
 }
 
-/// On a Citus coordinator with workers: hands the context just entered to every worker
-/// connection of this distributed transaction. Nothing elsewhere (no catalog access where
-/// Citus is not loaded).
-pub(crate) fn hand_to_workers(org: &str, actor: Option<&str>, signed: bool) -> Result<()> {
-    if !citus_loaded() || !installed() {
-        return Ok(());
-    }
-    let has_workers = Spi::get_one::<bool>(
-        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_node n
-                         WHERE n.isactive AND n.groupid OPERATOR(pg_catalog.<>) (SELECT groupid FROM pg_catalog.pg_dist_local_group))",
-    )
-    .map_err(|e| TenancyError::spi("reading Citus's nodes", e))?
-    .unwrap_or(false);
-    if !has_workers {
-        return Ok(());
-    }
-    let gpid = Spi::get_one::<i64>("SELECT pg_catalog.citus_backend_gpid()")
-        .map_err(|e| TenancyError::spi("reading Citus's global pid", e))?
-        .unwrap_or(0);
-    let token = with_key(|key| {
-        mint(
-            key,
-            gpid as u64,
-            now_secs() + TOKEN_LIFETIME_SECS,
-            org,
-            actor,
-            signed,
-        )
-    })?;
-    struct Close;
-    impl Drop for Close {
-        fn drop(&mut self) {
-            WRITING.with(|w| w.set(false));
+impl Handover {
+    /// Hands the context just entered to every worker connection of this distributed
+    /// transaction.
+    pub(crate) fn hand_over(self, org: &str, actor: Option<&str>, signed: bool) -> Result<()> {
+        let gpid = self.gpid;
+        let token = with_key(|key| {
+            mint(
+                key,
+                gpid,
+                now_secs() + TOKEN_LIFETIME_SECS,
+                org,
+                actor,
+                signed,
+            )
+        })?;
+        struct Close;
+        impl Drop for Close {
+            fn drop(&mut self) {
+                WRITING.with(|w| w.set(false));
+            }
         }
+        // Through SQL, so that Citus's utility hook sees the SET LOCAL and propagates it (the
+        // token is hex, digits, colons and "c1": nothing to quote).
+        Spi::run("SET LOCAL citus.propagate_set_commands = 'local'")
+            .map_err(|e| TenancyError::spi("turning on Citus's SET LOCAL propagation", e))?;
+        WRITING.with(|w| w.set(true));
+        let _close = Close;
+        Spi::run(&format!("SET LOCAL tenancy.cluster_context = '{token}'"))
+            .map_err(|e| TenancyError::spi("handing the tenant context to Citus's workers", e))?;
+        Ok(())
     }
-    // Through SQL, so that Citus's utility hook sees the SET LOCAL and propagates it (the
-    // token is hex, digits, colons and "c1": nothing to quote).
-    Spi::run("SET LOCAL citus.propagate_set_commands = 'local'")
-        .map_err(|e| TenancyError::spi("turning on Citus's SET LOCAL propagation", e))?;
-    WRITING.with(|w| w.set(true));
-    let _close = Close;
-    Spi::run(&format!("SET LOCAL tenancy.cluster_context = '{token}'"))
-        .map_err(|e| TenancyError::spi("handing the tenant context to Citus's workers", e))?;
-    Ok(())
 }
 
 /// Refuses a write of `tenancy.cluster_context` from a check hook, with 42501.
@@ -671,19 +680,7 @@ pub(crate) unsafe fn refuse_foreign_code_on_shard(stmt: *mut pg_sys::Node) {
 
 /// The table `relation` names, when it carries pg_tenancy's floor policy.
 unsafe fn floor_table(relation: *mut pg_sys::RangeVar) -> Option<pg_sys::Oid> {
-    if relation.is_null() {
-        return None;
-    }
-    let oid = pg_sys::RangeVarGetRelidExtended(
-        relation,
-        pg_sys::NoLock as pg_sys::LOCKMODE,
-        pg_sys::RVROption::RVR_MISSING_OK,
-        None,
-        std::ptr::null_mut(),
-    );
-    if oid == pg_sys::InvalidOid {
-        return None;
-    }
+    let oid = crate::session_objects::relation_oid(relation)?;
     Spi::get_one_with_args::<bool>(
         "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_policy WHERE polrelid OPERATOR(pg_catalog.=) $1
                           AND polname OPERATOR(pg_catalog.=) 'tenancy_tenant_floor')",

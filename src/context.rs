@@ -209,7 +209,7 @@ pub(crate) fn enter(org: Option<&str>, actor: Option<&str>, token: Option<&str>)
     if HOLDABLE_CURSOR.with(Cell::get) {
         return Err(TenancyError::HoldableCursor);
     }
-    crate::citus::refuse_entry_in_remote_transaction()?;
+    let handover = crate::citus::before_entry()?;
     let signed = crate::token::check_for_set_org(token, &org, actor.as_deref())?;
     write_mirror(&org);
     write_setting(
@@ -228,7 +228,9 @@ pub(crate) fn enter(org: Option<&str>, actor: Option<&str>, token: Option<&str>)
         })
     });
     // On a Citus coordinator: every worker of this distributed transaction gets it too.
-    crate::citus::hand_to_workers(&org, actor.as_deref(), signed)?;
+    if let Some(handover) = handover {
+        handover.hand_over(&org, actor.as_deref(), signed)?;
+    }
     Ok(org)
 }
 

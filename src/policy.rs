@@ -337,29 +337,13 @@ fn with_pinned_search_path<R>(f: impl FnOnce() -> R) -> R {
             }
         }
     }
-    // SAFETY: opens a GUC nesting level, as fmgr does for a function's SET clause.
-    let restore = Restore(unsafe { pg_sys::NewGUCNestLevel() });
-    // SAFETY: NUL-terminated static strings; GUC_ACTION_SAVE reverts at the level's end.
-    unsafe {
-        pg_sys::set_config_option(
-            c"search_path".as_ptr(),
-            c"pg_catalog, pg_temp".as_ptr(),
-            pg_sys::GucContext::PGC_USERSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-            pg_sys::GucAction::GUC_ACTION_SAVE,
-            true,
-            pgrx::PgLogLevel::ERROR as i32,
-            false,
-        );
-    }
-    // Citus creates a distributed table's triggers on its shards only with this setting
-    // (pg_tenancy's triggers touch nothing but their own row or statement).
-    if crate::citus::installed() {
-        // SAFETY: as above; the setting exists while Citus is loaded (it is preloaded).
+    /// Sets `name` for the level opened below; GUC_ACTION_SAVE reverts it at the level's end.
+    fn save(name: &std::ffi::CStr, value: &std::ffi::CStr) {
+        // SAFETY: NUL-terminated strings that outlive the call.
         unsafe {
             pg_sys::set_config_option(
-                c"citus.enable_unsafe_triggers".as_ptr(),
-                c"on".as_ptr(),
+                name.as_ptr(),
+                value.as_ptr(),
                 pg_sys::GucContext::PGC_USERSET,
                 pg_sys::GucSource::PGC_S_SESSION,
                 pg_sys::GucAction::GUC_ACTION_SAVE,
@@ -368,6 +352,15 @@ fn with_pinned_search_path<R>(f: impl FnOnce() -> R) -> R {
                 false,
             );
         }
+    }
+    // SAFETY: opens a GUC nesting level, as fmgr does for a function's SET clause.
+    let restore = Restore(unsafe { pg_sys::NewGUCNestLevel() });
+    save(c"search_path", c"pg_catalog, pg_temp");
+    // Citus creates a distributed table's triggers on its shards only with this setting
+    // (pg_tenancy's triggers touch nothing but their own row or statement); it exists while
+    // Citus is loaded, which it is wherever the extension is installed (preloaded).
+    if crate::citus::installed() {
+        save(c"citus.enable_unsafe_triggers", c"on");
     }
     let r = f();
     drop(restore);

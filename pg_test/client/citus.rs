@@ -146,6 +146,17 @@ impl Citus {
         .collect()
     }
 
+    /// The worker holding `clinic.patients`' first placement, its shard id and shard table.
+    fn first_patients_shard(&self) -> (&Cluster, i64, String) {
+        let (port, shard, _) = self.shard_floors("clinic.patients")[0];
+        let worker = self
+            .workers
+            .iter()
+            .find(|w| w.port as i32 == port)
+            .expect("the shard's worker");
+        (worker, shard, format!("clinic.patients_{shard}"))
+    }
+
     fn findings(&self) -> Vec<String> {
         strings(
             &mut self.su(),
@@ -218,13 +229,7 @@ fn citus_report_checks_every_shard() {
         "{:#?}",
         c.findings()
     );
-    let (port, shard, _) = c.shard_floors("clinic.patients")[0];
-    let worker = c
-        .workers
-        .iter()
-        .find(|w| w.port as i32 == port)
-        .expect("the shard's worker");
-    let shard_table = format!("clinic.patients_{shard}");
+    let (worker, _, shard_table) = c.first_patients_shard();
     let mut wsu = worker.connect("postgres", "app");
     wsu.batch_execute(&format!(
         "ALTER TABLE {shard_table} NO FORCE ROW LEVEL SECURITY;
@@ -503,13 +508,7 @@ fn citus_context_reaches_every_node() {
 fn citus_worker_guards_refuse_the_owner() {
     let c = Citus::start();
     c.clinic();
-    let (port, shard, _) = c.shard_floors("clinic.patients")[0];
-    let worker = c
-        .workers
-        .iter()
-        .find(|w| w.port as i32 == port)
-        .expect("the shard's worker");
-    let shard_table = format!("clinic.patients_{shard}");
+    let (worker, shard, shard_table) = c.first_patients_shard();
     let mut owner = worker.connect("owner", "app");
     for stmt in [
         format!("ALTER TABLE {shard_table} NO FORCE ROW LEVEL SECURITY"),
