@@ -1405,3 +1405,17 @@ ALTER FUNCTION tenancy.audit_digest() SET search_path = pg_catalog, pg_temp;
 REVOKE EXECUTE ON FUNCTION tenancy.audit_digest() FROM PUBLIC;
 COMMENT ON FUNCTION tenancy.audit_digest() IS
   'Every tenant''s newest sealed position and hash, with a digest line to store outside the database (docs/audit.md). Superuser.';
+
+CREATE FUNCTION tenancy."audit_outbox"(
+	"acked_orgs" TEXT[],
+	"acked_ids" bigint[],
+	"max_rows" INT
+) RETURNS jsonb
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'audit_outbox_wrapper';
+ALTER FUNCTION tenancy.audit_outbox(text[], bigint[], integer) SET search_path = pg_catalog, pg_temp;
+-- II-8/9: on Citus, one audit trail on the coordinator, gathered from the workers.
+REVOKE EXECUTE ON FUNCTION tenancy.audit_outbox(text[], bigint[], integer) FROM PUBLIC;
+COMMENT ON FUNCTION tenancy.audit_outbox(text[], bigint[], integer) IS
+  'On a Citus worker: drops the audit events its coordinator holds (tenants and ids given), returns up to max_rows pending rows and their events as jsonb for the coordinator''s sealer (docs/scale-out.md). Superuser.';

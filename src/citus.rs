@@ -57,6 +57,234 @@ pub(crate) fn is_citus_table(rel: pg_sys::Oid) -> bool {
     .unwrap_or(false)
 }
 
+/// The logical table of a Citus shard (`clinic.patients` for `clinic.patients_102008`), as
+/// `schema.name`; None when `name` is not a shard of a Citus table in `schema`. Only asked
+/// where Citus is loaded (no catalog access elsewhere).
+pub(crate) fn shard_logical_name(schema: &str, name: &str) -> Option<String> {
+    shard_of(schema, name).map(|(_, logical)| logical)
+}
+
+/// The distributed table (oid, `schema.name`) whose shard `schema.name` is.
+fn shard_of(schema: &str, name: &str) -> Option<(pg_sys::Oid, String)> {
+    if !loaded() {
+        return None;
+    }
+    let (_, digits) = name.rsplit_once('_')?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let shard: i64 = digits.parse().ok()?;
+    if !installed() {
+        return None;
+    }
+    let (oid, logical_schema, logical_name) = Spi::connect(|client| {
+        let rows = client.select(
+            "SELECT s.logicalrelid::oid, n.nspname::text, c.relname::text
+               FROM pg_catalog.pg_dist_shard s
+               JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) s.logicalrelid
+               JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+              WHERE s.shardid OPERATOR(pg_catalog.=) $1",
+            None,
+            &[shard.into()],
+        )?;
+        let Some(r) = rows.into_iter().next() else {
+            return Ok::<_, pgrx::spi::SpiError>(None);
+        };
+        Ok(Some((
+            r.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::InvalidOid),
+            r.get::<String>(2)?.unwrap_or_default(),
+            r.get::<String>(3)?.unwrap_or_default(),
+        )))
+    })
+    .ok()
+    .flatten()?;
+    // The shard's own name is the logical one with `_<shard id>` (Citus's naming).
+    (logical_schema == schema && format!("{logical_name}_{shard}") == name)
+        .then(|| (oid, format!("{logical_schema}.{logical_name}")))
+}
+
+// ---- The audit trigger on shards ------------------------------------------------------
+//
+// EXECUTE on tenancy.audit_trigger is revoked (a role attaching it to a table of its own
+// could file events in any tenant's trail). Citus creates a distributed table's triggers on
+// its shards as the table's owner (distributing, moving, splitting a shard; after the
+// shard's policies, before its data), so such a CREATE TRIGGER runs as the bootstrap
+// superuser when, and only when, it cannot file an event under a tenant whose row was not
+// written: the relation is a Citus shard with row level security enabled and forced and
+// pg_tenancy's RESTRICTIVE floor on exactly the trigger's one argument (the tenant column),
+// and the trigger is an AFTER trigger without a WHEN condition (checked again once it
+// exists, or the statement fails). The rows such a trigger sees are rows the floor let the
+// writer write, filed under their own tenant.
+
+/// A CREATE TRIGGER of the audit trigger on a shard, running as the bootstrap superuser
+/// until dropped.
+pub(crate) struct ShardAuditTrigger {
+    shard: pg_sys::Oid,
+    trigger: String,
+    func: pg_sys::Oid,
+    saved_user: pg_sys::Oid,
+    saved_context: i32,
+}
+
+/// Before `stmt` runs: the audit trigger onto a protected shard (see above) is let through.
+///
+/// SAFETY: `stmt` is a parse tree node (or NULL) about to be executed.
+pub(crate) unsafe fn shard_audit_trigger(stmt: *mut pg_sys::Node) -> Option<ShardAuditTrigger> {
+    if stmt.is_null() || (*stmt).type_ != pg_sys::NodeTag::T_CreateTrigStmt || !loaded() {
+        return None;
+    }
+    let create = stmt.cast::<pg_sys::CreateTrigStmt>();
+    if (*create).trigname.is_null()
+        || (*create).funcname.is_null()
+        || !(*create).whenClause.is_null()
+        || (*create).timing != pg_sys::TRIGGER_TYPE_AFTER as i16
+    {
+        return None;
+    }
+    let func = pg_sys::LookupFuncName((*create).funcname, 0, std::ptr::null(), true);
+    if func == pg_sys::InvalidOid || !is_tenancy_function(func, c"audit_trigger") {
+        return None;
+    }
+    let args = pgrx::PgList::<pg_sys::Node>::from_pg((*create).args);
+    if args.len() != 1 {
+        return None;
+    }
+    let column = string_node(args.get_ptr(0)?)?;
+    let shard = crate::session_objects::relation_oid((*create).relation)?;
+    let shard_schema = cstr_owned(pg_sys::get_namespace_name(pg_sys::get_rel_namespace(shard)))?;
+    let shard_name = cstr_owned(pg_sys::get_rel_name(shard))?;
+    shard_of(&shard_schema, &shard_name)?;
+    let protected = Spi::get_one_with_args::<bool>(
+        "SELECT EXISTS (
+           SELECT 1 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_policy p ON p.polrelid OPERATOR(pg_catalog.=) c.oid
+            WHERE c.oid OPERATOR(pg_catalog.=) $1 AND c.relrowsecurity AND c.relforcerowsecurity
+              AND p.polname OPERATOR(pg_catalog.=) 'tenancy_tenant_floor' AND NOT p.polpermissive
+              AND p.polcmd OPERATOR(pg_catalog.=) '*'
+              AND tenancy.expression_text(p.polqual, p.polrelid) IN
+                  (pg_catalog.format('(%s = tenancy.current_org_id())', pg_catalog.quote_ident($2)),
+                   pg_catalog.format('(%s = tenancy.current_org_id_text())', pg_catalog.quote_ident($2)))
+              AND tenancy.expression_text(p.polwithcheck, p.polrelid) IN
+                  (pg_catalog.format('(%s = tenancy.current_org_id())', pg_catalog.quote_ident($2)),
+                   pg_catalog.format('(%s = tenancy.current_org_id_text())', pg_catalog.quote_ident($2))))",
+        &[shard.into(), column.as_str().into()],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(false);
+    if !protected {
+        return None;
+    }
+    let trigger = CStr::from_ptr((*create).trigname)
+        .to_string_lossy()
+        .into_owned();
+    let mut saved_user = pg_sys::InvalidOid;
+    let mut saved_context = 0;
+    pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_context);
+    pg_sys::SetUserIdAndSecContext(
+        pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID),
+        saved_context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
+    );
+    Some(ShardAuditTrigger {
+        shard,
+        trigger,
+        func,
+        saved_user,
+        saved_context,
+    })
+}
+
+impl ShardAuditTrigger {
+    /// After the statement ran (as the caller again): the shard's new trigger is the audit
+    /// trigger, AFTER, with one argument and no condition.
+    pub(crate) fn check(self) {
+        let (shard, trigger, func) = (self.shard, self.trigger.clone(), self.func);
+        drop(self);
+        let as_asked = Spi::get_one_with_args::<bool>(
+            "SELECT EXISTS (
+               SELECT 1 FROM pg_catalog.pg_trigger t
+                WHERE t.tgrelid OPERATOR(pg_catalog.=) $1 AND t.tgname OPERATOR(pg_catalog.=) $2
+                  AND t.tgfoid OPERATOR(pg_catalog.=) $3 AND t.tgqual IS NULL
+                  AND t.tgnargs OPERATOR(pg_catalog.=) 1
+                  AND (t.tgtype::int4 OPERATOR(pg_catalog.&) 66) OPERATOR(pg_catalog.=) 0)",
+            &[shard.into(), trigger.as_str().into(), func.into()],
+        )
+        .ok()
+        .flatten()
+        .unwrap_or(false);
+        if !as_asked {
+            TenancyError::ShardWeakening {
+                command: "CREATE TRIGGER",
+            }
+            .report();
+        }
+    }
+}
+
+impl Drop for ShardAuditTrigger {
+    fn drop(&mut self) {
+        // SAFETY: restores the user and security context saved when this was made.
+        unsafe { pg_sys::SetUserIdAndSecContext(self.saved_user, self.saved_context) };
+    }
+}
+
+/// The text of a String parse node (a trigger argument).
+#[cfg(not(any(feature = "pg13", feature = "pg14")))]
+unsafe fn string_node(node: *mut pg_sys::Node) -> Option<String> {
+    if node.is_null() || (*node).type_ != pg_sys::NodeTag::T_String {
+        return None;
+    }
+    cstr_owned((*node.cast::<pg_sys::String>()).sval)
+}
+
+/// Citus 14 needs PostgreSQL 16 or later: nothing to read before.
+#[cfg(any(feature = "pg13", feature = "pg14"))]
+unsafe fn string_node(_node: *mut pg_sys::Node) -> Option<String> {
+    None
+}
+
+/// Whether `func` is `tenancy.<name>`.
+unsafe fn is_tenancy_function(func: pg_sys::Oid, name: &CStr) -> bool {
+    let ns = pg_sys::get_func_namespace(func);
+    let fname = pg_sys::get_func_name(func);
+    let nsname = pg_sys::get_namespace_name(ns);
+    !fname.is_null()
+        && !nsname.is_null()
+        && CStr::from_ptr(fname) == name
+        && CStr::from_ptr(nsname) == c"tenancy"
+}
+
+/// An owned copy of a palloc'd C string (None for NULL).
+unsafe fn cstr_owned(p: *mut c_char) -> Option<String> {
+    (!p.is_null()).then(|| CStr::from_ptr(p).to_string_lossy().into_owned())
+}
+
+/// This node's Citus group (`pg_dist_local_group`): 0 on a coordinator, and where Citus is
+/// not installed or not loaded; a worker's group from 1. Read once per transaction (a node
+/// joins a cluster while backends run).
+pub(crate) fn local_group() -> i32 {
+    if !loaded() {
+        return 0;
+    }
+    if let Some(group) = LOCAL_GROUP.with(|g| g.get()) {
+        return group;
+    }
+    let group = if installed() {
+        Spi::get_one::<i32>("SELECT groupid FROM pg_catalog.pg_dist_local_group")
+            .ok()
+            .flatten()
+            .unwrap_or(0)
+    } else {
+        0
+    };
+    LOCAL_GROUP.with(|g| g.set(Some(group)));
+    group
+}
+
+thread_local! {
+    /// [`local_group`] of the current transaction.
+    static LOCAL_GROUP: std::cell::Cell<Option<i32>> = const { std::cell::Cell::new(None) };
+}
+
 // ---- The tenant context on every node of a distributed transaction ----------------------
 //
 // The coordinator's `set_org` hands its workers the context as a token in the setting
@@ -202,6 +430,7 @@ pub(crate) unsafe fn confirm_distributed(query_desc: *mut pg_sys::QueryDesc) {
 /// End of the transaction: the installed context goes (the setting is reverted too).
 pub(crate) fn at_xact_end() {
     INSTALLED.with(|c| c.borrow_mut().take());
+    LOCAL_GROUP.with(|g| g.set(None));
     WRITING.with(|w| w.set(false));
 }
 
@@ -324,7 +553,7 @@ fn with_key<T>(f: impl FnOnce(&[u8]) -> T) -> std::result::Result<T, TenancyErro
 }
 
 /// Whether Citus is loaded into this backend (its settings exist): no catalog access.
-fn citus_loaded() -> bool {
+pub(crate) fn loaded() -> bool {
     // SAFETY: a lookup by NUL-terminated name; missing_ok returns NULL for an unknown one.
     unsafe {
         !pg_sys::GetConfigOption(c"citus.propagate_set_commands".as_ptr(), true, false).is_null()
@@ -346,7 +575,7 @@ pub(crate) struct Handover {
 /// entering two tenants would let one transaction read both); on a coordinator with workers,
 /// returns what [`Handover::hand_over`] needs.
 pub(crate) fn before_entry() -> Result<Option<Handover>> {
-    if !citus_loaded() || !installed() {
+    if !loaded() || !installed() {
         return Ok(None);
     }
     let (remote, has_workers, gpid) = Spi::connect(|client| {
@@ -426,7 +655,7 @@ unsafe fn refuse(reason: &str) -> bool {
 ///
 /// SAFETY: called inside a transaction's statement (check hook or utility hook).
 unsafe fn accept(value: &str) -> std::result::Result<(), &'static str> {
-    if !pg_sys::IsTransactionState() || !citus_loaded() {
+    if !pg_sys::IsTransactionState() || !loaded() {
         return Err("not inside a Citus transaction");
     }
     let token = match with_key(|key| {
@@ -562,7 +791,7 @@ unsafe extern "C-unwind" fn assign_cluster_context(newval: *const c_char, _extra
 ///
 /// SAFETY: `stmt` is a parse tree node (or NULL) about to be executed.
 pub(crate) unsafe fn refuse_shard_weakening(stmt: *mut pg_sys::Node) {
-    if stmt.is_null() || !citus_loaded() || pg_sys::superuser() {
+    if stmt.is_null() || !loaded() || pg_sys::superuser() {
         return;
     }
     use pg_sys::AlterTableType as At;
@@ -642,7 +871,7 @@ unsafe fn refuse_if_protected(relation: *mut pg_sys::RangeVar, command: &'static
 ///
 /// SAFETY: `stmt` is the parse tree node that just ran (or NULL).
 pub(crate) unsafe fn refuse_foreign_code_on_shard(stmt: *mut pg_sys::Node) {
-    if stmt.is_null() || !citus_loaded() || pg_sys::superuser() {
+    if stmt.is_null() || !loaded() || pg_sys::superuser() {
         return;
     }
     let relation = match (*stmt).type_ {

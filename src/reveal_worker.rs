@@ -358,5 +358,5 @@ fn seal_once() -> bool {
     if !installed("tenancy.audit_seals") {
         return false; // not installed, or not updated to 0.2.1 yet
     }
-    BackgroundWorker::transaction(crate::audit::sealer::seal_round).more
+    BackgroundWorker::transaction(|| crate::audit::sealer::seal_round(false)).more
 }

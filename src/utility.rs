@@ -57,7 +57,11 @@ unsafe fn around_utility(
     if let Some((pg_sys::TransactionStmtKind::TRANS_STMT_PREPARE, gid)) = &prepared {
         crate::reveal_log::preparing(gid);
     }
+    let shard_trigger = crate::citus::shard_audit_trigger((*pstmt).utilityStmt);
     next();
+    if let Some(t) = shard_trigger {
+        t.check();
+    }
     crate::citus::refuse_foreign_code_on_shard((*pstmt).utilityStmt);
     crate::session_objects::after_utility(pstmt);
     match prepared {

@@ -608,3 +608,263 @@ fn citus_delegated_functions_keep_one_tenant() {
     let e = crate::harness::db_error(tx.query_one("SELECT clinic.peek($1::text::uuid)", &[&B]));
     assert_eq!(e.code().code(), "42501", "{e:?}");
 }
+
+type Event = (String, String, String);
+
+/// `tenancy.audit_seal()` on the coordinator (it gathers the workers' events first) until the
+/// app, as tenant `org`, sees a trail (action, table, changes; in time order) `done` accepts.
+fn gathered_events(c: &Citus, org: &str, done: impl Fn(&[Event]) -> bool) -> Vec<Event> {
+    let mut su = c.su();
+    let mut app = c.connect("app");
+    for _ in 0..100 {
+        su.execute("SELECT tenancy.audit_seal()", &[]).unwrap();
+        let mut tx = app.transaction().unwrap();
+        tx.execute("SELECT tenancy.set_org($1::text)", &[&org])
+            .unwrap();
+        let rows: Vec<(String, String, String)> = tx
+            .query(
+                "SELECT action, coalesce(table_name, ''), coalesce(changes::text, '')
+                   FROM tenancy.my_audit_events ORDER BY occurred_at, event_id",
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect();
+        tx.commit().unwrap();
+        if done(&rows) {
+            return rows;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("the coordinator's trail of {org} never became complete");
+}
+
+/// `(ok, events, unsealed)` of `tenancy.audit_verify(org)` on the coordinator.
+fn verified(c: &Citus, org: &str) -> (bool, i64, i64, Option<String>) {
+    let r = c
+        .su()
+        .query_one(
+            "SELECT ok, events, unsealed, problem FROM tenancy.audit_verify($1)",
+            &[&org],
+        )
+        .unwrap();
+    (r.get(0), r.get(1), r.get(2), r.get(3))
+}
+
+/// Events and outbox rows a worker still holds.
+fn worker_outbox(w: &Cluster) -> (i64, i64) {
+    let mut su = w.connect("postgres", "app");
+    (
+        count(&mut su, "SELECT count(*) FROM tenancy.audit_events"),
+        count(&mut su, "SELECT count(*) FROM tenancy.audit_pending"),
+    )
+}
+
+/// The audit trail on Citus: a change runs on the worker holding the shard and its event is
+/// written there, in the same distributed transaction, under the distributed table's name and
+/// an id of the worker's range; the coordinator gathers the workers' events into one chain
+/// per tenant (the workers keep nothing once it holds them), PHI reveals on a worker included;
+/// after the tenant's shards move to the other worker, its next events extend the same chain,
+/// which verifies; the application sees its own tenant's trail only.
+#[test]
+#[ignore = "needs Citus: scripts/test.sh runs it when Citus is installed"]
+fn citus_audit_trail_is_one_chain_per_tenant() {
+    let c = Citus::start();
+    c.clinic();
+    let mut su = c.su();
+    su.batch_execute(
+        "CREATE TABLE clinic.notes (organization_id uuid NOT NULL, id bigint NOT NULL, body bytea,
+             PRIMARY KEY (organization_id, id));
+         GRANT SELECT, INSERT ON clinic.notes TO app;
+         SELECT create_distributed_table('clinic.notes', 'organization_id', colocate_with => 'clinic.bookings');
+         SELECT tenancy.protect('clinic.notes');
+         SELECT tenancy.protect('clinic.patients', audit => true);",
+    )
+    .unwrap();
+    let mut app = c.connect("app");
+    let write = |app: &mut Client, org: &str, sql: &str| {
+        let mut tx = app.transaction().unwrap();
+        tx.execute("SELECT tenancy.set_org($1::text)", &[&org])
+            .unwrap();
+        tx.batch_execute(sql).unwrap();
+        tx.commit().unwrap();
+    };
+    write(
+        &mut app,
+        A,
+        "INSERT INTO clinic.patients (organization_id, id, name) VALUES (tenancy.require_org(), 50, 'audited');
+         UPDATE clinic.patients SET name = 'renamed' WHERE id = 1;
+         DELETE FROM clinic.patients WHERE id = 2;
+         INSERT INTO clinic.notes (organization_id, id, body)
+           VALUES (tenancy.require_org(), 1, tenancy.phi_encrypt('sensitive', 'notes.body'));
+         SELECT tenancy.phi_reveal(body, 'notes.body') FROM clinic.notes;",
+    );
+    write(
+        &mut app,
+        B,
+        "INSERT INTO clinic.patients (organization_id, id, name) VALUES (tenancy.require_org(), 150, 'other');",
+    );
+    // The worker holding A's shard wrote A's events, under the logical name, in its range.
+    let mut su = c.su();
+    let row = su
+        .query_one(
+            "SELECT s.shardid, n.nodeport, n.groupid FROM pg_dist_shard s
+               JOIN pg_dist_placement p USING (shardid) JOIN pg_dist_node n ON n.groupid = p.groupid
+              WHERE s.shardid = get_shard_id_for_distribution_column('clinic.patients', $1::text::uuid)",
+            &[&A],
+        )
+        .unwrap();
+    let (shard, from, group): (i64, i32, i32) = (row.get(0), row.get(1), row.get(2));
+    let events = gathered_events(&c, A, |e| {
+        e.iter().filter(|e| e.0 != "REVEAL_END").count() >= 4
+    });
+    let changes: Vec<(&str, &str)> = events
+        .iter()
+        .map(|e| (e.0.as_str(), e.1.as_str()))
+        .filter(|e| e.0 != "REVEAL" && e.0 != "REVEAL_END")
+        .collect();
+    assert_eq!(
+        changes,
+        [
+            ("INSERT", "clinic.patients"),
+            ("UPDATE", "clinic.patients"),
+            ("DELETE", "clinic.patients")
+        ],
+        "{events:#?}"
+    );
+    assert!(events[1].2.contains("renamed"), "{events:#?}");
+    assert!(
+        events
+            .iter()
+            .any(|e| e.0 == "REVEAL" && e.1 == "notes.body"),
+        "the reveal on the worker is in the coordinator's trail: {events:#?}"
+    );
+    let ids: Vec<i64> = c
+        .su()
+        .query(
+            "SELECT event_id FROM tenancy.audit_events WHERE organization_id = $1 AND action = 'INSERT'",
+            &[&A],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ids.len(), 1);
+    assert_eq!(ids[0] >> 48, group as i64, "an id of the worker's range");
+    let b_events = gathered_events(&c, B, |e| !e.is_empty());
+    assert_eq!(b_events.len(), 1, "{b_events:#?}");
+    assert!(b_events[0].2.contains("other"), "{b_events:?}");
+    let (ok, n, unsealed, problem) = verified(&c, A);
+    assert!(ok && unsealed == 0 && n >= 4, "{n} {unsealed} {problem:?}");
+    // The workers keep nothing the coordinator holds (one more gathering tells them).
+    c.su().execute("SELECT tenancy.audit_seal()", &[]).unwrap();
+    for w in &c.workers {
+        assert_eq!(worker_outbox(w), (0, 0), "worker {}", w.port);
+    }
+    // A worker's outbox is the coordinator's only: the application and the owner cannot call
+    // it, a coordinator refuses it.
+    for role in ["app", "owner"] {
+        let mut client = c.workers[0].connect(role, "app");
+        assert_eq!(
+            sqlstate(client.execute("SELECT tenancy.audit_outbox('{}', '{}', 10)", &[])),
+            "42501",
+            "{role}"
+        );
+    }
+    assert_eq!(
+        sqlstate(
+            c.su()
+                .execute("SELECT tenancy.audit_outbox('{}', '{}', 10)", &[])
+        ),
+        "55000"
+    );
+    // The tenant's shards move to the other worker; its chain goes on.
+    let to = c
+        .workers
+        .iter()
+        .map(|w| w.port as i32)
+        .find(|p| *p != from)
+        .unwrap();
+    let blocks_before = count(
+        &mut c.su(),
+        &format!("SELECT count(*) FROM tenancy.audit_seals WHERE organization_id = '{A}'"),
+    );
+    c.su()
+        .execute(
+            "SELECT citus_move_shard_placement($1, '127.0.0.1', $2, '127.0.0.1', $3, shard_transfer_mode => 'block_writes')",
+            &[&shard, &from, &to],
+        )
+        .unwrap();
+    write(
+        &mut app,
+        A,
+        "INSERT INTO clinic.patients (organization_id, id, name) VALUES (tenancy.require_org(), 51, 'after the move');",
+    );
+    let after = gathered_events(&c, A, |e| e.iter().any(|e| e.2.contains("after the move")));
+    let last = after.iter().rfind(|e| e.0 != "REVEAL_END").unwrap();
+    assert_eq!(
+        (last.0.as_str(), last.1.as_str()),
+        ("INSERT", "clinic.patients")
+    );
+    assert!(last.2.contains("after the move"), "{last:?}");
+    let new_group: i64 = c
+        .su()
+        .query_one(
+            "SELECT event_id >> 48 FROM tenancy.audit_events WHERE organization_id = $1 AND action = 'INSERT'
+              ORDER BY occurred_at DESC LIMIT 1",
+            &[&A],
+        )
+        .unwrap()
+        .get(0);
+    assert_ne!(new_group, group as i64, "written on the shard's new worker");
+    let (ok, n2, unsealed, problem) = verified(&c, A);
+    assert!(
+        ok && unsealed == 0 && n2 > n,
+        "{n} -> {n2} {unsealed} {problem:?}"
+    );
+    let chain = strings(
+        &mut c.su(),
+        &format!(
+            "SELECT block_no || ':' || first_seq || ':' || event_count FROM tenancy.audit_seals
+              WHERE organization_id = '{A}' ORDER BY block_no"
+        ),
+    );
+    assert!(chain.len() as i64 > blocks_before, "{chain:?}");
+    // One chain: blocks numbered from 1 without a gap, positions contiguous.
+    let mut next = 1;
+    for (i, b) in chain.iter().enumerate() {
+        let f: Vec<i64> = b.split(':').map(|x| x.parse().unwrap()).collect();
+        assert_eq!((f[0], f[1]), (i as i64 + 1, next), "{chain:?}");
+        next += f[2];
+    }
+    // Only a copy of the audit trigger onto a protected shard runs with the rights Citus
+    // needs: the owner on the worker cannot attach it any other way (another column as the
+    // tenant, a condition, BEFORE, a table that is not a protected shard).
+    let worker = c.workers.iter().find(|w| w.port as i32 == to).unwrap();
+    let mut owner = worker.connect("owner", "app");
+    let shard_table = format!("clinic.patients_{shard}");
+    owner
+        .batch_execute("CREATE TABLE clinic.loose_1 (organization_id uuid, name text)")
+        .unwrap();
+    for (what, sql) in [
+        ("another column", format!("CREATE TRIGGER forged AFTER INSERT ON {shard_table} FOR EACH ROW EXECUTE FUNCTION tenancy.audit_trigger('name')")),
+        ("a condition", format!("CREATE TRIGGER forged AFTER INSERT ON {shard_table} FOR EACH ROW WHEN (true) EXECUTE FUNCTION tenancy.audit_trigger('organization_id')")),
+        ("BEFORE", format!("CREATE TRIGGER forged BEFORE INSERT ON {shard_table} FOR EACH ROW EXECUTE FUNCTION tenancy.audit_trigger('organization_id')")),
+        ("no shard", "CREATE TRIGGER forged AFTER INSERT ON clinic.loose_1 FOR EACH ROW EXECUTE FUNCTION tenancy.audit_trigger('organization_id')".to_string()),
+    ] {
+        assert_eq!(sqlstate(owner.batch_execute(&sql)), "42501", "{what}");
+    }
+    // Tampering on the coordinator is caught.
+    c.su()
+        .batch_execute(&format!(
+            "ALTER EVENT TRIGGER tenancy_guard_ddl DISABLE;
+             ALTER TABLE tenancy.audit_events DISABLE TRIGGER audit_events_append_only;
+             UPDATE tenancy.audit_events SET row_key = '{{}}' WHERE organization_id = '{A}' AND action = 'DELETE';
+             ALTER TABLE tenancy.audit_events ENABLE ALWAYS TRIGGER audit_events_append_only;
+             ALTER EVENT TRIGGER tenancy_guard_ddl ENABLE;"
+        ))
+        .unwrap();
+    let (ok, _, _, problem) = verified(&c, A);
+    assert!(!ok, "an edited event is found: {problem:?}");
+}

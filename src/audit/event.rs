@@ -19,11 +19,15 @@ pub(super) fn next_event_ids(n: usize) -> Vec<i64> {
         }
         .report();
     }
+    // On a Citus worker, ids of its own range (its group in the top bits, as Citus does for
+    // sequences): its events join the coordinator's trail (super::cluster) under their ids.
+    let base = super::cluster::event_id_base();
     (0..n)
         .map(|_| {
             // SAFETY: nextval(regclass) on the sequence found above.
             unsafe { pgrx::direct_function_call::<i64>(pg_sys::nextval_oid, &[seq.into_datum()]) }
                 .expect("nextval returns a value")
+                + base
         })
         .collect()
 }

@@ -12,11 +12,13 @@
 //! * `event`: an event before it is written, who writes it (a leaf).
 //! * `legacy`: the 0.2.0 writer, for objects not updated yet.
 //! * [`sealer`]: sealing committed events into blocks (the background worker, `audit_seal`).
+//! * `cluster`: one trail on a Citus cluster's coordinator, gathered from its workers.
 //! * `trigger`: the audit trigger over audited tables.
 //! * `admin`: `log_action`, `audit_payload`, `audit_verify`, `audit_purge`, `audit_history`.
 
 pub(crate) mod admin;
 pub(crate) mod chain;
+mod cluster;
 pub(crate) mod digest;
 
 mod direct;

@@ -47,9 +47,27 @@ struct Pending {
 /// Seals what is pending, in the current transaction (one round): take pending rows (one
 /// statement), read the tenants' tips (one statement), write the blocks (one INSERT per
 /// 256), move the tips (one statement).
-pub(crate) fn seal_round() -> Round {
+///
+/// On a Citus cluster ([`super::cluster`]) a worker seals nothing (its coordinator gathers
+/// its events), and a coordinator first gathers its workers' events (every round when
+/// `force`, otherwise once a second while they have none).
+pub(crate) fn seal_round(force: bool) -> Round {
+    let role = super::cluster::role();
+    if matches!(role, super::cluster::Role::Worker) {
+        return Round {
+            more: false,
+            blocks: 0,
+            events: 0,
+        };
+    }
     Spi::connect_mut(|client| -> SpiResult<Round> {
         client.update("LOCK TABLE tenancy.audit_seals IN EXCLUSIVE MODE", None, &[])?;
+        let mut gathered = 0;
+        if let super::cluster::Role::Coordinator(nodes) = &role {
+            if super::cluster::due(force) {
+                gathered = super::cluster::gather(client, nodes)?;
+            }
+        }
         // Pending rows in the order they lie, as many as hold ROUND_EVENTS events at most
         // (and the first whatever its size, so that no row can stop the sealer).
         let taken = client.update(
@@ -100,7 +118,7 @@ pub(crate) fn seal_round() -> Round {
             }
         }
         // Full (or nearly: the next row would not have fitted): more is waiting.
-        round.more = taken_events > ROUND_EVENTS - 40;
+        round.more = taken_events > ROUND_EVENTS - 40 || gathered > 0;
         if tenants.is_empty() {
             return Ok(round);
         }
@@ -310,9 +328,13 @@ fn audit_seal() -> i64 {
     if !unsafe { pg_sys::superuser() } {
         TenancyError::SuperuserOnly { what: "audit_seal" }.report();
     }
+    if matches!(super::cluster::role(), super::cluster::Role::Worker) {
+        pgrx::notice!("pg_tenancy: this Citus worker's audit events are sealed by its coordinator");
+        return 0;
+    }
     let mut total = 0;
     loop {
-        let round = seal_round();
+        let round = seal_round(true);
         total += round.events;
         if !round.more {
             return total;

@@ -211,7 +211,9 @@ fn audit_trigger_body<'a>(
         .and_then(|a| a.into_iter().next())
         .unwrap_or_else(|| "organization_id".into());
     let rel = trigger.relation().expect("a trigger has a relation");
-    let table = format!("{}.{}", rel.namespace(), rel.name());
+    // A Citus shard's events are filed under its distributed table's name.
+    let table = crate::citus::shard_logical_name(rel.namespace(), rel.name())
+        .unwrap_or_else(|| format!("{}.{}", rel.namespace(), rel.name()));
     let op = trigger.op().expect("a trigger has an operation");
     if matches!(op, Op::Truncate) {
         return Ok(None); // protected tables refuse TRUNCATE before it happens

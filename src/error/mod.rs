@@ -131,6 +131,10 @@ pub(crate) enum TenancyError {
     ShardWeakening { command: &'static str },
     #[error("tenancy.cluster_context refused: {reason}")]
     ClusterContextRefused { reason: &'static str },
+    #[error("{what} runs on a Citus worker only")]
+    NotACitusWorker { what: &'static str },
+    #[error("invalid audit outbox request: {reason}")]
+    BadOutboxRequest { reason: &'static str },
     #[error("pg_tenancy: {what} failed")]
     Spi { what: &'static str, reason: String },
 }
@@ -177,6 +181,8 @@ impl TenancyError {
             Self::ClusterKeyMissing => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             Self::ClusterContextRefused { .. } => ERRCODE_INSUFFICIENT_PRIVILEGE,
             Self::ShardWeakening { .. } => ERRCODE_INSUFFICIENT_PRIVILEGE,
+            Self::NotACitusWorker { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            Self::BadOutboxRequest { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
             Self::ReservedAction { .. } => ERRCODE_RESERVED_NAME,
             Self::SessionObject { .. } => ERRCODE_FEATURE_NOT_SUPPORTED,
             Self::ForeignCodeInDdl { .. } | Self::RewriteInDdl => ERRCODE_INSUFFICIENT_PRIVILEGE,
@@ -244,6 +250,12 @@ impl TenancyError {
             ),
             Self::ClusterContextRefused { .. } => Some(
                 "Only tenancy.set_org() on the Citus coordinator hands a tenant context to a worker.",
+            ),
+            Self::BadOutboxRequest { .. } => Some(
+                "It is called by the coordinator's audit sealer; nothing was changed.",
+            ),
+            Self::NotACitusWorker { .. } => Some(
+                "The coordinator's audit sealer calls it on its workers; on a coordinator, events are sealed where they are.",
             ),
             Self::ClusterKeyMissing => Some(
                 "Set tenancy.cluster_key_file to the same key file on every node of the cluster (see docs/scale-out.md) and reload.",

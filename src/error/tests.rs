@@ -147,6 +147,8 @@ fn every_error_with(text: &str) -> Vec<TenancyError> {
         TrailMaintenance { command: "VACUUM" },
         ClusterKeyMissing,
         ClusterContextRefused { reason: "r" },
+        NotACitusWorker { what: "w" },
+        BadOutboxRequest { reason: "r" },
         ShardWeakening {
             command: "CREATE POLICY",
         },
@@ -210,6 +212,8 @@ fn variant(e: &TenancyError) -> &'static str {
         ClusterKeyMissing => "ClusterKeyMissing",
         ClusterContextRefused { .. } => "ClusterContextRefused",
         ShardWeakening { .. } => "ShardWeakening",
+        NotACitusWorker { .. } => "NotACitusWorker",
+        BadOutboxRequest { .. } => "BadOutboxRequest",
         TrailMaintenance { .. } => "TrailMaintenance",
         SessionSettingForOthers { .. } => "SessionSettingForOthers",
         Spi { .. } => "Spi",
