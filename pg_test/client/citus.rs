@@ -705,8 +705,29 @@ fn citus_audit_trail_is_one_chain_per_tenant() {
         B,
         "INSERT INTO clinic.patients (organization_id, id, name) VALUES (tenancy.require_org(), 150, 'other');",
     );
-    // The worker holding A's shard wrote A's events, under the logical name, in its range.
+    // A gathering rolled back loses nothing: every change event is on a worker or committed
+    // on the coordinator (read in that order: a worker drops an event only once the
+    // coordinator committed it), though audit_seal() gathered twice in that transaction.
     let mut su = c.su();
+    let mut tx = su.transaction().unwrap();
+    tx.execute("SELECT tenancy.audit_seal()", &[]).unwrap();
+    tx.execute("SELECT tenancy.audit_seal()", &[]).unwrap();
+    tx.rollback().unwrap();
+    let changes_of_a = format!(
+        "SELECT count(*) FROM tenancy.audit_events WHERE organization_id = '{A}' AND action IN ('INSERT', 'UPDATE', 'DELETE')"
+    );
+    let on_workers: i64 = c
+        .workers
+        .iter()
+        .map(|w| count(&mut w.connect("postgres", "app"), &changes_of_a))
+        .sum();
+    let on_coordinator = count(&mut su, &changes_of_a);
+    assert_eq!(
+        on_workers + on_coordinator,
+        3,
+        "{on_workers} + {on_coordinator}"
+    );
+    // The worker holding A's shard wrote A's events, under the logical name, in its range.
     let row = su
         .query_one(
             "SELECT s.shardid, n.nodeport, n.groupid FROM pg_dist_shard s
@@ -838,6 +859,13 @@ fn citus_audit_trail_is_one_chain_per_tenant() {
         assert_eq!((f[0], f[1]), (i as i64 + 1, next), "{chain:?}");
         next += f[2];
     }
+    let findings = c.findings();
+    assert!(
+        !findings
+            .iter()
+            .any(|f| f.starts_with("critical") || f.starts_with("high")),
+        "an audited distributed table after a move: {findings:#?}"
+    );
     // Only a copy of the audit trigger onto a protected shard runs with the rights Citus
     // needs: the owner on the worker cannot attach it any other way (another column as the
     // tenant, a condition, BEFORE, a table that is not a protected shard).

@@ -20,7 +20,8 @@ use crate::error::TenancyError;
 // in FROM (each call then resolves in the pinned search_path, pg_catalog first).
 use pgrx::prelude::*;
 use pgrx::spi::{SpiClient, SpiResult};
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 /// Event ids of a Citus group start at `group << GROUP_SHIFT` (the coordinator's at 0).
@@ -34,6 +35,13 @@ const GATHER_EVERY: Duration = Duration::from_millis(1000);
 thread_local! {
     /// When this backend last gathered and found nothing.
     static IDLE_SINCE: Cell<Option<Instant>> = const { Cell::new(None) };
+    /// Events this transaction filed (not committed yet: never acknowledged to a worker).
+    static FILED: RefCell<HashSet<(String, i64)>> = RefCell::new(HashSet::new());
+}
+
+/// End of the transaction: what it filed is committed, or gone.
+pub(crate) fn at_xact_end() {
+    FILED.with(|f| f.borrow_mut().clear());
 }
 
 /// The first event id of this node's range.
@@ -136,34 +144,30 @@ fn gather_node(
         Ok(o) => o,
         Err(e) => return Ok(Err(e)),
     };
-    let (mut have_orgs, mut have_ids) = held(client, &offer)?;
-    if !have_ids.is_empty() {
-        offer = match offer_after(client, name, port, &have_orgs, &have_ids)? {
+    let mut have = held(client, &offer)?;
+    if !have.is_empty() {
+        let (orgs, ids): (Vec<String>, Vec<i64>) = have.iter().cloned().unzip();
+        offer = match offer_after(client, name, port, &orgs, &ids)? {
             Ok(o) => o,
             Err(e) => return Ok(Err(e)),
         };
-        (have_orgs, have_ids) = held(client, &offer)?;
+        have = held(client, &offer)?;
     }
-    // What is left is new here, or an id this trail holds with another hash (never
-    // overwritten: left on the worker, reported below).
-    let mut want_orgs = Vec::new();
-    let mut want_ids = Vec::new();
-    for (org, ids, _, _) in &offer.rows {
-        for id in ids {
-            if !have_ids
-                .iter()
-                .zip(&have_orgs)
-                .any(|(h, o)| h == id && o == org)
-            {
-                want_orgs.push(org.clone());
-                want_ids.push(*id);
-            }
-        }
-    }
+    // What is neither held here nor filed by this transaction already (audit_seal()'s next
+    // round) is new, or an id this trail holds with other content (never overwritten: left
+    // on the worker, reported below).
+    let filed_before = FILED.with(|f| f.borrow().clone());
+    let known = |key: &(String, i64)| have.contains(key) || filed_before.contains(key);
+    let (want_orgs, want_ids): (Vec<String>, Vec<i64>) = offer
+        .rows
+        .iter()
+        .flat_map(|(org, ids, _, _)| ids.iter().map(|id| (org.clone(), *id)))
+        .filter(|key| !known(key))
+        .unzip();
     if want_ids.is_empty() {
         return Ok(Ok(0));
     }
-    let filed: Vec<(String, i64)> = client
+    let filed: HashSet<(String, i64)> = client
         .update(
             "INSERT INTO tenancy.audit_events
              SELECT x.* FROM pg_catalog.jsonb_populate_recordset(NULL::tenancy.audit_events,
@@ -190,10 +194,11 @@ fn gather_node(
         let mut keep_ids = Vec::new();
         let mut keep_hashes = Vec::new();
         for (id, hash) in ids.iter().zip(hashes.chunks_exact(32)) {
-            if filed.iter().any(|(o, i)| i == id && *o == org) {
+            let key = (org.clone(), *id);
+            if filed.contains(&key) {
                 keep_ids.push(*id);
                 keep_hashes.extend_from_slice(hash);
-            } else if !have_ids.contains(id) {
+            } else if !known(&key) {
                 left += 1;
             }
         }
@@ -217,11 +222,14 @@ fn gather_node(
             "pg_tenancy: {left} audit events of worker {name}:{port} were left there: their ids are in this trail with other content, or their rows are missing"
         );
     }
-    Ok(Ok(filed.len() as i64))
+    let n = filed.len() as i64;
+    FILED.with(|f| f.borrow_mut().extend(filed));
+    Ok(Ok(n))
 }
 
-/// The ids among `offer`'s pending rows this trail holds already, with the same hash.
-fn held(client: &SpiClient<'_>, offer: &Offer) -> SpiResult<(Vec<String>, Vec<i64>)> {
+/// The events among `offer`'s pending rows this trail holds already, committed (not filed
+/// by this transaction, which may still roll back), with the same hash.
+fn held(client: &SpiClient<'_>, offer: &Offer) -> SpiResult<HashSet<(String, i64)>> {
     let mut orgs = Vec::new();
     let mut ids = Vec::new();
     let mut hashes = Vec::new();
@@ -232,21 +240,25 @@ fn held(client: &SpiClient<'_>, offer: &Offer) -> SpiResult<(Vec<String>, Vec<i6
             hashes.push(hash.to_vec());
         }
     }
+    let mut have = HashSet::new();
     if ids.is_empty() {
-        return Ok((Vec::new(), Vec::new()));
+        return Ok(have);
     }
-    let mut have = (Vec::new(), Vec::new());
-    for r in client.select(
+    let rows = client.select(
         "SELECT u.o, u.id FROM unnest($1::text[], $2::bigint[], $3::bytea[]) AS u(o, id, h)
            JOIN tenancy.audit_events e ON e.organization_id OPERATOR(pg_catalog.=) u.o
                                       AND e.event_id OPERATOR(pg_catalog.=) u.id
                                       AND e.hash OPERATOR(pg_catalog.=) u.h",
         None,
         &[orgs.into(), ids.into(), hashes.into()],
-    )? {
-        have.0.push(r.get::<String>(1)?.unwrap_or_default());
-        have.1.push(r.get::<i64>(2)?.unwrap_or_default());
+    )?;
+    for r in rows {
+        have.insert((
+            r.get::<String>(1)?.unwrap_or_default(),
+            r.get::<i64>(2)?.unwrap_or_default(),
+        ));
     }
+    FILED.with(|filed| have.retain(|key| !filed.borrow().contains(key)));
     Ok(have)
 }
 

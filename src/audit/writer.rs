@@ -22,6 +22,7 @@ const PENDING_EVENTS: usize = 40;
 /// committed with its events, or gone with them).
 pub(crate) fn at_xact_end(end: crate::xact::End) {
     super::legacy::at_xact_end(end);
+    super::cluster::at_xact_end();
 }
 
 /// End of a subtransaction (the 0.2.0 writer's heads; the pending rows of a rolled-back
