@@ -108,13 +108,14 @@ fn shard_of(schema: &str, name: &str) -> Option<(pg_sys::Oid, String)> {
 // EXECUTE on tenancy.audit_trigger is revoked (a role attaching it to a table of its own
 // could file events in any tenant's trail). Citus creates a distributed table's triggers on
 // its shards as the table's owner (distributing, moving, splitting a shard; after the
-// shard's policies, before its data), so such a CREATE TRIGGER runs as the bootstrap
-// superuser when, and only when, it cannot file an event under a tenant whose row was not
-// written: the relation is a Citus shard with row level security enabled and forced and
-// pg_tenancy's RESTRICTIVE floor on exactly the trigger's one argument (the tenant column),
-// and the trigger is an AFTER trigger without a WHEN condition (checked again once it
-// exists, or the statement fails). The rows such a trigger sees are rows the floor let the
-// writer write, filed under their own tenant.
+// shard's policies, before its data), so where Citus is loaded such a CREATE TRIGGER runs as
+// the bootstrap superuser when, and only when, it cannot file an event under a tenant whose
+// row was not written: the table has row level security enabled and forced and pg_tenancy's
+// RESTRICTIVE floor on exactly the trigger's one argument (the tenant column), and the
+// trigger is an AFTER trigger without a WHEN condition (checked again once it exists, or the
+// statement fails). The rows such a trigger sees are rows the floor let the writer write;
+// and the trigger itself files a writer's events under that writer's tenant only
+// (audit::trigger), whatever happens to the column later.
 
 /// A CREATE TRIGGER of the audit trigger on a shard, running as the bootstrap superuser
 /// until dropped.
@@ -126,7 +127,7 @@ pub(crate) struct ShardAuditTrigger {
     saved_context: i32,
 }
 
-/// Before `stmt` runs: the audit trigger onto a protected shard (see above) is let through.
+/// Before `stmt` runs: the audit trigger onto a protected table (see above) is let through.
 ///
 /// SAFETY: `stmt` is a parse tree node (or NULL) about to be executed.
 pub(crate) unsafe fn shard_audit_trigger(stmt: *mut pg_sys::Node) -> Option<ShardAuditTrigger> {
@@ -150,10 +151,9 @@ pub(crate) unsafe fn shard_audit_trigger(stmt: *mut pg_sys::Node) -> Option<Shar
         return None;
     }
     let column = string_node(args.get_ptr(0)?)?;
+    // Not asked of Citus's metadata: create_distributed_table creates the shards' triggers
+    // before the workers know the shards.
     let shard = crate::session_objects::relation_oid((*create).relation)?;
-    let shard_schema = cstr_owned(pg_sys::get_namespace_name(pg_sys::get_rel_namespace(shard)))?;
-    let shard_name = cstr_owned(pg_sys::get_rel_name(shard))?;
-    shard_of(&shard_schema, &shard_name)?;
     let protected = Spi::get_one_with_args::<bool>(
         "SELECT EXISTS (
            SELECT 1 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_policy p ON p.polrelid OPERATOR(pg_catalog.=) c.oid

@@ -891,3 +891,59 @@ fn test_tables_created_later_in_an_audited_schema_are_audited() {
         Vec::<String>::new()
     );
 }
+
+/// The class behind a forged trail: an audit trigger that does not read the column the tenant
+/// floor checks (its argument names another column, or the column was renamed or replaced
+/// under it) would file a writer's row under any tenant named in that column. A writer bound
+/// by RLS to one tenant files events of that tenant's rows only (42501 otherwise, nothing
+/// filed); a superuser, whom RLS does not bind, still files each row under its own value.
+#[test]
+fn test_a7b_a_writer_files_events_under_its_own_tenant_only() {
+    let c = Cluster::start_with_phi(&[]);
+    let mut su = c.connect("postgres", "app");
+    su.batch_execute(&format!(
+        "CREATE EXTENSION pg_tenancy;
+         CREATE SCHEMA probe;
+         GRANT USAGE ON SCHEMA probe TO app;
+         CREATE TABLE probe.notes (organization_id uuid NOT NULL, id int PRIMARY KEY, victim text);
+         GRANT SELECT, INSERT ON probe.notes TO app;
+         SELECT tenancy.protect('probe.notes', audit => true);
+         -- the misattached trigger: events filed under another column's value
+         CREATE TRIGGER misattached AFTER INSERT ON probe.notes REFERENCING NEW TABLE AS n
+           FOR EACH STATEMENT EXECUTE FUNCTION tenancy.audit_trigger('victim');"
+    ))
+    .unwrap();
+    let mut app = c.connect("app", "app");
+    enter(&mut app, SHERWOOD, "user-1");
+    let e = db_error(app.batch_execute(&format!(
+        "INSERT INTO probe.notes (organization_id, id, victim) VALUES ('{SHERWOOD}', 1, '{CONWAY}')"
+    )));
+    assert_eq!(e.code().code(), "42501", "{e:?}");
+    assert!(e.message().contains("another tenant"), "{e:?}");
+    app.batch_execute("ROLLBACK").unwrap();
+    // The same writer's own tenant in both columns is filed twice (once per trigger).
+    enter(&mut app, SHERWOOD, "user-1");
+    app.batch_execute(&format!(
+        "INSERT INTO probe.notes (organization_id, id, victim) VALUES ('{SHERWOOD}', 2, '{SHERWOOD}'); COMMIT"
+    ))
+    .unwrap();
+    // A superuser is not bound to one tenant: its row is filed under each column's value.
+    su.batch_execute(&format!(
+        "INSERT INTO probe.notes (organization_id, id, victim) VALUES ('{SHERWOOD}', 3, '{CONWAY}')"
+    ))
+    .unwrap();
+    let filed = strings(
+        &mut su,
+        "SELECT organization_id || ' ' || row_key FROM tenancy.audit_events
+          WHERE table_name = 'probe.notes' ORDER BY row_key, organization_id",
+    );
+    assert_eq!(
+        filed,
+        [
+            format!("{SHERWOOD} {{\"id\":\"2\"}}"),
+            format!("{SHERWOOD} {{\"id\":\"2\"}}"),
+            format!("{SHERWOOD} {{\"id\":\"3\"}}"),
+            format!("{CONWAY} {{\"id\":\"3\"}}"),
+        ]
+    );
+}

@@ -679,9 +679,22 @@ fn citus_audit_trail_is_one_chain_per_tenant() {
          GRANT SELECT, INSERT ON clinic.notes TO app;
          SELECT create_distributed_table('clinic.notes', 'organization_id', colocate_with => 'clinic.bookings');
          SELECT tenancy.protect('clinic.notes');
-         SELECT tenancy.protect('clinic.patients', audit => true);",
+         SELECT tenancy.protect('clinic.patients', audit => true);
+         CREATE TABLE clinic.visits (organization_id uuid NOT NULL, id bigint NOT NULL, reason text,
+             PRIMARY KEY (organization_id, id));
+         ALTER TABLE clinic.visits OWNER TO owner;
+         GRANT SELECT, INSERT ON clinic.visits TO app;
+         SELECT tenancy.protect('clinic.visits', audit => true);",
     )
     .unwrap();
+    // Audited before it is distributed, by its owner: Citus creates the shards' audit
+    // triggers as the owner.
+    c.connect("owner")
+        .batch_execute(
+            "SET citus.enable_unsafe_triggers = on;
+             SELECT create_distributed_table('clinic.visits', 'organization_id', colocate_with => 'clinic.bookings');",
+        )
+        .unwrap();
     let mut app = c.connect("app");
     let write = |app: &mut Client, org: &str, sql: &str| {
         let mut tx = app.transaction().unwrap();
@@ -698,7 +711,8 @@ fn citus_audit_trail_is_one_chain_per_tenant() {
          DELETE FROM clinic.patients WHERE id = 2;
          INSERT INTO clinic.notes (organization_id, id, body)
            VALUES (tenancy.require_org(), 1, tenancy.phi_encrypt('sensitive', 'notes.body'));
-         SELECT tenancy.phi_reveal(body, 'notes.body') FROM clinic.notes;",
+         SELECT tenancy.phi_reveal(body, 'notes.body') FROM clinic.notes;
+         INSERT INTO clinic.visits (organization_id, id, reason) VALUES (tenancy.require_org(), 1, 'check-up');",
     );
     write(
         &mut app,
@@ -724,7 +738,7 @@ fn citus_audit_trail_is_one_chain_per_tenant() {
     let on_coordinator = count(&mut su, &changes_of_a);
     assert_eq!(
         on_workers + on_coordinator,
-        3,
+        4,
         "{on_workers} + {on_coordinator}"
     );
     // The worker holding A's shard wrote A's events, under the logical name, in its range.
@@ -738,7 +752,7 @@ fn citus_audit_trail_is_one_chain_per_tenant() {
         .unwrap();
     let (shard, from, group): (i64, i32, i32) = (row.get(0), row.get(1), row.get(2));
     let events = gathered_events(&c, A, |e| {
-        e.iter().filter(|e| e.0 != "REVEAL_END").count() >= 4
+        e.iter().filter(|e| e.0 != "REVEAL_END").count() >= 5
     });
     let changes: Vec<(&str, &str)> = events
         .iter()
@@ -750,7 +764,8 @@ fn citus_audit_trail_is_one_chain_per_tenant() {
         [
             ("INSERT", "clinic.patients"),
             ("UPDATE", "clinic.patients"),
-            ("DELETE", "clinic.patients")
+            ("DELETE", "clinic.patients"),
+            ("INSERT", "clinic.visits")
         ],
         "{events:#?}"
     );
@@ -771,8 +786,11 @@ fn citus_audit_trail_is_one_chain_per_tenant() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(ids.len(), 1);
-    assert_eq!(ids[0] >> 48, group as i64, "an id of the worker's range");
+    assert_eq!(ids.len(), 2, "patients and visits");
+    assert!(
+        ids.iter().all(|id| id >> 48 == group as i64),
+        "ids of the worker's range: {ids:?}"
+    );
     let b_events = gathered_events(&c, B, |e| !e.is_empty());
     assert_eq!(b_events.len(), 1, "{b_events:#?}");
     assert!(b_events[0].2.contains("other"), "{b_events:?}");

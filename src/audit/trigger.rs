@@ -84,11 +84,37 @@ impl RowReader {
     }
 }
 
+/// Whose rows the writer may file events for: `None` when any tenant's (the role in effect
+/// for the session, after SET ROLE, is a superuser or has BYPASSRLS: RLS does not bind it);
+/// otherwise the tenant of its context (or none), the only one whose rows the tenant floor
+/// lets it write. The trigger runs as its definer, so the writer is the outer role (a
+/// referential action, which runs as the table's owner without RLS, is bound by it too). An
+/// event of another tenant's row from a bound writer means the trigger does not read the
+/// column the floor checks (its argument names another column, or the column was renamed or
+/// replaced under it), or a referential action crossed tenants: it would file events in
+/// another tenant's trail, and is refused.
+fn bound_tenant() -> Option<Option<String>> {
+    // SAFETY: role lookups of the outer user.
+    let free = unsafe {
+        let writer = pg_sys::GetOuterUserId();
+        pg_sys::superuser_arg(writer) || pg_sys::has_bypassrls_privilege(writer)
+    };
+    (!free).then(crate::context::current_org)
+}
+
+/// Whether two tenant ids are one: equal, or the same UUID written differently.
+fn same_tenant(a: &str, b: &str) -> bool {
+    a == b
+        || matches!((uuid::Uuid::parse_str(a), uuid::Uuid::parse_str(b)), (Ok(x), Ok(y)) if x == y)
+}
+
 /// The event for one changed row (None for a no-op UPDATE). Its tenant is the row's tenant
-/// column, never the context.
+/// column, never the context; a writer bound to one tenant ([`bound_tenant`]) files events
+/// of that tenant's rows only.
 fn change_event(
     table: &str,
     tenant_column: &str,
+    bound: &Option<Option<String>>,
     reader: &RowReader,
     old: Option<Row>,
     new: Option<Row>,
@@ -103,6 +129,14 @@ fn change_event(
         Some((_, serde_json::Value::String(s))) => s.clone(),
         _ => return Err(TenancyError::NoTenant),
     };
+    if let Some(allowed) = bound {
+        if !allowed.as_deref().is_some_and(|t| same_tenant(t, &org)) {
+            return Err(TenancyError::EventOfOtherTenant {
+                table: table.to_string(),
+                column: tenant_column.to_string(),
+            });
+        }
+    }
     let row_key = reader.key(current);
     let (changed, payload) = match (old, new) {
         (Some(o), Some(n)) => {
@@ -219,6 +253,7 @@ fn audit_trigger_body<'a>(
         return Ok(None); // protected tables refuse TRUNCATE before it happens
     }
     let who = Who::current();
+    let bound = bound_tenant();
     // SAFETY: the trigger's relation, tuples and transition tables are valid for the call.
     unsafe {
         let mut reader = RowReader::new(data.tg_relation);
@@ -231,7 +266,7 @@ fn audit_trigger_body<'a>(
                     Some(reader.read(data.tg_newtuple)),
                 ),
             };
-            if let Some(event) = change_event(&table, &tenant_column, &reader, old, new)? {
+            if let Some(event) = change_event(&table, &tenant_column, &bound, &reader, old, new)? {
                 append_events(&who, &[event]);
             }
             return Ok(None);
@@ -270,7 +305,9 @@ fn audit_trigger_body<'a>(
                         }
                         (o, n) => (o.flatten(), n.flatten()),
                     };
-                    if let Some(event) = change_event(&table, &tenant_column, &reader, old, new)? {
+                    if let Some(event) =
+                        change_event(&table, &tenant_column, &bound, &reader, old, new)?
+                    {
                         batch.push(event);
                     }
                 }

@@ -131,6 +131,8 @@ pub(crate) enum TenancyError {
     ShardWeakening { command: &'static str },
     #[error("tenancy.cluster_context refused: {reason}")]
     ClusterContextRefused { reason: &'static str },
+    #[error("audit event refused: a row of another tenant than the writer's context was written to \"{table}\"")]
+    EventOfOtherTenant { table: String, column: String },
     #[error("{what} runs on a Citus worker only")]
     NotACitusWorker { what: &'static str },
     #[error("invalid audit outbox request: {reason}")]
@@ -182,6 +184,7 @@ impl TenancyError {
             Self::ClusterContextRefused { .. } => ERRCODE_INSUFFICIENT_PRIVILEGE,
             Self::ShardWeakening { .. } => ERRCODE_INSUFFICIENT_PRIVILEGE,
             Self::NotACitusWorker { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            Self::EventOfOtherTenant { .. } => ERRCODE_INSUFFICIENT_PRIVILEGE,
             Self::BadOutboxRequest { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
             Self::ReservedAction { .. } => ERRCODE_RESERVED_NAME,
             Self::SessionObject { .. } => ERRCODE_FEATURE_NOT_SUPPORTED,
@@ -207,6 +210,9 @@ impl TenancyError {
                 Some(reason.clone())
             }
             Self::TokenMalformed { reason } => Some((*reason).to_string()),
+            Self::EventOfOtherTenant { column, .. } => Some(format!(
+                "the audit trigger files events under column \"{column}\", which is not the writer's tenant in this row"
+            )),
             Self::KeyFile { path, reason } | Self::PhiKeyFile { path, reason } => {
                 Some(format!("file \"{path}\": {reason}"))
             }
@@ -250,6 +256,9 @@ impl TenancyError {
             ),
             Self::ClusterContextRefused { .. } => Some(
                 "Only tenancy.set_org() on the Citus coordinator hands a tenant context to a worker.",
+            ),
+            Self::EventOfOtherTenant { .. } => Some(
+                "The audit trigger files each event under its column's value, which row level security must check: compare the trigger's argument with the tenant floor policy's column (SELECT * FROM tenancy.isolation_report()).",
             ),
             Self::BadOutboxRequest { .. } => Some(
                 "It is called by the coordinator's audit sealer; nothing was changed.",

@@ -148,6 +148,10 @@ fn every_error_with(text: &str) -> Vec<TenancyError> {
         ClusterKeyMissing,
         ClusterContextRefused { reason: "r" },
         NotACitusWorker { what: "w" },
+        EventOfOtherTenant {
+            table: s(),
+            column: s(),
+        },
         BadOutboxRequest { reason: "r" },
         ShardWeakening {
             command: "CREATE POLICY",
@@ -213,6 +217,7 @@ fn variant(e: &TenancyError) -> &'static str {
         ClusterContextRefused { .. } => "ClusterContextRefused",
         ShardWeakening { .. } => "ShardWeakening",
         NotACitusWorker { .. } => "NotACitusWorker",
+        EventOfOtherTenant { .. } => "EventOfOtherTenant",
         BadOutboxRequest { .. } => "BadOutboxRequest",
         TrailMaintenance { .. } => "TrailMaintenance",
         SessionSettingForOthers { .. } => "SessionSettingForOthers",
