@@ -713,6 +713,14 @@ pub(crate) unsafe fn check_set_statement(stmt: *mut pg_sys::Node) {
     if (*set).kind != pg_sys::VariableSetKind::VAR_SET_VALUE {
         return;
     }
+    // The statement text carries the token: pg_stat_activity would show it to every backend
+    // of the same role (Citus connects as the application's role) until the next statement,
+    // and a token read there could be replayed. The activity is replaced now, before the
+    // value is even checked (a refused one is nobody's business either).
+    pg_sys::pgstat_report_activity(
+        pg_sys::BackendState::STATE_RUNNING,
+        c"SET LOCAL tenancy.cluster_context = <a token, hidden by pg_tenancy>".as_ptr(),
+    );
     // PostgreSQL's own flattening of the SET's arguments (the string as the check hook gets it).
     let flat = pg_sys::ExtractSetVariableArgs(set);
     let value = (!flat.is_null()).then(|| CStr::from_ptr(flat).to_string_lossy().into_owned());

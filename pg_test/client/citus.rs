@@ -421,6 +421,25 @@ fn citus_context_reaches_every_node() {
         .map(|r| r.get(0))
         .collect();
     assert_eq!(revealed, ["sensitive"]);
+    // The token Citus sent each worker connection is not in pg_stat_activity, where every
+    // backend of the role could read it (and replay it) while the transaction is open.
+    let mut hidden = 0;
+    for w in &c.workers {
+        let mut peer = w.connect("app", "app");
+        let shown = strings(
+            &mut peer,
+            "SELECT query FROM pg_stat_activity WHERE usename = 'app' AND pid <> pg_backend_pid()",
+        );
+        assert!(
+            !shown.iter().any(|q| q.contains("c1:")),
+            "a token in pg_stat_activity: {shown:#?}"
+        );
+        hidden += shown
+            .iter()
+            .filter(|q| q.contains("hidden by pg_tenancy"))
+            .count();
+    }
+    assert!(hidden > 0, "the workers' Citus connections were seen");
     let mut sp = tx.savepoint("other").unwrap();
     assert_eq!(
         sqlstate(sp.execute(

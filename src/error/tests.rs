@@ -56,6 +56,7 @@ fn test_only_identifier_fields_carry_input() {
             "RevealNotRecorded",       // pg_tenancy's own words
             "UndefinedTable",          // relation name
             "BadDigest",               // reason: made by digest.rs, never the digest's text
+            "EventOfOtherTenant",      // table and column names, never the row's values
             "SessionSettingForOthers", // a setting's name
             "Spi",                     // SPI's own error about pg_tenancy's query
         ]
