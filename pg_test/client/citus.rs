@@ -421,25 +421,6 @@ fn citus_context_reaches_every_node() {
         .map(|r| r.get(0))
         .collect();
     assert_eq!(revealed, ["sensitive"]);
-    // The token Citus sent each worker connection is not in pg_stat_activity, where every
-    // backend of the role could read it (and replay it) while the transaction is open.
-    let mut hidden = 0;
-    for w in &c.workers {
-        let mut peer = w.connect("app", "app");
-        let shown = strings(
-            &mut peer,
-            "SELECT query FROM pg_stat_activity WHERE usename = 'app' AND pid <> pg_backend_pid()",
-        );
-        assert!(
-            !shown.iter().any(|q| q.contains("c1:")),
-            "a token in pg_stat_activity: {shown:#?}"
-        );
-        hidden += shown
-            .iter()
-            .filter(|q| q.contains("hidden by pg_tenancy"))
-            .count();
-    }
-    assert!(hidden > 0, "the workers' Citus connections were seen");
     let mut sp = tx.savepoint("other").unwrap();
     assert_eq!(
         sqlstate(sp.execute(
@@ -932,4 +913,44 @@ fn citus_audit_trail_is_one_chain_per_tenant() {
         .unwrap();
     let (ok, _, _, problem) = verified(&c, A);
     assert!(!ok, "an edited event is found: {problem:?}");
+}
+
+/// The token Citus sends each worker connection is not in pg_stat_activity, where every
+/// backend of the role could read it (and replay it): connections already in the transaction
+/// when set_org runs get the SET LOCAL as their last statement.
+#[test]
+#[ignore = "needs Citus: scripts/test.sh runs it when Citus is installed"]
+fn citus_token_is_not_shown_in_pg_stat_activity() {
+    let c = Citus::start();
+    c.clinic();
+    let mut app = c.connect("app");
+    let mut tx = app.transaction().unwrap();
+    // A multi-shard query first: Citus opens its connections to both workers.
+    tx.query_one("SELECT count(*) FROM clinic.patients", &[])
+        .unwrap();
+    tx.execute("SELECT tenancy.set_org($1::text)", &[&A])
+        .unwrap();
+    let mut hidden = 0;
+    for w in &c.workers {
+        let mut peer = w.connect("app", "app");
+        let shown = strings(
+            &mut peer,
+            "SELECT query FROM pg_stat_activity WHERE usename = 'app' AND pid <> pg_backend_pid()",
+        );
+        assert!(
+            !shown.iter().any(|q| q.contains("c1:")),
+            "a token in pg_stat_activity: {shown:#?}"
+        );
+        hidden += shown
+            .iter()
+            .filter(|q| q.contains("hidden by pg_tenancy"))
+            .count();
+    }
+    assert!(hidden > 0, "no worker connection got the context");
+    assert_eq!(
+        tx.query_one("SELECT count(*) FROM clinic.patients", &[])
+            .unwrap()
+            .get::<_, i64>(0),
+        5
+    );
 }
