@@ -821,10 +821,15 @@ pub(crate) unsafe fn refuse_shard_weakening(stmt: *mut pg_sys::Node) {
                 None => return,
             }
         }
-        pg_sys::NodeTag::T_CreatePolicyStmt => (
-            (*stmt.cast::<pg_sys::CreatePolicyStmt>()).table,
-            "CREATE POLICY",
-        ),
+        pg_sys::NodeTag::T_CreatePolicyStmt => {
+            let table = (*stmt.cast::<pg_sys::CreatePolicyStmt>()).table;
+            // A table made in this transaction is being built (Citus creating a shard to
+            // distribute, move or split: its policies follow its floor): nothing to weaken.
+            if crate::session_objects::relation_oid(table).is_some_and(|rel| created_here(rel)) {
+                return;
+            }
+            (table, "CREATE POLICY")
+        }
         pg_sys::NodeTag::T_AlterPolicyStmt => (
             (*stmt.cast::<pg_sys::AlterPolicyStmt>()).table,
             "ALTER POLICY",
@@ -862,6 +867,18 @@ pub(crate) unsafe fn refuse_shard_weakening(stmt: *mut pg_sys::Node) {
         _ => return,
     };
     refuse_if_protected(relation, command);
+}
+
+/// Whether `rel` was created by the current transaction.
+unsafe fn created_here(rel: pg_sys::Oid) -> bool {
+    let r = pg_sys::RelationIdGetRelation(rel);
+    if r.is_null() {
+        return false;
+    }
+    // InvalidSubTransactionId is 0.
+    let created = (*r).rd_createSubid != 0;
+    pg_sys::RelationClose(r);
+    created
 }
 
 /// Refuses `command` when `relation` carries pg_tenancy's floor policy.
