@@ -626,6 +626,7 @@ impl Handover {
                 WRITING.with(|w| w.set(false));
             }
         }
+        restrict_remote_command_logging();
         // Through SQL, so that Citus's utility hook sees the SET LOCAL and propagates it (the
         // token is hex, digits, colons and "c1": nothing to quote).
         Spi::run("SET LOCAL citus.propagate_set_commands = 'local'")
@@ -635,6 +636,109 @@ impl Handover {
         Spi::run(&format!("SET LOCAL tenancy.cluster_context = '{token}'"))
             .map_err(|e| TenancyError::spi("handing the tenant context to Citus's workers", e))?;
         Ok(())
+    }
+}
+
+// ---- No token in a message ------------------------------------------------------------
+//
+// Citus's own messages carry the statements it sends (`citus.log_remote_commands`, which any
+// role may turn on, shows each worker's `SET LOCAL tenancy.cluster_context = '<token>'` to
+// the client as a NOTICE), and a worker logs them (`log_statement`, an error's statement).
+// Every message PostgreSQL emits passes the log hook: a token in it is replaced, and a
+// statement carrying one is not printed.
+
+/// `citus.log_remote_commands` shows a session the commands Citus sends for it, the token's
+/// `SET LOCAL` among them, as NOTICEs that reach only the client (the log hook does not see
+/// those). Citus lets any role turn it on; here it becomes a superuser's setting (called from
+/// `_PG_init`, after Citus's, which `shared_preload_libraries` lists first, and again before
+/// each hand-over). Citus 14 needs PostgreSQL 16 or later, which exports the lookup.
+pub(crate) fn restrict_remote_command_logging() {
+    #[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15")))]
+    // SAFETY: a lookup in the GUC table by name (NULL when Citus is not loaded); the context
+    // field of a setting is read by the GUC machinery at each SET, never cached.
+    unsafe {
+        let g = pg_sys::find_option(
+            c"citus.log_remote_commands".as_ptr(),
+            false,
+            true,
+            pg_sys::WARNING as i32,
+        );
+        if !g.is_null() && (*g).context == pg_sys::GucContext::PGC_USERSET {
+            (*g).context = pg_sys::GucContext::PGC_SUSET;
+        }
+    }
+}
+
+static mut PREV_EMIT_LOG: pg_sys::emit_log_hook_type = None;
+
+/// Installs the log hook (from `_PG_init`).
+pub(crate) fn init_log_redaction() {
+    // SAFETY: hooks are installed once, at library load, on the main thread.
+    unsafe {
+        PREV_EMIT_LOG = pg_sys::emit_log_hook;
+        pg_sys::emit_log_hook = Some(redact_tokens);
+    }
+}
+
+const HIDDEN: &str = "<a token, hidden by pg_tenancy>";
+
+/// `text` with every cluster context token (`c1:` and its digits, hex and colons) hidden;
+/// None when it holds none.
+fn without_tokens(text: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(text).ok()?;
+    if !text.contains("c1:") {
+        return None;
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    let mut changed = false;
+    while let Some(at) = rest.find("c1:") {
+        let tail = &rest[at + 3..];
+        let len = tail
+            .bytes()
+            .take_while(|b| b.is_ascii_hexdigit() || *b == b':' || *b == b'-')
+            .count();
+        out.push_str(&rest[..at]);
+        if len >= 16 {
+            out.push_str(HIDDEN);
+            changed = true;
+        } else {
+            out.push_str(&rest[at..at + 3 + len]);
+        }
+        rest = &tail[len..];
+    }
+    out.push_str(rest);
+    changed.then_some(out)
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn redact_tokens(edata: *mut pg_sys::ErrorData) {
+    if !edata.is_null() {
+        for field in [
+            &mut (*edata).message,
+            &mut (*edata).detail,
+            &mut (*edata).detail_log,
+            &mut (*edata).hint,
+            &mut (*edata).context,
+            &mut (*edata).internalquery,
+        ] {
+            if field.is_null() {
+                continue;
+            }
+            if let Some(clean) = without_tokens(CStr::from_ptr(*field).to_bytes()) {
+                if let Ok(c) = CString::new(clean) {
+                    // In ErrorContext, where the message lives.
+                    *field = pg_sys::pstrdup(c.as_ptr());
+                }
+            }
+        }
+        let statement = pg_sys::debug_query_string;
+        if !statement.is_null() && without_tokens(CStr::from_ptr(statement).to_bytes()).is_some() {
+            (*edata).hide_stmt = true;
+        }
+    }
+    if let Some(prev) = PREV_EMIT_LOG {
+        pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| prev(edata));
     }
 }
 
@@ -814,8 +918,18 @@ pub(crate) unsafe fn refuse_shard_weakening(stmt: *mut pg_sys::Node) {
                     Some("DISABLE TRIGGER")
                 }
                 At::AT_EnableTrig | At::AT_EnableReplicaTrig => Some("ENABLE [REPLICA] TRIGGER"),
+                // A protected table as another table's child: reads through the parent skip
+                // the child's row level security and its statement triggers.
+                At::AT_AddInherit => Some("INHERIT"),
                 _ => None,
             });
+            // ATTACH PARTITION names the child in the command.
+            for cmd in cmds.iter_ptr() {
+                if (*cmd).subtype == At::AT_AttachPartition && !(*cmd).def.is_null() {
+                    let part = (*cmd).def.cast::<pg_sys::PartitionCmd>();
+                    refuse_if_protected((*part).name, "ATTACH PARTITION");
+                }
+            }
             match weakening {
                 Some(c) => ((*alter).relation, c),
                 None => return,
@@ -834,6 +948,42 @@ pub(crate) unsafe fn refuse_shard_weakening(stmt: *mut pg_sys::Node) {
             (*stmt.cast::<pg_sys::AlterPolicyStmt>()).table,
             "ALTER POLICY",
         ),
+        // A shard renamed, moved to another schema or dropped leaves its name free for a
+        // table without protection, which the coordinator would then write the tenant's
+        // rows into (Citus routes by name).
+        pg_sys::NodeTag::T_RenameStmt => {
+            let rename = stmt.cast::<pg_sys::RenameStmt>();
+            if (*rename).renameType != pg_sys::ObjectType::OBJECT_TABLE {
+                return;
+            }
+            ((*rename).relation, "ALTER TABLE ... RENAME")
+        }
+        pg_sys::NodeTag::T_AlterObjectSchemaStmt => {
+            let alter = stmt.cast::<pg_sys::AlterObjectSchemaStmt>();
+            if (*alter).objectType != pg_sys::ObjectType::OBJECT_TABLE {
+                return;
+            }
+            ((*alter).relation, "ALTER TABLE ... SET SCHEMA")
+        }
+        pg_sys::NodeTag::T_DropStmt
+            if (*stmt.cast::<pg_sys::DropStmt>()).removeType
+                == pg_sys::ObjectType::OBJECT_TABLE =>
+        {
+            let objects =
+                pgrx::PgList::<pg_sys::List>::from_pg((*stmt.cast::<pg_sys::DropStmt>()).objects);
+            for names in objects.iter_ptr() {
+                let rv = pg_sys::makeRangeVarFromNameList(names);
+                if let Some(rel) = floor_table(rv) {
+                    if is_shard(rel) {
+                        TenancyError::ShardWeakening {
+                            command: "DROP TABLE",
+                        }
+                        .report();
+                    }
+                }
+            }
+            return;
+        }
         pg_sys::NodeTag::T_DropStmt => {
             let drop = stmt.cast::<pg_sys::DropStmt>();
             let command = match (*drop).removeType {
@@ -867,6 +1017,68 @@ pub(crate) unsafe fn refuse_shard_weakening(stmt: *mut pg_sys::Node) {
         _ => return,
     };
     refuse_if_protected(relation, command);
+}
+
+/// Whether `rel` is a Citus shard (by its name and Citus's metadata).
+unsafe fn is_shard(rel: pg_sys::Oid) -> bool {
+    match (
+        cstr_owned(pg_sys::get_namespace_name(pg_sys::get_rel_namespace(rel))),
+        cstr_owned(pg_sys::get_rel_name(rel)),
+    ) {
+        (Some(schema), Some(name)) => shard_of(&schema, &name).is_some(),
+        _ => false,
+    }
+}
+
+/// Citus functions that copy a table's rows as the calling role (moving, copying, splitting,
+/// rebalancing, draining shards; changing or undoing a distribution). Run by a role that row
+/// level security binds, the copy of a protected table reads no row (no tenant context: the
+/// floor lets none through), and the source is then dropped: every tenant's rows lost,
+/// without an audit event.
+const ROW_COPYING_FUNCTIONS: [&CStr; 15] = [
+    c"citus_move_shard_placement",
+    c"master_move_shard_placement",
+    c"citus_copy_shard_placement",
+    c"master_copy_shard_placement",
+    c"isolate_tenant_to_new_shard",
+    c"citus_split_shard_by_split_points",
+    c"create_distributed_table_concurrently",
+    c"rebalance_table_shards",
+    c"citus_rebalance_start",
+    c"replicate_table_shards",
+    c"citus_drain_node",
+    c"master_drain_node",
+    c"alter_distributed_table",
+    c"undistribute_table",
+    c"alter_table_set_access_method",
+];
+
+/// Before a function runs (object access hook, OAT_FUNCTION_EXECUTE): a role that is not a
+/// superuser may not run Citus's row-copying functions (above) in a database with pg_tenancy.
+///
+/// SAFETY: `func` is a function about to be executed, inside a transaction.
+pub(crate) unsafe fn refuse_row_copy_by_non_superuser(func: pg_sys::Oid) {
+    if pg_sys::superuser() || !loaded() {
+        return;
+    }
+    if pg_sys::get_func_namespace(func) != pg_sys::PG_CATALOG_NAMESPACE.into() {
+        return;
+    }
+    let name = pg_sys::get_func_name(func);
+    if name.is_null() {
+        return;
+    }
+    let name = CStr::from_ptr(name);
+    let Some(found) = ROW_COPYING_FUNCTIONS.iter().find(|f| **f == name) else {
+        return;
+    };
+    if pg_sys::get_extension_oid(c"pg_tenancy".as_ptr(), true) == pg_sys::InvalidOid {
+        return;
+    }
+    TenancyError::ShardCopyRefused {
+        function: found.to_str().unwrap_or("a Citus function"),
+    }
+    .report();
 }
 
 /// Whether `rel` was created by the current transaction.

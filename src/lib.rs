@@ -89,6 +89,9 @@ extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 pub extern "C-unwind" fn _PG_init() {
     no_backtraces();
     preload::init();
+    // Before gucs::init, which reserves the tenancy. prefix (a placeholder of a setting not
+    // defined yet would be removed, with a WARNING, and its value lost).
+    citus::define_gucs();
     gucs::init(
         preload::is_preloaded(),
         gucs::AssignHooks {
@@ -97,7 +100,8 @@ pub extern "C-unwind" fn _PG_init() {
         },
     );
     context::define_mirror_guc();
-    citus::define_gucs();
+    citus::init_log_redaction();
+    citus::restrict_remote_command_logging();
     utility::init();
     reveal_log::init();
     reveal_worker::init();

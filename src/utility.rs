@@ -199,6 +199,9 @@ unsafe extern "C-unwind" fn object_access(
     if access == pg_sys::ObjectAccessType::OAT_POST_CREATE && in_tenant_transaction() {
         crate::session_objects::check_object_created(class_id);
     }
+    if access == pg_sys::ObjectAccessType::OAT_FUNCTION_EXECUTE {
+        crate::citus::refuse_row_copy_by_non_superuser(object_id);
+    }
     if let Some(prev) = PREV_OBJECT_ACCESS {
         // SAFETY: the hook installed before ours; C, so called inside the FFI boundary.
         pg_sys::submodules::ffi::pg_guard_ffi_boundary(|| {

@@ -325,6 +325,11 @@ fn citus_shard_move_keeps_protection() {
         &[&shard, &from, &to],
     )
     .unwrap();
+    assert_eq!(
+        count(&mut c.su(), "SELECT count(*) FROM clinic.patients"),
+        10,
+        "a superuser's move copies every row"
+    );
     let floors = c.shard_floors("clinic.patients");
     let moved = floors
         .iter()
@@ -523,6 +528,14 @@ fn citus_worker_guards_refuse_the_owner() {
         format!("ALTER POLICY tenancy_tenant_rows ON {shard_table} USING (true)"),
         format!("DROP TRIGGER tenancy_tenant_immutable_{shard} ON {shard_table}"),
         format!("SET citus.enable_manual_changes_to_shards = on; TRUNCATE {shard_table}"),
+        // A shard as another table's child (reads through the parent skip its RLS), or its
+        // name freed for a table without protection (the coordinator routes by name).
+        format!("CREATE TABLE clinic.par (LIKE {shard_table}); ALTER TABLE {shard_table} INHERIT clinic.par"),
+        format!("CREATE TABLE clinic.par2 (LIKE {shard_table}) PARTITION BY LIST (organization_id);
+                 ALTER TABLE clinic.par2 ATTACH PARTITION {shard_table} FOR VALUES IN ('{A}')"),
+        format!("ALTER TABLE {shard_table} RENAME TO patients_old"),
+        format!("ALTER TABLE {shard_table} SET SCHEMA public"),
+        format!("DROP TABLE {shard_table}"),
         // The worker's shell table of the distributed table, too.
         "ALTER TABLE clinic.patients NO FORCE ROW LEVEL SECURITY".to_string(),
         "CREATE POLICY everything ON clinic.patients FOR SELECT USING (true)".to_string(),
@@ -530,6 +543,24 @@ fn citus_worker_guards_refuse_the_owner() {
         let e = crate::harness::db_error(owner.batch_execute(&stmt));
         assert_eq!(e.code().code(), "42501", "{stmt}: {e:?}");
     }
+    // Citus's row-copying functions run by the owner would copy no row of a protected table
+    // (RLS, no context) and drop the source: every tenant's rows lost.
+    let mut coordinator_owner = c.connect("owner");
+    for call in [
+        format!("SELECT citus_move_shard_placement({shard}, '127.0.0.1', {}, '127.0.0.1', {}, shard_transfer_mode => 'block_writes')",
+            worker.port, c.workers.iter().find(|w| w.port != worker.port).unwrap().port),
+        format!("SELECT isolate_tenant_to_new_shard('clinic.patients', '{B}', 'CASCADE', shard_transfer_mode => 'block_writes')"),
+        "SELECT rebalance_table_shards('clinic.patients')".to_string(),
+        "SELECT undistribute_table('clinic.patients', cascade_via_foreign_keys => true)".to_string(),
+    ] {
+        let e = crate::harness::db_error(coordinator_owner.batch_execute(&call));
+        assert_eq!(e.code().code(), "42501", "{call}: {e:?}");
+        assert!(e.message().contains("only a superuser may run"), "{e:?}");
+    }
+    assert_eq!(
+        count(&mut c.su(), "SELECT count(*) FROM clinic.patients"),
+        10
+    );
     // Code of the owner's over the shard's rows (it would see every tenant's new rows).
     owner
         .batch_execute(
@@ -639,7 +670,14 @@ fn gathered_events(c: &Citus, org: &str, done: impl Fn(&[Event]) -> bool) -> Vec
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    panic!("the coordinator's trail of {org} never became complete");
+    let warnings: Vec<String> = c
+        .coordinator
+        .log()
+        .lines()
+        .filter(|l| l.contains("WARNING") || l.contains("ERROR"))
+        .map(str::to_string)
+        .collect();
+    panic!("the coordinator's trail of {org} never became complete: {warnings:#?}");
 }
 
 /// `(ok, events, unsealed)` of `tenancy.audit_verify(org)` on the coordinator.
@@ -956,4 +994,110 @@ fn citus_token_is_not_shown_in_pg_stat_activity() {
             .get::<_, i64>(0),
         5
     );
+}
+
+/// No message carries a token: Citus's `citus.log_remote_commands` (any role may turn it on)
+/// shows the commands sent to the workers as NOTICEs, `SET LOCAL tenancy.cluster_context`
+/// among them; the token in them is hidden.
+#[test]
+#[ignore = "needs Citus: scripts/test.sh runs it when Citus is installed"]
+fn citus_token_is_not_in_any_message() {
+    let c = Citus::start();
+    c.clinic();
+    let notices = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = notices.clone();
+    let mut app = postgres::Config::new()
+        .host("127.0.0.1")
+        .port(c.coordinator.port)
+        .user("app")
+        .dbname("app")
+        .notice_callback(move |n| seen.lock().unwrap().push(n.message().to_string()))
+        .connect(postgres::NoTls)
+        .unwrap();
+    // Citus lets any role show itself the commands it sends; here it is a superuser's.
+    let e = crate::harness::db_error(app.batch_execute("SET citus.log_remote_commands = on"));
+    assert_eq!(e.code().code(), "42501", "{e:?}");
+    let e = crate::harness::db_error(
+        app.batch_execute("SELECT set_config('citus.log_remote_commands', 'on', false)"),
+    );
+    assert_eq!(e.code().code(), "42501", "{e:?}");
+    app.batch_execute(&format!(
+        "BEGIN; SELECT tenancy.set_org('{A}'); SELECT count(*) FROM clinic.patients; COMMIT;"
+    ))
+    .unwrap();
+    assert!(
+        !notices.lock().unwrap().iter().any(|n| n.contains("c1:")),
+        "{notices:#?}"
+    );
+    // A superuser's log of remote commands, with the server log at NOTICE: the token is
+    // hidden in the server log and in the client's NOTICEs alike.
+    let mut su = c.su();
+    su.execute("ALTER SYSTEM SET log_min_messages = notice", &[])
+        .unwrap();
+    su.execute("SELECT pg_reload_conf()", &[]).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let seen = notices.clone();
+    let mut admin = postgres::Config::new()
+        .host("127.0.0.1")
+        .port(c.coordinator.port)
+        .user("postgres")
+        .dbname("app")
+        .notice_callback(move |n| seen.lock().unwrap().push(n.message().to_string()))
+        .connect(postgres::NoTls)
+        .unwrap();
+    admin
+        .batch_execute(&format!(
+            "SET citus.log_remote_commands = on;
+             BEGIN; SELECT tenancy.set_org('{A}'); SELECT count(*) FROM clinic.patients; COMMIT;"
+        ))
+        .unwrap();
+    let notices = notices.lock().unwrap().clone();
+    assert!(
+        notices
+            .iter()
+            .any(|n| n.contains("tenancy.cluster_context")),
+        "Citus showed its commands: {notices:#?}"
+    );
+    assert!(
+        !notices.iter().any(|n| n.contains("c1:")),
+        "a token in a NOTICE: {notices:#?}"
+    );
+    assert!(notices.iter().any(|n| n.contains("hidden by pg_tenancy")));
+    for node in std::iter::once(&c.coordinator).chain(&c.workers) {
+        assert!(!node.log().contains("c1:"), "a token in the server log");
+    }
+}
+
+/// A statement whose audit events are larger than one gathering carries: the worker offers
+/// them a part of a pending row at a time, and every event reaches the coordinator's chain.
+#[test]
+#[ignore = "needs Citus: scripts/test.sh runs it when Citus is installed"]
+fn citus_large_audit_events_are_gathered_in_parts() {
+    let c = Citus::start();
+    c.clinic();
+    c.su()
+        .batch_execute("SELECT tenancy.protect('clinic.patients', audit => true)")
+        .unwrap();
+    let mut app = c.connect("app");
+    let mut tx = app.transaction().unwrap();
+    tx.execute("SELECT tenancy.set_org($1::text)", &[&A])
+        .unwrap();
+    // Four rows of 4 MB each, in one statement (one pending row): more than one offer.
+    tx.batch_execute(
+        "INSERT INTO clinic.patients (organization_id, id, name) VALUES
+           (tenancy.require_org(), 201, repeat(md5('1'), 131072)),
+           (tenancy.require_org(), 202, repeat(md5('2'), 131072)),
+           (tenancy.require_org(), 203, repeat(md5('3'), 131072)),
+           (tenancy.require_org(), 204, repeat(md5('4'), 131072))",
+    )
+    .unwrap();
+    tx.commit().unwrap();
+    let events = gathered_events(&c, A, |e| e.iter().filter(|e| e.0 == "INSERT").count() >= 4);
+    assert_eq!(events.iter().filter(|e| e.0 == "INSERT").count(), 4);
+    let (ok, _, unsealed, problem) = verified(&c, A);
+    assert!(ok && unsealed == 0, "{problem:?}");
+    c.su().execute("SELECT tenancy.audit_seal()", &[]).unwrap();
+    for w in &c.workers {
+        assert_eq!(worker_outbox(w), (0, 0), "worker {}", w.port);
+    }
 }

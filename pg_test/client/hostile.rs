@@ -21,14 +21,14 @@ const TENANTS: [&str; 4] = [
 
 /// A PgBouncer in transaction mode in front of `pg_port`, with a pool smaller than the
 /// number of clients. Stopped when dropped.
-struct Bouncer {
-    port: u16,
+pub(crate) struct Bouncer {
+    pub(crate) port: u16,
     child: Child,
     dir: tempfile::TempDir,
 }
 
 impl Bouncer {
-    fn start(pg_port: u16, pool_size: u32) -> Bouncer {
+    pub(crate) fn start(pg_port: u16, pool_size: u32) -> Bouncer {
         let dir = tempfile::Builder::new()
             .prefix("pg_tenancy-bouncer-")
             .tempdir()

@@ -11,6 +11,8 @@ mod hostile;
 mod lifecycle;
 #[cfg(feature = "pg15")]
 mod node;
+#[cfg(feature = "pg15")]
+mod node_client;
 mod phi;
 mod privileged;
 mod regress;

@@ -28,6 +28,9 @@ use std::time::{Duration, Instant};
 const GROUP_SHIFT: u32 = 48;
 /// Outbox rows (up to 40 events each) one gathering takes from one worker.
 const GATHER_ROWS: i32 = 100;
+/// Stored bytes of the events one offer carries at most (and one event, whatever its size):
+/// their JSON is about twice as large (bytea as hex), far below jsonb's 256 MB.
+const OFFER_BYTES: i64 = 8 << 20;
 /// How often the sealer gathers while the workers have nothing (each gathering opens one
 /// connection per worker).
 const GATHER_EVERY: Duration = Duration::from_millis(1000);
@@ -353,6 +356,21 @@ fn audit_outbox(acked_orgs: Vec<String>, acked_ids: Vec<i64>, max_rows: i32) -> 
                     None,
                     &[acked_orgs.clone().into(), acked_ids.clone().into()],
                 )?;
+                // Rows some of whose events were taken keep the others (a round may take
+                // part of a row: see below); rows all of whose events were taken go.
+                client.update(
+                    "UPDATE tenancy.audit_pending p SET event_ids = k.ids, hashes = k.hs
+                       FROM (SELECT q.ctid AS c, pg_catalog.array_agg(u.id ORDER BY u.i) AS ids,
+                                    pg_catalog.string_agg(pg_catalog.substr(q.hashes, ((u.i - 1) * 32 + 1)::int4, 32),
+                                                          ''::bytea ORDER BY u.i) AS hs
+                               FROM tenancy.audit_pending q, unnest(q.event_ids) WITH ORDINALITY AS u(id, i)
+                              WHERE q.event_ids OPERATOR(pg_catalog.&&) $1::bigint[]
+                                AND NOT (u.id OPERATOR(pg_catalog.=) ANY ($1::bigint[]))
+                              GROUP BY q.ctid) k
+                      WHERE p.ctid OPERATOR(pg_catalog.=) k.c",
+                    None,
+                    &[acked_ids.clone().into()],
+                )?;
                 client.update(
                     "DELETE FROM tenancy.audit_pending
                       WHERE event_ids OPERATOR(pg_catalog.<@) $1::bigint[]",
@@ -362,19 +380,34 @@ fn audit_outbox(acked_orgs: Vec<String>, acked_ids: Vec<i64>, max_rows: i32) -> 
                 Ok(())
             })?;
         }
+        // Events in the order they lie, as many as fit OFFER_BYTES (and the first whatever its
+        // size, so that no event can stop the others), with the part of each pending row
+        // they make up: one huge statement cannot make an offer too large to send.
         let doc = client
             .select(
-                "WITH p AS MATERIALIZED (SELECT organization_id, event_ids, hashes, occurred_at
-                                           FROM tenancy.audit_pending LIMIT $1)
+                "WITH p AS MATERIALIZED (SELECT ctid AS c, organization_id, event_ids, hashes, occurred_at
+                                           FROM tenancy.audit_pending LIMIT $1),
+                      x AS (SELECT p.c, p.organization_id, p.occurred_at, u.id, u.i,
+                                   pg_catalog.substr(p.hashes, ((u.i - 1) * 32 + 1)::int4, 32) AS h
+                              FROM p, unnest(p.event_ids) WITH ORDINALITY AS u(id, i)),
+                      s AS (SELECT x.*, e AS ev,
+                                   pg_catalog.sum(pg_catalog.pg_column_size(e.*)) OVER (ORDER BY x.c, x.i) AS cum,
+                                   pg_catalog.row_number() OVER (ORDER BY x.c, x.i) AS rn
+                              FROM x JOIN tenancy.audit_events e
+                                ON e.organization_id OPERATOR(pg_catalog.=) x.organization_id
+                               AND e.event_id OPERATOR(pg_catalog.=) x.id),
+                      t AS MATERIALIZED (SELECT * FROM s WHERE s.cum OPERATOR(pg_catalog.<=) $2 OR s.rn OPERATOR(pg_catalog.=) 1)
                  SELECT pg_catalog.jsonb_build_object(
-                          'pending', coalesce((SELECT pg_catalog.jsonb_agg(pg_catalog.to_jsonb(p)) FROM p), '[]'),
-                          'events', coalesce((SELECT pg_catalog.jsonb_agg(pg_catalog.to_jsonb(e))
-                                                FROM tenancy.audit_events e
-                                               WHERE (e.organization_id, e.event_id) IN
-                                                     (SELECT p.organization_id, pg_catalog.unnest(p.event_ids) FROM p)),
-                                             '[]'))",
+                          'pending', coalesce((SELECT pg_catalog.jsonb_agg(pg_catalog.jsonb_build_object(
+                                                        'organization_id', g.organization_id, 'event_ids', g.ids,
+                                                        'hashes', g.hs, 'occurred_at', g.occurred_at))
+                                                 FROM (SELECT t.c, t.organization_id, t.occurred_at,
+                                                              pg_catalog.array_agg(t.id ORDER BY t.i) AS ids,
+                                                              pg_catalog.string_agg(t.h, ''::bytea ORDER BY t.i) AS hs
+                                                         FROM t GROUP BY t.c, t.organization_id, t.occurred_at) g), '[]'),
+                          'events', coalesce((SELECT pg_catalog.jsonb_agg(pg_catalog.to_jsonb(t.ev)) FROM t), '[]'))",
                 None,
-                &[max_rows.into()],
+                &[max_rows.into(), OFFER_BYTES.into()],
             )?
             .first()
             .get::<pgrx::JsonB>(1)?;

@@ -133,6 +133,8 @@ pub(crate) enum TenancyError {
     ClusterContextRefused { reason: &'static str },
     #[error("audit event refused: a row of another tenant than the writer's context was written to \"{table}\"")]
     EventOfOtherTenant { table: String, column: String },
+    #[error("only a superuser may run {function}() in a database with pg_tenancy")]
+    ShardCopyRefused { function: &'static str },
     #[error("{what} runs on a Citus worker only")]
     NotACitusWorker { what: &'static str },
     #[error("invalid audit outbox request: {reason}")]
@@ -184,6 +186,7 @@ impl TenancyError {
             Self::ClusterContextRefused { .. } => ERRCODE_INSUFFICIENT_PRIVILEGE,
             Self::ShardWeakening { .. } => ERRCODE_INSUFFICIENT_PRIVILEGE,
             Self::NotACitusWorker { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            Self::ShardCopyRefused { .. } => ERRCODE_INSUFFICIENT_PRIVILEGE,
             Self::EventOfOtherTenant { .. } => ERRCODE_INSUFFICIENT_PRIVILEGE,
             Self::BadOutboxRequest { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
             Self::ReservedAction { .. } => ERRCODE_RESERVED_NAME,
@@ -259,6 +262,9 @@ impl TenancyError {
             ),
             Self::EventOfOtherTenant { .. } => Some(
                 "The audit trigger files each event under its column's value, which row level security must check: compare the trigger's argument with the tenant floor policy's column (SELECT * FROM tenancy.isolation_report()).",
+            ),
+            Self::ShardCopyRefused { .. } => Some(
+                "It copies rows as the calling role, and row level security would let it copy none of a protected table's (their shard then dropped): run it as a superuser.",
             ),
             Self::BadOutboxRequest { .. } => Some(
                 "It is called by the coordinator's audit sealer; nothing was changed.",

@@ -149,6 +149,7 @@ fn every_error_with(text: &str) -> Vec<TenancyError> {
         ClusterKeyMissing,
         ClusterContextRefused { reason: "r" },
         NotACitusWorker { what: "w" },
+        ShardCopyRefused { function: "f" },
         EventOfOtherTenant {
             table: s(),
             column: s(),
@@ -218,6 +219,7 @@ fn variant(e: &TenancyError) -> &'static str {
         ClusterContextRefused { .. } => "ClusterContextRefused",
         ShardWeakening { .. } => "ShardWeakening",
         NotACitusWorker { .. } => "NotACitusWorker",
+        ShardCopyRefused { .. } => "ShardCopyRefused",
         EventOfOtherTenant { .. } => "EventOfOtherTenant",
         BadOutboxRequest { .. } => "BadOutboxRequest",
         TrailMaintenance { .. } => "TrailMaintenance",
