@@ -676,7 +676,9 @@ BEGIN
                                    ELSE format('On the node: DROP POLICY %I ON %s and create it again as on the table.', pol.key, sh ->> 'shard') END;
         END IF;
       END LOOP;
-      FOR pol IN SELECT e.key, e.value::boolean AS permissive FROM jsonb_each_text(coalesce(sh -> 'policies', '{}')) e
+      -- A shard without policies has JSON null there (json_object_agg of no rows).
+      FOR pol IN SELECT e.key, e.value::boolean AS permissive
+                   FROM jsonb_each_text(CASE WHEN jsonb_typeof(sh -> 'policies') = 'object' THEN sh -> 'policies' ELSE '{}' END) e
                   WHERE NOT (want -> 'policies') ? e.key LOOP
         RETURN QUERY SELECT CASE WHEN pol.permissive THEN 'critical' ELSE 'warning' END, obj,
                             format('policy %I exists on the shard only', pol.key),

@@ -289,6 +289,22 @@ fn citus_report_checks_every_shard() {
     assert!(after
         .iter()
         .any(|f| f.contains("policy shard_only exists on the shard only")));
+    // A stand-in without protection under a shard's name (only a superuser can make one now):
+    // the report names it, instead of failing on a shard without policies.
+    let (worker, _, shard_table) = c.first_patients_shard();
+    let mut wsu = worker.connect("postgres", "app");
+    wsu.batch_execute(&format!(
+        "ALTER TABLE {shard_table} RENAME TO stand_in_old;
+         CREATE TABLE {shard_table} (LIKE clinic.stand_in_old);"
+    ))
+    .unwrap();
+    let standin = c.findings();
+    assert!(
+        standin.iter().any(|f| f.starts_with("critical")
+            && f.contains(&shard_table)
+            && f.contains("row level security is disabled on the shard")),
+        "{standin:#?}"
+    );
 }
 
 /// Moving a tenant's shard to the other worker keeps its protection: the new placement's
