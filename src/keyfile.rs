@@ -71,6 +71,33 @@ pub(crate) fn decode_hex_key(
     Ok(key)
 }
 
+/// Keys of a key file that may hold more than one (a rotation): one hex key per line, blank
+/// lines and `#` comments ignored, at most `max`, each at least `min_len` bytes.
+pub(crate) fn decode_hex_keys(
+    raw: &[u8],
+    min_len: usize,
+    max: usize,
+) -> Result<Vec<Zeroizing<Vec<u8>>>, KeyFileProblem> {
+    let text =
+        std::str::from_utf8(raw).map_err(|_| KeyFileProblem("the key must be hex text".into()))?;
+    let keys = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| decode_hex_key(l.as_bytes(), min_len))
+        .collect::<Result<Vec<_>, _>>()?;
+    if keys.is_empty() {
+        return Err(KeyFileProblem("the file holds no key".into()));
+    }
+    if keys.len() > max {
+        return Err(KeyFileProblem(format!(
+            "the file holds {} keys; at most {max} (the current one and, during a rotation, one more)",
+            keys.len()
+        )));
+    }
+    Ok(keys)
+}
+
 fn effective_uid() -> u32 {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() }

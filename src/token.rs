@@ -171,7 +171,7 @@ fn use_once(sig: &[u8; 32], expiry: u64, now: u64) -> Result<()> {
 
 thread_local! {
     /// The loaded context key of this backend; dropped (and zeroised) on reload.
-    static KEY: RefCell<Option<Zeroizing<Vec<u8>>>> = const { RefCell::new(None) };
+    static KEY: RefCell<Option<Vec<Zeroizing<Vec<u8>>>>> = const { RefCell::new(None) };
 }
 
 /// Assign hook of `tenancy.context_key_file`: runs at start and on every reload, so the key
@@ -297,12 +297,27 @@ pub(crate) fn check_for_set_org(
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let (sig, expiry) = with_key(&path, |key| verify(key, token, org, actor, now))?;
+    // During a rotation the file holds two keys: a token under either is accepted.
+    let (sig, expiry) = with_key(&path, |keys| {
+        let mut first = None;
+        for key in keys {
+            match verify(key, token, org, actor, now) {
+                Ok(found) => return Ok(found),
+                Err(e) => {
+                    first.get_or_insert(e);
+                }
+            }
+        }
+        Err(first.unwrap_or(TenancyError::TokenInvalid))
+    })?;
     use_once(&sig, expiry, now)?;
     Ok(true)
 }
 
-fn with_key<T>(path: &str, f: impl FnOnce(&[u8]) -> Result<T>) -> Result<T> {
+/// Keys a context key file may hold: the current one and, during a rotation, one more.
+const MAX_CONTEXT_KEYS: usize = 2;
+
+fn with_key<T>(path: &str, f: impl FnOnce(&[Zeroizing<Vec<u8>>]) -> Result<T>) -> Result<T> {
     KEY.with(|cell| {
         let mut slot = cell.borrow_mut();
         if slot.is_none() {
@@ -311,7 +326,9 @@ fn with_key<T>(path: &str, f: impl FnOnce(&[u8]) -> Result<T>) -> Result<T> {
                 reason: p.0,
             };
             let raw = keyfile::read_secret_file(path).map_err(problem)?;
-            *slot = Some(keyfile::decode_hex_key(&raw, MIN_KEY_BYTES).map_err(problem)?);
+            *slot = Some(
+                keyfile::decode_hex_keys(&raw, MIN_KEY_BYTES, MAX_CONTEXT_KEYS).map_err(problem)?,
+            );
         }
         f(slot.as_ref().expect("loaded just above"))
     })

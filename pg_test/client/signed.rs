@@ -196,3 +196,53 @@ fn test_signed_mode_requires_a_valid_token() {
     );
     assert_eq!(sqlstate(c2.query_one("SELECT 1/0", &[])), "22012"); // connection still healthy
 }
+
+/// A key rotation without a window of refused tokens: the key file holds the new key and the
+/// old one, tokens under either are accepted; once the file holds the new key alone (and the
+/// server reloaded), the old key's tokens are refused. More than two keys is a clear error.
+#[test]
+fn test_a_rotation_accepts_tokens_under_either_of_two_keys() {
+    const NEW_KEY: &str = "1b4a7e8f2a1c9d4e7b3a6f0c5d8e1b2a4f7c9e3d6b0a8f1e4c7d2b5a9e0f3c6d";
+    let secrets = crate::harness::server_private_dir();
+    let key = secrets.path().join("context.key");
+    let write = |contents: String| {
+        std::fs::write(&key, contents).unwrap();
+        crate::harness::set_server_file_mode(&key, 0o600);
+    };
+    write(format!("# new, then the old one until every application mints with the new\n{NEW_KEY}\n{KEY_HEX}\n"));
+    let cluster = Cluster::start(&[
+        "shared_preload_libraries = 'pg_tenancy'",
+        &format!("tenancy.context_key_file = '{}'", key.display()),
+    ]);
+    let mut su = cluster.connect("postgres", "app");
+    su.batch_execute("CREATE EXTENSION pg_tenancy").unwrap();
+    let org = "5e000000-0000-4000-8000-000000000001";
+    let enter = |key_hex: &str| {
+        let mut c = cluster.connect("app", "app");
+        let token = mint(key_hex, org, "", now() + 60);
+        c.batch_execute(&format!(
+            "BEGIN; SELECT tenancy.set_org('{org}', NULL, '{token}'); COMMIT"
+        ))
+        .map_err(|e| {
+            e.as_db_error()
+                .map(|d| d.code().code().to_string())
+                .unwrap_or_default()
+        })
+    };
+    assert_eq!(enter(NEW_KEY), Ok(()));
+    assert_eq!(enter(KEY_HEX), Ok(()));
+    // The rotation ends: the old key leaves the file.
+    write(format!("{NEW_KEY}\n"));
+    cluster.reload();
+    assert_eq!(enter(NEW_KEY), Ok(()));
+    assert_eq!(enter(KEY_HEX), Err("28000".to_string()));
+    // Three keys: refused, saying why (and nothing is accepted meanwhile).
+    write(format!("{NEW_KEY}\n{KEY_HEX}\n{NEW_KEY}\n"));
+    cluster.reload();
+    let mut c = cluster.connect("app", "app");
+    let token = mint(NEW_KEY, org, "", now() + 60);
+    let e = crate::harness::db_error(c.batch_execute(&format!(
+        "BEGIN; SELECT tenancy.set_org('{org}', NULL, '{token}')"
+    )));
+    assert!(e.detail().unwrap_or("").contains("at most 2"), "{e:?}");
+}
