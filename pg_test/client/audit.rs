@@ -901,7 +901,7 @@ fn test_tables_created_later_in_an_audited_schema_are_audited() {
 fn test_a7b_a_writer_files_events_under_its_own_tenant_only() {
     let c = Cluster::start_with_phi(&[]);
     let mut su = c.connect("postgres", "app");
-    su.batch_execute(&format!(
+    su.batch_execute(
         "CREATE EXTENSION pg_tenancy;
          CREATE SCHEMA probe;
          GRANT USAGE ON SCHEMA probe TO app;
@@ -910,8 +910,8 @@ fn test_a7b_a_writer_files_events_under_its_own_tenant_only() {
          SELECT tenancy.protect('probe.notes', audit => true);
          -- the misattached trigger: events filed under another column's value
          CREATE TRIGGER misattached AFTER INSERT ON probe.notes REFERENCING NEW TABLE AS n
-           FOR EACH STATEMENT EXECUTE FUNCTION tenancy.audit_trigger('victim');"
-    ))
+           FOR EACH STATEMENT EXECUTE FUNCTION tenancy.audit_trigger('victim');",
+    )
     .unwrap();
     let mut app = c.connect("app", "app");
     enter(&mut app, SHERWOOD, "user-1");
