@@ -124,6 +124,33 @@ impl Citus {
         }
     }
 
+    /// `clinic.notes`: a PHI column, distributed and colocated, protected.
+    fn notes(&self) {
+        self.su()
+            .batch_execute(
+                "CREATE TABLE clinic.notes (organization_id uuid NOT NULL, id bigint NOT NULL, body bytea,
+                     PRIMARY KEY (organization_id, id));
+                 GRANT SELECT, INSERT ON clinic.notes TO app;
+                 SELECT create_distributed_table('clinic.notes', 'organization_id', colocate_with => 'clinic.bookings');
+                 SELECT tenancy.protect('clinic.notes');",
+            )
+            .unwrap();
+    }
+
+    /// `(shard, node port, node group)` of `clinic.patients`' shard of tenant `org`.
+    fn patients_shard_of(&self, org: &str) -> (i64, i32, i32) {
+        let row = self
+            .su()
+            .query_one(
+                "SELECT s.shardid, n.nodeport, n.groupid FROM pg_dist_shard s
+                   JOIN pg_dist_placement p USING (shardid) JOIN pg_dist_node n ON n.groupid = p.groupid
+                  WHERE s.shardid = get_shard_id_for_distribution_column('clinic.patients', $1::text::uuid)",
+                &[&org],
+            )
+            .unwrap();
+        (row.get(0), row.get(1), row.get(2))
+    }
+
     /// `(node port, shard, permissive)` of the tenant floor on every placement of `table`.
     fn shard_floors(&self, table: &str) -> Vec<(i32, i64, bool)> {
         let mut su = self.su();
@@ -316,15 +343,7 @@ fn citus_shard_move_keeps_protection() {
     let c = Citus::start();
     c.clinic();
     let mut su = c.su();
-    let row = su
-        .query_one(
-            "SELECT s.shardid, n.nodeport FROM pg_dist_shard s
-               JOIN pg_dist_placement p USING (shardid) JOIN pg_dist_node n ON n.groupid = p.groupid
-              WHERE s.shardid = get_shard_id_for_distribution_column('clinic.patients', $1::text::uuid)",
-            &[&A],
-        )
-        .unwrap();
-    let (shard, from): (i64, i32) = (row.get(0), row.get(1));
+    let (shard, from, _) = c.patients_shard_of(A);
     let to = c
         .workers
         .iter()
@@ -379,15 +398,7 @@ fn citus_shard_move_keeps_protection() {
 fn citus_context_reaches_every_node() {
     let c = Citus::start();
     c.clinic();
-    let mut su = c.su();
-    su.batch_execute(
-        "CREATE TABLE clinic.notes (organization_id uuid NOT NULL, id bigint NOT NULL, body bytea,
-             PRIMARY KEY (organization_id, id));
-         GRANT SELECT, INSERT ON clinic.notes TO app;
-         SELECT create_distributed_table('clinic.notes', 'organization_id', colocate_with => 'clinic.bookings');
-         SELECT tenancy.protect('clinic.notes');",
-    )
-    .unwrap();
+    c.notes();
     let mut app = c.connect("app");
     let mut tx = app.transaction().unwrap();
     tx.execute("SELECT tenancy.set_org($1::text, 'dr-who')", &[&A])
@@ -477,6 +488,7 @@ fn citus_context_reaches_every_node() {
 
     // A real token (read here as superuser) is refused on a worker outside its distributed
     // transaction, as is a forged one; the application on the worker sees nothing.
+    let mut su = c.su();
     let mut su_tx = su.transaction().unwrap();
     su_tx
         .execute("SELECT tenancy.set_org($1::text)", &[&A])
@@ -728,14 +740,10 @@ fn worker_outbox(w: &Cluster) -> (i64, i64) {
 fn citus_audit_trail_is_one_chain_per_tenant() {
     let c = Citus::start();
     c.clinic();
+    c.notes();
     let mut su = c.su();
     su.batch_execute(
-        "CREATE TABLE clinic.notes (organization_id uuid NOT NULL, id bigint NOT NULL, body bytea,
-             PRIMARY KEY (organization_id, id));
-         GRANT SELECT, INSERT ON clinic.notes TO app;
-         SELECT create_distributed_table('clinic.notes', 'organization_id', colocate_with => 'clinic.bookings');
-         SELECT tenancy.protect('clinic.notes');
-         SELECT tenancy.protect('clinic.patients', audit => true);
+        "SELECT tenancy.protect('clinic.patients', audit => true);
          CREATE TABLE clinic.visits (organization_id uuid NOT NULL, id bigint NOT NULL, reason text,
              PRIMARY KEY (organization_id, id));
          ALTER TABLE clinic.visits OWNER TO owner;
@@ -799,15 +807,7 @@ fn citus_audit_trail_is_one_chain_per_tenant() {
         "{on_workers} + {on_coordinator}"
     );
     // The worker holding A's shard wrote A's events, under the logical name, in its range.
-    let row = su
-        .query_one(
-            "SELECT s.shardid, n.nodeport, n.groupid FROM pg_dist_shard s
-               JOIN pg_dist_placement p USING (shardid) JOIN pg_dist_node n ON n.groupid = p.groupid
-              WHERE s.shardid = get_shard_id_for_distribution_column('clinic.patients', $1::text::uuid)",
-            &[&A],
-        )
-        .unwrap();
-    let (shard, from, group): (i64, i32, i32) = (row.get(0), row.get(1), row.get(2));
+    let (shard, from, group) = c.patients_shard_of(A);
     let events = gathered_events(&c, A, |e| {
         e.iter().filter(|e| e.0 != "REVEAL_END").count() >= 5
     });

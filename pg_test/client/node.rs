@@ -3,21 +3,11 @@
 //! must pass, and the server log must hold none of the PHI it wrote through bind parameters.
 //! Runs on PostgreSQL 15 (the issue asks for the client test on at least one version).
 
-use crate::harness::{server_private_dir, set_server_file_mode, Cluster};
+use crate::harness::{npm_test, server_private_dir, set_server_file_mode, Cluster};
 use crate::rls::{CONWAY, SHERWOOD};
 use crate::signed::{mint, now, KEY_HEX};
-use std::path::Path;
-use std::process::Command;
 
 const DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/pg_test/node");
-
-fn npm(args: &[&str]) -> std::process::Output {
-    Command::new("npm")
-        .args(args)
-        .current_dir(DIR)
-        .output()
-        .unwrap_or_else(|e| panic!("npm {args:?}: {e} (Node 20 and npm must be installed)"))
-}
 
 #[test]
 fn test_the_node_example_service_passes_its_tests_against_a_real_server() {
@@ -58,31 +48,17 @@ fn test_the_node_example_service_passes_its_tests_against_a_real_server() {
             .unwrap();
     }
 
-    // The service's own dependencies, pinned by package-lock.json.
-    if !Path::new(DIR).join("node_modules").exists() {
-        let out = npm(&["ci", "--no-audit", "--no-fund"]);
-        assert!(
-            out.status.success(),
-            "npm ci: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let out = Command::new("npm")
-        .args(["test"])
-        .current_dir(DIR)
-        .env("PGHOST", "127.0.0.1")
-        .env("PGPORT", cluster.port.to_string())
-        .env("PGUSER", "app")
-        .env("PGDATABASE", "app")
-        .env("PG_TENANCY_CONTEXT_KEY", KEY_HEX)
-        .output()
-        .expect("npm test");
-    let report = format!(
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    let (passed, report) = npm_test(
+        DIR,
+        &[
+            ("PGHOST", "127.0.0.1".to_string()),
+            ("PGPORT", cluster.port.to_string()),
+            ("PGUSER", "app".to_string()),
+            ("PGDATABASE", "app".to_string()),
+            ("PG_TENANCY_CONTEXT_KEY", KEY_HEX.to_string()),
+        ],
     );
-    assert!(out.status.success(), "node --test failed:\n{report}");
+    assert!(passed, "node --test failed:\n{report}");
     assert!(
         report.contains("# pass 6"),
         "all six Node tests ran:\n{report}"

@@ -5,11 +5,9 @@
 //! pooler), and the server log must hold none of the PHI it wrote through bind parameters.
 //! Runs on PostgreSQL 15, as the example service does.
 
-use crate::harness::{server_private_dir, set_server_file_mode, Cluster};
+use crate::harness::{npm_test, server_private_dir, set_server_file_mode, Cluster};
 use crate::hostile::Bouncer;
 use crate::signed::KEY_HEX;
-use std::path::Path;
-use std::process::Command;
 
 const DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/node");
 
@@ -30,34 +28,16 @@ fn test_the_typescript_package_passes_its_tests_directly_and_through_pgbouncer()
     .unwrap();
     let bouncer = Bouncer::start(cluster.port, 1);
 
-    // The package's own dependencies, pinned by package-lock.json.
-    if !Path::new(DIR).join("node_modules").exists() {
-        let out = Command::new("npm")
-            .args(["ci", "--no-audit", "--no-fund"])
-            .current_dir(DIR)
-            .output()
-            .unwrap_or_else(|e| panic!("npm ci: {e} (Node 20 and npm must be installed)"));
-        assert!(
-            out.status.success(),
-            "npm ci: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let out = Command::new("npm")
-        .args(["test"])
-        .current_dir(DIR)
-        .env("PGHOST", "127.0.0.1")
-        .env("PGPORT", cluster.port.to_string())
-        .env("PGBOUNCER_PORT", bouncer.port.to_string())
-        .env("PG_TENANCY_CONTEXT_KEY", KEY_HEX)
-        .output()
-        .expect("npm test");
-    let report = format!(
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    let (passed, report) = npm_test(
+        DIR,
+        &[
+            ("PGHOST", "127.0.0.1".to_string()),
+            ("PGPORT", cluster.port.to_string()),
+            ("PGBOUNCER_PORT", bouncer.port.to_string()),
+            ("PG_TENANCY_CONTEXT_KEY", KEY_HEX.to_string()),
+        ],
     );
-    assert!(out.status.success(), "node --test failed:\n{report}");
+    assert!(passed, "node --test failed:\n{report}");
     assert!(report.contains("# pass 6"), "all six tests ran:\n{report}");
     assert!(report.contains("# fail 0"), "{report}");
     let log = cluster.log();
