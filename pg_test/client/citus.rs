@@ -1021,15 +1021,7 @@ fn citus_token_is_not_in_any_message() {
     let c = Citus::start();
     c.clinic();
     let notices = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    let seen = notices.clone();
-    let mut app = postgres::Config::new()
-        .host("127.0.0.1")
-        .port(c.coordinator.port)
-        .user("app")
-        .dbname("app")
-        .notice_callback(move |n| seen.lock().unwrap().push(n.message().to_string()))
-        .connect(postgres::NoTls)
-        .unwrap();
+    let mut app = noticed(c.coordinator.port, "app", &notices);
     // Citus lets any role show itself the commands it sends; here it is a superuser's.
     let e = crate::harness::db_error(app.batch_execute("SET citus.log_remote_commands = on"));
     assert_eq!(e.code().code(), "42501", "{e:?}");
@@ -1052,15 +1044,7 @@ fn citus_token_is_not_in_any_message() {
         .unwrap();
     su.execute("SELECT pg_reload_conf()", &[]).unwrap();
     std::thread::sleep(std::time::Duration::from_millis(500));
-    let seen = notices.clone();
-    let mut admin = postgres::Config::new()
-        .host("127.0.0.1")
-        .port(c.coordinator.port)
-        .user("postgres")
-        .dbname("app")
-        .notice_callback(move |n| seen.lock().unwrap().push(n.message().to_string()))
-        .connect(postgres::NoTls)
-        .unwrap();
+    let mut admin = noticed(c.coordinator.port, "postgres", &notices);
     admin
         .batch_execute(&format!(
             "SET citus.log_remote_commands = on;
@@ -1116,4 +1100,17 @@ fn citus_large_audit_events_are_gathered_in_parts() {
     for w in &c.workers {
         assert_eq!(worker_outbox(w), (0, 0), "worker {}", w.port);
     }
+}
+
+/// A connection as `user` whose NOTICEs go to `sink`.
+fn noticed(port: u16, user: &str, sink: &std::sync::Arc<std::sync::Mutex<Vec<String>>>) -> Client {
+    let seen = sink.clone();
+    postgres::Config::new()
+        .host("127.0.0.1")
+        .port(port)
+        .user(user)
+        .dbname("app")
+        .notice_callback(move |n| seen.lock().unwrap().push(n.message().to_string()))
+        .connect(postgres::NoTls)
+        .unwrap()
 }

@@ -553,35 +553,3 @@ pub fn connect_port(port: u16, user: &str, db: &str) -> Client {
         .connect(NoTls)
         .unwrap_or_else(|e| panic!("connect as {user}: {e}"))
 }
-
-/// Runs `npm test` in the Node project `dir` with `env`, after `npm ci` when its
-/// dependencies (pinned by its package-lock.json) are not installed yet: whether it passed,
-/// and its output.
-pub fn npm_test(dir: &str, env: &[(&str, String)]) -> (bool, String) {
-    if !Path::new(dir).join("node_modules").exists() {
-        let out = Command::new("npm")
-            .args(["ci", "--no-audit", "--no-fund"])
-            .current_dir(dir)
-            .output()
-            .unwrap_or_else(|e| panic!("npm ci: {e} (Node 20 and npm must be installed)"));
-        assert!(
-            out.status.success(),
-            "npm ci in {dir}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let out = Command::new("npm")
-        .args(["test"])
-        .current_dir(dir)
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .output()
-        .expect("npm test");
-    (
-        out.status.success(),
-        format!(
-            "{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}

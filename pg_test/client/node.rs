@@ -3,20 +3,17 @@
 //! must pass, and the server log must hold none of the PHI it wrote through bind parameters.
 //! Runs on PostgreSQL 15 (the issue asks for the client test on at least one version).
 
-use crate::harness::{npm_test, server_private_dir, set_server_file_mode, Cluster};
+use crate::harness::Cluster;
 use crate::rls::{CONWAY, SHERWOOD};
 use crate::signed::{mint, now, KEY_HEX};
+use std::path::Path;
+use std::process::Command;
 
 const DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/pg_test/node");
 
 #[test]
 fn test_the_node_example_service_passes_its_tests_against_a_real_server() {
-    let secrets = server_private_dir();
-    let key = secrets.path().join("context.key");
-    std::fs::write(&key, format!("{KEY_HEX}\n")).unwrap();
-    set_server_file_mode(&key, 0o600);
-    let cluster =
-        Cluster::start_with_phi(&[&format!("tenancy.context_key_file = '{}'", key.display())]);
+    let (_secrets, cluster) = signed_cluster_with_phi();
     let mut su = cluster.connect("postgres", "app");
     su.batch_execute("CREATE EXTENSION pg_tenancy").unwrap();
     let schema = std::fs::read_to_string(concat!(
@@ -70,4 +67,48 @@ fn test_the_node_example_service_passes_its_tests_against_a_real_server() {
     for plaintext in ["Marian", "Fitzwalter", "555-0199", "Much", "Miller"] {
         assert!(!log.contains(plaintext), "{plaintext} in the server log");
     }
+}
+
+/// A server with a PHI key ring in signed mode under [`KEY_HEX`] (the key file in a private
+/// directory, kept while the returned directory lives).
+pub(crate) fn signed_cluster_with_phi() -> (tempfile::TempDir, Cluster) {
+    let secrets = crate::harness::server_private_dir();
+    let key = secrets.path().join("context.key");
+    std::fs::write(&key, format!("{KEY_HEX}\n")).unwrap();
+    crate::harness::set_server_file_mode(&key, 0o600);
+    let cluster =
+        Cluster::start_with_phi(&[&format!("tenancy.context_key_file = '{}'", key.display())]);
+    (secrets, cluster)
+}
+
+/// Runs `npm test` in the Node project `dir` with `env`, after `npm ci` when its
+/// dependencies (pinned by its package-lock.json) are not installed yet: whether it passed,
+/// and its output.
+pub(crate) fn npm_test(dir: &str, env: &[(&str, String)]) -> (bool, String) {
+    if !Path::new(dir).join("node_modules").exists() {
+        let out = Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund"])
+            .current_dir(dir)
+            .output()
+            .unwrap_or_else(|e| panic!("npm ci: {e} (Node 20 and npm must be installed)"));
+        assert!(
+            out.status.success(),
+            "npm ci in {dir}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = Command::new("npm")
+        .args(["test"])
+        .current_dir(dir)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .expect("npm test");
+    (
+        out.status.success(),
+        format!(
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
 }

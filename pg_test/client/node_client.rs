@@ -5,20 +5,15 @@
 //! pooler), and the server log must hold none of the PHI it wrote through bind parameters.
 //! Runs on PostgreSQL 15, as the example service does.
 
-use crate::harness::{npm_test, server_private_dir, set_server_file_mode, Cluster};
 use crate::hostile::Bouncer;
+use crate::node::{npm_test, signed_cluster_with_phi};
 use crate::signed::KEY_HEX;
 
 const DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/node");
 
 #[test]
 fn test_the_typescript_package_passes_its_tests_directly_and_through_pgbouncer() {
-    let secrets = server_private_dir();
-    let key = secrets.path().join("context.key");
-    std::fs::write(&key, format!("{KEY_HEX}\n")).unwrap();
-    set_server_file_mode(&key, 0o600);
-    let cluster =
-        Cluster::start_with_phi(&[&format!("tenancy.context_key_file = '{}'", key.display())]);
+    let (_secrets, cluster) = signed_cluster_with_phi();
     let mut su = cluster.connect("postgres", "app");
     su.batch_execute(
         "CREATE EXTENSION pg_tenancy;
