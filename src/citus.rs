@@ -83,7 +83,11 @@ fn shard_of(schema: &str, name: &str) -> Option<(pg_sys::Oid, String)> {
                FROM pg_catalog.pg_dist_shard s
                JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) s.logicalrelid
                JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
-              WHERE s.shardid OPERATOR(pg_catalog.=) $1",
+              WHERE s.shardid OPERATOR(pg_catalog.=) $1
+                -- placed on this node: a table named like another node's shard is no shard
+                AND EXISTS (SELECT 1 FROM pg_catalog.pg_dist_placement p, pg_catalog.pg_dist_local_group g
+                             WHERE p.shardid OPERATOR(pg_catalog.=) s.shardid
+                               AND p.groupid OPERATOR(pg_catalog.=) g.groupid)",
             None,
             &[shard.into()],
         )?;
@@ -923,11 +927,16 @@ pub(crate) unsafe fn refuse_shard_weakening(stmt: *mut pg_sys::Node) {
                 At::AT_AddInherit => Some("INHERIT"),
                 _ => None,
             });
-            // ATTACH PARTITION names the child in the command.
+            // ATTACH PARTITION names the child in the command, INHERIT the parent: neither
+            // may be a protected table (a parent's reads include its children's rows).
             for cmd in cmds.iter_ptr() {
                 if (*cmd).subtype == At::AT_AttachPartition && !(*cmd).def.is_null() {
                     let part = (*cmd).def.cast::<pg_sys::PartitionCmd>();
                     refuse_if_protected((*part).name, "ATTACH PARTITION");
+                    refuse_if_protected((*alter).relation, "ATTACH PARTITION");
+                }
+                if (*cmd).subtype == At::AT_AddInherit && !(*cmd).def.is_null() {
+                    refuse_if_protected((*cmd).def.cast::<pg_sys::RangeVar>(), "INHERIT");
                 }
             }
             match weakening {
@@ -951,19 +960,30 @@ pub(crate) unsafe fn refuse_shard_weakening(stmt: *mut pg_sys::Node) {
         // A shard renamed, moved to another schema or dropped leaves its name free for a
         // table without protection, which the coordinator would then write the tenant's
         // rows into (Citus routes by name).
+        // ALTER INDEX, VIEW, SEQUENCE ... RENAME / SET SCHEMA take a table too.
         pg_sys::NodeTag::T_RenameStmt => {
             let rename = stmt.cast::<pg_sys::RenameStmt>();
-            if (*rename).renameType != pg_sys::ObjectType::OBJECT_TABLE {
+            if !renames_relation((*rename).renameType) {
                 return;
             }
-            ((*rename).relation, "ALTER TABLE ... RENAME")
+            ((*rename).relation, "RENAME")
         }
         pg_sys::NodeTag::T_AlterObjectSchemaStmt => {
             let alter = stmt.cast::<pg_sys::AlterObjectSchemaStmt>();
-            if (*alter).objectType != pg_sys::ObjectType::OBJECT_TABLE {
+            if !renames_relation((*alter).objectType) {
                 return;
             }
-            ((*alter).relation, "ALTER TABLE ... SET SCHEMA")
+            ((*alter).relation, "SET SCHEMA")
+        }
+        // A new child of a protected shard: its rows appear in the shard's tenants' reads
+        // (and take the owner's writes into another tenant's data).
+        pg_sys::NodeTag::T_CreateStmt => {
+            let create = stmt.cast::<pg_sys::CreateStmt>();
+            let parents = pgrx::PgList::<pg_sys::RangeVar>::from_pg((*create).inhRelations);
+            for rv in parents.iter_ptr() {
+                refuse_if_protected(rv, "CREATE TABLE ... INHERITS / PARTITION OF");
+            }
+            return;
         }
         pg_sys::NodeTag::T_DropStmt
             if (*stmt.cast::<pg_sys::DropStmt>()).removeType
@@ -974,7 +994,7 @@ pub(crate) unsafe fn refuse_shard_weakening(stmt: *mut pg_sys::Node) {
             for names in objects.iter_ptr() {
                 let rv = pg_sys::makeRangeVarFromNameList(names);
                 if let Some(rel) = floor_table(rv) {
-                    if is_shard(rel) {
+                    if is_shard(rel) || named_like_a_shard(rel) {
                         TenancyError::ShardWeakening {
                             command: "DROP TABLE",
                         }
@@ -1027,6 +1047,56 @@ unsafe fn is_shard(rel: pg_sys::Oid) -> bool {
     ) {
         (Some(schema), Some(name)) => shard_of(&schema, &name).is_some(),
         _ => false,
+    }
+}
+
+/// Whether `kind` (of a RENAME or SET SCHEMA) may name a table.
+fn renames_relation(kind: pg_sys::ObjectType::Type) -> bool {
+    use pg_sys::ObjectType::*;
+    matches!(
+        kind,
+        OBJECT_TABLE
+            | OBJECT_INDEX
+            | OBJECT_VIEW
+            | OBJECT_MATVIEW
+            | OBJECT_SEQUENCE
+            | OBJECT_FOREIGN_TABLE
+    )
+}
+
+/// Whether `rel`'s name has a shard's form (`<name>_<digits>`), whatever Citus's metadata on
+/// this node says (a role may remove a worker's metadata of a table).
+unsafe fn named_like_a_shard(rel: pg_sys::Oid) -> bool {
+    cstr_owned(pg_sys::get_rel_name(rel)).is_some_and(|name| {
+        name.rsplit_once('_')
+            .is_some_and(|(_, d)| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+    })
+}
+
+/// Before an object is dropped (object access hook, OAT_DROP): on a Citus node a role that is
+/// not a superuser may not drop pg_tenancy's floor policy in any way, a cascade included
+/// (`DROP COLUMN <tenant column> CASCADE` took it, and with it the guards' hold on the shard).
+///
+/// SAFETY: called by the object access hook, inside a transaction.
+pub(crate) unsafe fn refuse_floor_drop(class_id: pg_sys::Oid, object_id: pg_sys::Oid) {
+    // pg_policy's fixed oid (PolicyRelationId, not among pgrx's bindings).
+    const POLICY_RELATION_ID: u32 = 3256;
+    if class_id != pg_sys::Oid::from(POLICY_RELATION_ID) || pg_sys::superuser() || !loaded() {
+        return;
+    }
+    let floor = Spi::get_one_with_args::<bool>(
+        "SELECT polname OPERATOR(pg_catalog.=) 'tenancy_tenant_floor' FROM pg_catalog.pg_policy
+          WHERE oid OPERATOR(pg_catalog.=) $1",
+        &[object_id.into()],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(false);
+    if floor {
+        TenancyError::ShardWeakening {
+            command: "a drop of the tenant floor policy",
+        }
+        .report();
     }
 }
 

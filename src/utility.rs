@@ -199,6 +199,9 @@ unsafe extern "C-unwind" fn object_access(
     if access == pg_sys::ObjectAccessType::OAT_POST_CREATE && in_tenant_transaction() {
         crate::session_objects::check_object_created(class_id);
     }
+    if access == pg_sys::ObjectAccessType::OAT_DROP {
+        crate::citus::refuse_floor_drop(class_id, object_id);
+    }
     if access == pg_sys::ObjectAccessType::OAT_FUNCTION_EXECUTE {
         crate::citus::refuse_row_copy_by_non_superuser(object_id);
     }

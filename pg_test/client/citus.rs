@@ -562,6 +562,11 @@ fn citus_worker_guards_refuse_the_owner() {
         format!("CREATE TABLE clinic.par2 (LIKE {shard_table}) PARTITION BY LIST (organization_id);
                  ALTER TABLE clinic.par2 ATTACH PARTITION {shard_table} FOR VALUES IN ('{A}')"),
         format!("ALTER TABLE {shard_table} RENAME TO patients_old"),
+        // The second attacker pass: the same through other doors.
+        format!("ALTER INDEX {shard_table} RENAME TO patients_old"),
+        format!("ALTER TABLE {shard_table} DROP COLUMN organization_id CASCADE"),
+        format!("CREATE TABLE clinic.kid1 () INHERITS ({shard_table})"),
+        format!("CREATE TABLE clinic.kid3 (LIKE {shard_table}); ALTER TABLE clinic.kid3 INHERIT {shard_table}"),
         format!("ALTER TABLE {shard_table} SET SCHEMA public"),
         format!("DROP TABLE {shard_table}"),
         // The worker's shell table of the distributed table, too.
@@ -617,6 +622,26 @@ fn citus_worker_guards_refuse_the_owner() {
          WHERE result = '1'",
     );
     assert_eq!(with_phone, 32);
+    // On the coordinator too: a rename through ALTER INDEX.
+    let e = crate::harness::db_error(
+        c.connect("owner")
+            .batch_execute("ALTER INDEX clinic.patients RENAME TO patients_x"),
+    );
+    assert_eq!(e.code().code(), "42501", "{e:?}");
+    // Removing the worker's copy of the table and its metadata (Citus lets the owner) would
+    // drop its floor: refused, as every way of dropping a floor is.
+    let e = crate::harness::db_error(
+        owner.batch_execute("SELECT worker_drop_distributed_table('clinic.patients')"),
+    );
+    assert_eq!(e.code().code(), "42501", "{e:?}");
+    // And with that metadata gone (a superuser's doing), a shard is still one: its DROP is
+    // refused by its name's form.
+    worker
+        .connect("postgres", "app")
+        .batch_execute("SELECT worker_drop_shell_table('clinic.patients')")
+        .ok();
+    let e = crate::harness::db_error(owner.batch_execute(&format!("DROP TABLE {shard_table}")));
+    assert_eq!(e.code().code(), "42501", "{e:?}");
 }
 
 /// One tenant per distributed transaction, also with functions Citus runs on a worker: a
