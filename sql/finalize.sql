@@ -173,3 +173,8 @@ COMMENT ON FUNCTION tenancy.audit_digest() IS
 REVOKE EXECUTE ON FUNCTION tenancy.audit_outbox(text[], bigint[], integer) FROM PUBLIC;
 COMMENT ON FUNCTION tenancy.audit_outbox(text[], bigint[], integer) IS
   'On a Citus worker: drops the audit events its coordinator holds (tenants and ids given), returns up to max_rows pending rows and their events as jsonb for the coordinator''s sealer (docs/scale-out.md). Superuser.';
+
+-- II-9/9: the tenant id format, once per database.
+REVOKE EXECUTE ON FUNCTION tenancy.set_tenant_id_format(text) FROM PUBLIC;
+COMMENT ON FUNCTION tenancy.set_tenant_id_format(text) IS
+  'Set this database''s tenant id format (''uuid'' or ''text''; NULL: tenancy.tenant_id_format decides) for every session at its next set_org, pooled connections included. Superuser; recorded in tenancy.protection_log.';

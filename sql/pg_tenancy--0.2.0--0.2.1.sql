@@ -1421,3 +1421,29 @@ ALTER FUNCTION tenancy.audit_outbox(text[], bigint[], integer) SET search_path =
 REVOKE EXECUTE ON FUNCTION tenancy.audit_outbox(text[], bigint[], integer) FROM PUBLIC;
 COMMENT ON FUNCTION tenancy.audit_outbox(text[], bigint[], integer) IS
   'On a Citus worker: drops the audit events its coordinator holds (tenants and ids given), returns up to max_rows pending rows and their events as jsonb for the coordinator''s sealer (docs/scale-out.md). Superuser.';
+
+-- The database's tenant id format, set by tenancy.set_tenant_id_format() (one row, or none:
+-- then tenancy.tenant_id_format decides). set_org reads it again in every backend after a
+-- change (a counter in shared memory), pooled ones included.
+CREATE TABLE tenancy.database_settings (
+  singleton        boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+  tenant_id_format text NOT NULL CHECK (tenant_id_format IN ('uuid', 'text')),
+  set_at           timestamptz NOT NULL DEFAULT now(),
+  set_by           name NOT NULL DEFAULT session_user
+);
+COMMENT ON TABLE tenancy.database_settings IS
+  'This database''s tenant id format (uuid or text), for every session at its next set_org: set by tenancy.set_tenant_id_format() (superuser).';
+SELECT pg_catalog.pg_extension_config_dump('tenancy.database_settings', '');
+REVOKE ALL ON tenancy.database_settings FROM PUBLIC;
+GRANT SELECT ON tenancy.database_settings TO PUBLIC;
+CREATE FUNCTION tenancy."set_tenant_id_format"(
+	"format" TEXT
+) RETURNS TEXT
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'set_tenant_id_format_wrapper';
+ALTER FUNCTION tenancy.set_tenant_id_format(text) SET search_path = pg_catalog, pg_temp;
+-- II-9/9: the tenant id format, once per database.
+REVOKE EXECUTE ON FUNCTION tenancy.set_tenant_id_format(text) FROM PUBLIC;
+COMMENT ON FUNCTION tenancy.set_tenant_id_format(text) IS
+  'Set this database''s tenant id format (''uuid'' or ''text''; NULL: tenancy.tenant_id_format decides) for every session at its next set_org, pooled connections included. Superuser; recorded in tenancy.protection_log.';

@@ -54,6 +54,21 @@ COMMENT ON TABLE tenancy.acknowledgements IS
 SELECT pg_catalog.pg_extension_config_dump('tenancy.acknowledgements', '');
 REVOKE ALL ON tenancy.acknowledgements FROM PUBLIC;
 
+-- The database's tenant id format, set by tenancy.set_tenant_id_format() (one row, or none:
+-- then tenancy.tenant_id_format decides). set_org reads it again in every backend after a
+-- change (a counter in shared memory), pooled ones included.
+CREATE TABLE tenancy.database_settings (
+  singleton        boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+  tenant_id_format text NOT NULL CHECK (tenant_id_format IN ('uuid', 'text')),
+  set_at           timestamptz NOT NULL DEFAULT now(),
+  set_by           name NOT NULL DEFAULT session_user
+);
+COMMENT ON TABLE tenancy.database_settings IS
+  'This database''s tenant id format (uuid or text), for every session at its next set_org: set by tenancy.set_tenant_id_format() (superuser).';
+SELECT pg_catalog.pg_extension_config_dump('tenancy.database_settings', '');
+REVOKE ALL ON tenancy.database_settings FROM PUBLIC;
+GRANT SELECT ON tenancy.database_settings TO PUBLIC;
+
 -- Registry rows are configuration: pg_dump dumps them with the extension.
 SELECT pg_catalog.pg_extension_config_dump('tenancy.protected_tables', '');
 SELECT pg_catalog.pg_extension_config_dump('tenancy.protected_schemas', '');

@@ -12,7 +12,7 @@
 //!   unwinding) fails closed.
 
 use crate::error::{Raise, Result, TenancyError};
-use crate::gucs;
+
 use crate::preload::require_preload;
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use pgrx::prelude::*;
@@ -184,7 +184,7 @@ pub(crate) fn enter(org: Option<&str>, actor: Option<&str>, token: Option<&str>)
     if !in_block {
         return Err(TenancyError::OutsideTransaction);
     }
-    let org = crate::ids::parse_org(org, gucs::tenant_id_format())?;
+    let org = crate::ids::parse_org(org, crate::tenant_format::current())?;
     let actor = crate::ids::parse_actor(actor)?;
     // On a Citus worker: the coordinator's context, handed over with this transaction.
     if let Some(handed) = crate::citus::installed_context() {

@@ -35,6 +35,7 @@ mod props;
 pub(crate) mod reveal_log;
 pub(crate) mod reveal_worker;
 pub(crate) mod session_objects;
+pub(crate) mod tenant_format;
 pub(crate) mod token;
 pub(crate) mod utility;
 pub(crate) mod xact;
@@ -104,6 +105,7 @@ pub extern "C-unwind" fn _PG_init() {
     citus::restrict_remote_command_logging();
     utility::init();
     reveal_log::init();
+    tenant_format::init();
     reveal_worker::init();
     owner_ddl::init();
     token::init();
@@ -129,6 +131,10 @@ pub extern "C-unwind" fn _PG_init() {
         },
         xact::Handler {
             at_end: Some(owner_ddl::at_xact_end),
+            at_sub_end: None,
+        },
+        xact::Handler {
+            at_end: Some(tenant_format::at_xact_end),
             at_sub_end: None,
         },
     ];

@@ -844,3 +844,82 @@ fn test_soak_pooled_workload() {
     }
     assert_trail_matches(&cluster, &f, 50);
 }
+
+/// The tenant id format is the database's, not a backend's: `tenancy.set_tenant_id_format`
+/// reaches a pooled server connection that PgBouncer keeps open, at its next `set_org`, both
+/// ways (a per-database setting reaches only new backends: the pooled one kept accepting text
+/// ids after the switch back). A rolled-back change changes nothing; only a superuser sets it.
+#[test]
+fn test_the_tenant_id_format_reaches_pooled_connections_at_once() {
+    let cluster = Cluster::start(&["shared_preload_libraries = 'pg_tenancy'"]);
+    let mut su = cluster.connect("postgres", "app");
+    su.batch_execute("CREATE EXTENSION pg_tenancy").unwrap();
+    let bouncer = Bouncer::start(cluster.port, 1);
+    let mut app = connect_with_retry(bouncer.port);
+    let enter = |c: &mut Client, org: &str| -> Result<String, String> {
+        let mut tx = c.transaction().unwrap();
+        let r = tx
+            .query_one("SELECT tenancy.set_org($1::text)", &[&org])
+            .map(|r| r.get::<_, String>(0))
+            .map_err(|e| e.code().map(|c| c.code().to_string()).unwrap_or_default());
+        drop(tx);
+        r
+    };
+    let pid =
+        |c: &mut Client| -> i32 { c.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0) };
+    let server = pid(&mut app);
+    assert_eq!(
+        enter(&mut app, "org_7Hq2"),
+        Err("22023".into()),
+        "uuid by default"
+    );
+    su.execute("SELECT tenancy.set_tenant_id_format('text')", &[])
+        .unwrap();
+    assert_eq!(enter(&mut app, "org_7Hq2"), Ok("org_7Hq2".into()));
+    su.execute("SELECT tenancy.set_tenant_id_format('uuid')", &[])
+        .unwrap();
+    assert_eq!(
+        enter(&mut app, "org_7Hq2"),
+        Err("22023".into()),
+        "back to uuid at once"
+    );
+    assert_eq!(
+        enter(&mut app, "5E000000-0000-4000-8000-000000000001"),
+        Ok("5e000000-0000-4000-8000-000000000001".into())
+    );
+    assert_eq!(
+        pid(&mut app),
+        server,
+        "one pooled server connection throughout"
+    );
+    // Rolled back: nothing changes, in that session or any other.
+    let mut tx = su.transaction().unwrap();
+    tx.execute("SELECT tenancy.set_tenant_id_format('text')", &[])
+        .unwrap();
+    tx.rollback().unwrap();
+    assert_eq!(enter(&mut app, "org_7Hq2"), Err("22023".into()));
+    assert_eq!(enter(&mut su, "org_7Hq2"), Err("22023".into()));
+    // NULL leaves it to the per-database setting again; only a superuser sets it; a bad value.
+    su.execute("SELECT tenancy.set_tenant_id_format(NULL)", &[])
+        .unwrap();
+    assert_eq!(
+        count(&mut su, "SELECT count(*) FROM tenancy.database_settings"),
+        0
+    );
+    let mut direct = cluster.connect("app", "app");
+    assert_eq!(
+        sqlstate(direct.execute("SELECT tenancy.set_tenant_id_format('text')", &[])),
+        "42501"
+    );
+    assert_eq!(
+        sqlstate(su.execute("SELECT tenancy.set_tenant_id_format('TEXT')", &[])),
+        "22023"
+    );
+    assert_eq!(
+        count(
+            &mut su,
+            "SELECT count(*) FROM tenancy.protection_log WHERE action = 'tenant_id_format'"
+        ),
+        3
+    );
+}

@@ -135,6 +135,8 @@ pub(crate) enum TenancyError {
     EventOfOtherTenant { table: String, column: String },
     #[error("only a superuser may run {function}() in a database with pg_tenancy")]
     ShardCopyRefused { function: &'static str },
+    #[error("a tenant id format is 'uuid' or 'text'")]
+    BadTenantIdFormat,
     #[error("{what} runs on a Citus worker only")]
     NotACitusWorker { what: &'static str },
     #[error("invalid audit outbox request: {reason}")]
@@ -186,6 +188,7 @@ impl TenancyError {
             Self::ClusterContextRefused { .. } => ERRCODE_INSUFFICIENT_PRIVILEGE,
             Self::ShardWeakening { .. } => ERRCODE_INSUFFICIENT_PRIVILEGE,
             Self::NotACitusWorker { .. } => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            Self::BadTenantIdFormat => ERRCODE_INVALID_PARAMETER_VALUE,
             Self::ShardCopyRefused { .. } => ERRCODE_INSUFFICIENT_PRIVILEGE,
             Self::EventOfOtherTenant { .. } => ERRCODE_INSUFFICIENT_PRIVILEGE,
             Self::BadOutboxRequest { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
@@ -265,6 +268,9 @@ impl TenancyError {
             ),
             Self::ShardCopyRefused { .. } => Some(
                 "It copies rows as the calling role, and row level security would let it copy none of a protected table's (their shard then dropped): run it as a superuser.",
+            ),
+            Self::BadTenantIdFormat => Some(
+                "SELECT tenancy.set_tenant_id_format('text'), or 'uuid', or NULL to leave it to tenancy.tenant_id_format.",
             ),
             Self::BadOutboxRequest { .. } => Some(
                 "It is called by the coordinator's audit sealer; nothing was changed.",

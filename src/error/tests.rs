@@ -149,6 +149,7 @@ fn every_error_with(text: &str) -> Vec<TenancyError> {
         ClusterKeyMissing,
         ClusterContextRefused { reason: "r" },
         NotACitusWorker { what: "w" },
+        BadTenantIdFormat,
         ShardCopyRefused { function: "f" },
         EventOfOtherTenant {
             table: s(),
@@ -219,6 +220,7 @@ fn variant(e: &TenancyError) -> &'static str {
         ClusterContextRefused { .. } => "ClusterContextRefused",
         ShardWeakening { .. } => "ShardWeakening",
         NotACitusWorker { .. } => "NotACitusWorker",
+        BadTenantIdFormat => "BadTenantIdFormat",
         ShardCopyRefused { .. } => "ShardCopyRefused",
         EventOfOtherTenant { .. } => "EventOfOtherTenant",
         BadOutboxRequest { .. } => "BadOutboxRequest",
