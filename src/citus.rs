@@ -64,16 +64,18 @@ pub(crate) fn shard_logical_name(schema: &str, name: &str) -> Option<String> {
     shard_of(schema, name).map(|(_, logical)| logical)
 }
 
+/// The digits of a name of a shard's form (`<table>_<digits>`, Citus's naming).
+fn shard_suffix(name: &str) -> Option<&str> {
+    let (_, digits) = name.rsplit_once('_')?;
+    (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())).then_some(digits)
+}
+
 /// The distributed table (oid, `schema.name`) whose shard `schema.name` is.
 fn shard_of(schema: &str, name: &str) -> Option<(pg_sys::Oid, String)> {
     if !loaded() {
         return None;
     }
-    let (_, digits) = name.rsplit_once('_')?;
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let shard: i64 = digits.parse().ok()?;
+    let shard: i64 = shard_suffix(name)?.parse().ok()?;
     if !installed() {
         return None;
     }
@@ -1067,10 +1069,7 @@ fn renames_relation(kind: pg_sys::ObjectType::Type) -> bool {
 /// Whether `rel`'s name has a shard's form (`<name>_<digits>`), whatever Citus's metadata on
 /// this node says (a role may remove a worker's metadata of a table).
 unsafe fn named_like_a_shard(rel: pg_sys::Oid) -> bool {
-    cstr_owned(pg_sys::get_rel_name(rel)).is_some_and(|name| {
-        name.rsplit_once('_')
-            .is_some_and(|(_, d)| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
-    })
+    cstr_owned(pg_sys::get_rel_name(rel)).is_some_and(|name| shard_suffix(&name).is_some())
 }
 
 /// Before an object is dropped (object access hook, OAT_DROP): on a Citus node a role that is

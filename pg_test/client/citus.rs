@@ -151,6 +151,24 @@ impl Citus {
         (row.get(0), row.get(1), row.get(2))
     }
 
+    /// Moves `shard` from the worker on port `from` to the other one (as superuser, writes
+    /// blocked meanwhile); returns the other worker's port.
+    fn move_shard(&self, shard: i64, from: i32) -> i32 {
+        let to = self
+            .workers
+            .iter()
+            .map(|w| w.port as i32)
+            .find(|p| *p != from)
+            .unwrap();
+        self.su()
+            .execute(
+                "SELECT citus_move_shard_placement($1, '127.0.0.1', $2, '127.0.0.1', $3, shard_transfer_mode => 'block_writes')",
+                &[&shard, &from, &to],
+            )
+            .unwrap();
+        to
+    }
+
     /// `(node port, shard, permissive)` of the tenant floor on every placement of `table`.
     fn shard_floors(&self, table: &str) -> Vec<(i32, i64, bool)> {
         let mut su = self.su();
@@ -342,24 +360,13 @@ fn citus_report_checks_every_shard() {
 fn citus_shard_move_keeps_protection() {
     let c = Citus::start();
     c.clinic();
-    let mut su = c.su();
     let (shard, from, _) = c.patients_shard_of(A);
-    let to = c
-        .workers
-        .iter()
-        .map(|w| w.port as i32)
-        .find(|p| *p != from)
-        .unwrap();
     // Another policy before the move (a superuser's: protected tables take no policy of the
     // owner's): Citus creates it on the new shard after the floor, as the owner.
     c.su()
         .batch_execute("CREATE POLICY published ON clinic.patients FOR SELECT USING (published)")
         .unwrap();
-    su.execute(
-        "SELECT citus_move_shard_placement($1, '127.0.0.1', $2, '127.0.0.1', $3, shard_transfer_mode => 'block_writes')",
-        &[&shard, &from, &to],
-    )
-    .unwrap();
+    let to = c.move_shard(shard, from);
     assert_eq!(
         count(&mut c.su(), "SELECT count(*) FROM clinic.patients"),
         10,
@@ -901,22 +908,11 @@ fn citus_audit_trail_is_one_chain_per_tenant() {
         "55000"
     );
     // The tenant's shards move to the other worker; its chain goes on.
-    let to = c
-        .workers
-        .iter()
-        .map(|w| w.port as i32)
-        .find(|p| *p != from)
-        .unwrap();
     let blocks_before = count(
         &mut c.su(),
         &format!("SELECT count(*) FROM tenancy.audit_seals WHERE organization_id = '{A}'"),
     );
-    c.su()
-        .execute(
-            "SELECT citus_move_shard_placement($1, '127.0.0.1', $2, '127.0.0.1', $3, shard_transfer_mode => 'block_writes')",
-            &[&shard, &from, &to],
-        )
-        .unwrap();
+    let to = c.move_shard(shard, from);
     write(
         &mut app,
         A,
