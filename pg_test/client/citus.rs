@@ -907,6 +907,14 @@ fn citus_audit_trail_is_one_chain_per_tenant() {
         ),
         "55000"
     );
+    // A malformed request changes nothing on the worker.
+    let mut wsu = c.workers[0].connect("postgres", "app");
+    for call in [
+        "SELECT tenancy.audit_outbox('{x}', '{}', 10)",
+        "SELECT tenancy.audit_outbox('{}', '{}', 0)",
+    ] {
+        assert_eq!(sqlstate(wsu.execute(call, &[])), "22023", "{call}");
+    }
     // The tenant's shards move to the other worker; its chain goes on.
     let blocks_before = count(
         &mut c.su(),
